@@ -1,0 +1,1 @@
+"""qpack's builder: the `qpack` command line and the packer that writes executables."""

@@ -1,0 +1,1 @@
+# The forward pass wrapper (owned by the engine work).

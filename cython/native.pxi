@@ -1,0 +1,40 @@
+# The compiled runtime, one source for every CPU variant (setup.py generates the thin
+# per-variant .pyx files that include this). Kernels: quants.pxi; forward pass: model.pxi.
+
+cdef extern from *:
+    const char *QPACK_VARIANT
+
+VARIANT = QPACK_VARIANT.decode()
+
+cdef extern from *:
+    """
+    static int qk_cpu_supports(const char *feature) {
+    #if defined(__x86_64__) || defined(__i386__)
+        __builtin_cpu_init();
+        if (!strcmp(feature, "avx2")) return __builtin_cpu_supports("avx2");
+        if (!strcmp(feature, "fma")) return __builtin_cpu_supports("fma");
+        if (!strcmp(feature, "f16c")) return __builtin_cpu_supports("f16c");
+        if (!strcmp(feature, "x86-64-v3")) return __builtin_cpu_supports("x86-64-v3");
+        if (!strcmp(feature, "x86-64-v4")) return __builtin_cpu_supports("x86-64-v4");
+        if (!strcmp(feature, "avx512f")) return __builtin_cpu_supports("avx512f");
+        if (!strcmp(feature, "avx512bw")) return __builtin_cpu_supports("avx512bw");
+        if (!strcmp(feature, "avx512vl")) return __builtin_cpu_supports("avx512vl");
+        if (!strcmp(feature, "avx512vnni")) return __builtin_cpu_supports("avx512vnni");
+        return 0;
+    #else
+        (void)feature;
+        return 0;
+    #endif
+    }
+    """
+    int qk_cpu_supports(const char *feature)
+
+
+def cpu_supports(str feature) -> bool:
+    """Whether the running CPU (and OS) supports an x86 feature; only meaningful in the
+    generic variant, which is safe to import anywhere."""
+    return bool(qk_cpu_supports(feature.encode()))
+
+
+include "quants.pxi"
+include "model.pxi"

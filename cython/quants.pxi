@@ -1,0 +1,1 @@
+# Python-facing wrappers of quants.h (owned by the kernels work).

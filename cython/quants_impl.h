@@ -1,0 +1,1 @@
+/* Implementation of quants.h (to be written). */

@@ -1,0 +1,97 @@
+"""Pick the compiled kernel variant the running CPU supports, before importing it.
+
+Importing a module built for AVX-512 on a CPU without it dies with an illegal instruction
+during module init, so the check runs in the generic module (safe everywhere) first.
+"""
+
+from __future__ import annotations
+
+import platform
+from types import ModuleType
+
+from .errors import QpackError
+
+# Best first. Literal imports (not importlib on a computed name) keep PyInstaller's analysis
+# finding every variant.
+_REQUIREMENTS = {
+    "avx512": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512vnni"),
+    "avx2": ("avx2", "fma", "f16c"),
+    "dotprod": (),
+    "generic": (),
+}
+
+
+def _import(name: str) -> ModuleType:
+    if name == "avx512":
+        from . import _native_avx512 as mod
+    elif name == "avx2":
+        from . import _native_avx2 as mod
+    elif name == "dotprod":
+        from . import _native_dotprod as mod
+    else:
+        from . import _native_generic as mod
+    return mod
+
+
+def _arm_has_dotprod() -> bool:
+    if platform.system() == "Darwin":
+        return True  # every Apple Silicon core has it
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            return any(line.startswith("Features") and " asimddp" in line for line in f)
+    except OSError:
+        return False
+
+
+def supported_variants() -> list[str]:
+    """The variants this CPU can run, best first."""
+    generic = _import("generic")
+    out = []
+    for name, needs in _REQUIREMENTS.items():
+        if name == "generic":
+            out.append(name)
+        elif name == "dotprod":
+            if platform.machine().lower() in ("arm64", "aarch64") and _arm_has_dotprod():
+                out.append(name)
+        elif platform.machine().lower() in ("x86_64", "amd64") and all(
+            generic.cpu_supports(f) for f in needs
+        ):
+            out.append(name)
+    return [v for v in out if _built(v)]
+
+
+def _built(name: str) -> bool:
+    try:
+        from importlib.util import find_spec
+
+        return find_spec(f"{__package__}._native_{name}") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+_loaded: ModuleType | None = None
+
+
+def load(choice: str = "auto") -> ModuleType:
+    """Import and return the kernel module: the best supported one, or the one forced by
+    `--cpu` (an error naming what this CPU supports when it cannot run it)."""
+    global _loaded
+    supported = supported_variants()
+    if choice in ("auto", None):
+        name = supported[0]
+    elif choice in ("baseline", "generic"):
+        name = "generic"
+    elif choice in supported:
+        name = choice
+    else:
+        raise QpackError(
+            f"--cpu {choice}: this CPU (or this build) cannot run it; "
+            f"choose one of: auto, {', '.join(supported)}"
+        )
+    _loaded = _import(name)
+    return _loaded
+
+
+def current() -> ModuleType:
+    """The kernel module in use (loading the best one on first use)."""
+    return _loaded if _loaded is not None else load("auto")
