@@ -47,7 +47,10 @@ def machine() -> str:
 def variants() -> dict[str, list[str]]:
     if sys.platform == "win32":
         return {"generic": []}  # MSVC: one portable build (the workflow covers it)
-    return VARIANTS_BY_MACHINE.get(machine(), {"generic": []})
+    found = VARIANTS_BY_MACHINE.get(machine(), {"generic": []})
+    # QPACK_VARIANTS=generic,avx512 builds a subset, for quick iteration on the kernels.
+    only = [v for v in os.environ.get("QPACK_VARIANTS", "").split(",") if v]
+    return {k: v for k, v in found.items() if not only or k in only}
 
 
 def openmp_flags() -> list[str]:
