@@ -36,5 +36,28 @@ def cpu_supports(str feature) -> bool:
     return bool(qk_cpu_supports(feature.encode()))
 
 
+from libc.stdint cimport int32_t, int64_t, uint8_t
+
+# quants.h's C API, declared once here for both quants.pxi and model.pxi.
+cdef extern from "quants.h":
+    ctypedef void (*qk_dequant_fn)(const void *src, float *dst, int64_t n) noexcept nogil
+    ctypedef float (*qk_dot_fn)(int64_t n, const void *w, const void *act) noexcept nogil
+    ctypedef struct qk_traits:
+        int type
+        const char *name
+        int block_elems
+        int block_bytes
+        int act
+        qk_dequant_fn dequant
+        qk_dot_fn dot
+    enum:
+        QK_ACT_F32
+        QK_ACT_Q8_32
+        QK_ACT_Q8_256
+    const qk_traits *qk_get_traits(int ggml_type) noexcept nogil
+    size_t qk_act_row_bytes(int act, int64_t n) noexcept nogil
+    void qk_quantize_act(int act, const float *x, void *dst, int64_t n) noexcept nogil
+
+
 include "quants.pxi"
 include "model.pxi"
