@@ -22,16 +22,41 @@ from typing import Any
 import gguf
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType
+from gguf.constants import GGML_QUANT_SIZES
 
 # --- files written by gguf.GGUFWriter -------------------------------------------------------
 
 
 def quantized(values: np.ndarray, type_name: str) -> tuple[np.ndarray, GGMLQuantizationType]:
     """f32 `values` (numpy order: last axis contiguous) in ggml type `type_name`, as the
-    (array, raw type) pair that GGUFWriter.add_tensor takes."""
+    (array, raw type) pair that GGUFWriter.add_tensor takes. gguf.quants can quantize F32, F16,
+    BF16, Q4_0..Q8_0, TQ1_0, TQ2_0 and MXFP4; for the K and IQ types use random_quantized."""
     qtype = GGMLQuantizationType[type_name]
     data = gguf.quants.quantize(np.asarray(values, dtype=np.float32), qtype)
     return data, qtype
+
+
+# Byte offsets of the f16 scale fields inside one block (ggml-common.h), so that random blocks
+# get sane finite scales instead of random NaN/inf halves.
+_F16_SCALE_FIELDS = {
+    "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
+    "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
+    "IQ4_NL": (0,), "IQ4_XS": (0,),
+}  # fmt: skip
+
+
+def random_quantized(shape: Sequence[int], type_name: str, rng: np.random.Generator) -> np.ndarray:
+    """Random blocks of `type_name` for a tensor of numpy `shape` (last axis = row length):
+    random quants with small positive f16 scales, as uint8 of shape (..., row_bytes). Use
+    gguf.quants.dequantize on the result as the reference values."""
+    block_elems, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType[type_name]]
+    *outer, row = shape
+    n_blocks = int(np.prod(outer, dtype=np.int64)) * (row // block_elems)
+    blocks = rng.integers(0, 256, size=(n_blocks, block_bytes), dtype=np.uint8)
+    for at in _F16_SCALE_FIELDS[type_name]:
+        scales = rng.uniform(0.001, 0.02, size=n_blocks).astype(np.float16)
+        blocks[:, at : at + 2] = scales.view(np.uint8).reshape(n_blocks, 2)
+    return blocks.reshape(*outer, row // block_elems * block_bytes)
 
 
 def write_gguf(
@@ -47,7 +72,8 @@ def write_gguf(
     metadata: key -> value, or key -> (GGUFValueType, value) to choose the type (for arrays,
     (GGUFValueType.ARRAY, (element GGUFValueType, items))); plain Python values get
     GGUFWriter's defaults (int -> i32, float -> f32, str, bool, list).
-    tensors: name -> (f32 values in numpy order, ggml type name such as "Q8_0").
+    tensors: name -> (f32 values in numpy order, ggml type name such as "Q8_0"), or
+    (uint8 blocks from random_quantized, type name) for types gguf.quants cannot quantize.
     """
     path = Path(path)
     w = gguf.GGUFWriter(str(path), arch)
@@ -64,7 +90,10 @@ def write_gguf(
         else:
             w.add_key_value(key, spec, GGUFValueType.get_type(spec))
     for name, (values, type_name) in (tensors or {}).items():
-        data, qtype = quantized(values, type_name)
+        if values.dtype == np.uint8 and type_name not in ("F32", "F16"):
+            data, qtype = values, GGMLQuantizationType[type_name]
+        else:
+            data, qtype = quantized(values, type_name)
         if qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
             w.add_tensor(name, data)
         else:
