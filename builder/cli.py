@@ -4,9 +4,9 @@ errors are caught here once and printed as one line (`--debug` shows the traceba
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
-
 from qpack.runtime.errors import QpackError
 from qpack.runtime.version import __version__
 
@@ -39,3 +39,42 @@ def main(debug: bool) -> None:
     qpack inspect model.gguf      show what is inside a GGUF or a built executable
     """
 
+
+
+@main.command()
+@click.argument("model", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Output file or directory (default: NAME.bin here).")
+@click.option("--name", help="Name of the executable (default: the model file's name minus its quant suffix).")
+@click.option("--args", "default_args", default="", help='Default arguments baked into the executable, e.g. --args "-c 2048 --port 9000".')
+@click.option("--target", help="Platform of the executable, e.g. linux-x86_64 (default: this one).")
+@click.option("--stub", "stub_path", type=click.Path(dir_okay=False, path_type=Path), help="Use this runtime stub instead of the cached one.")
+@click.option("--rebuild-stub", is_flag=True, help="Rebuild the cached runtime stub first.")
+def build(model, output, name, default_args, target, stub_path, rebuild_stub) -> None:  # fmt: skip
+    """Write one executable holding the runtime and MODEL (a .gguf, or a .zip holding one;
+    default: SmolLM2-135M-Instruct)."""
+    import shlex
+
+    from qpack.builder import models, pack, stub
+
+    model = model or models.default_model_path()
+    source = pack.open_model_source(model)
+    name = name or pack.default_name(source.file_name)
+    target = target or stub.current_platform()
+    if stub_path is None:
+        stub_path = stub.get_stub(target, rebuild=rebuild_stub)
+    if output is None:
+        output = Path(pack.output_name(name, target))
+    elif output.is_dir():
+        output = output / pack.output_name(name, target)
+    try:
+        args = shlex.split(default_args)
+    except ValueError as e:
+        raise QpackError(f"--args {default_args!r}: {e}") from None
+    report = pack.build_executable(
+        model, output, stub_path, name=name, target=target, args=args, show_progress=True
+    )
+    mix = ", ".join(f"{t} x{v['tensors']}" for t, v in report.model.quant_mix.items())
+    click.echo(
+        f"wrote {report.output} ({report.size / 2**20:.1f} MiB): {report.model.architecture}, "
+        f"{mix}; model data at byte {report.data_offset} ({report.layout} layout)"
+    )

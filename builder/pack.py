@@ -1,0 +1,716 @@
+"""Write an executable: the runtime stub with the model stored inside it as a zip member.
+
+Layout (measured with PyInstaller 6.22, see design.md): the bootloader finds its archive by
+scanning the file backwards from the end on every start, so the model must sit BEFORE the
+PyInstaller archive and only the zip's central directory after it:
+
+    [stub image][model.gguf local header + padding][model data][.args][qpack.json]
+    [PyInstaller archive ...][central directory][zip64 end + locator, if needed][end record]
+
+On ELF the archive is the `pydata` section near the end, followed by the section header table;
+inserting bytes before it and shifting `e_shoff` and the later sections' `sh_offset` keeps the
+ELF valid. On PE the archive is overlay data after the image; inserting there needs no header
+change (only the checksum). Any other stub gets the zip appended, with a warning: it works, but
+every start then reads the whole model.
+
+Same inputs give the same bytes: fixed timestamps, fixed member order, sorted JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import struct
+import sys
+import tempfile
+import zipfile
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import click
+from qpack.runtime.embedded import (
+    ARGS_MEMBER,
+    CENTRAL_HEADER,
+    CENTRAL_HEADER_SIG,
+    DATA_ALIGNMENT,
+    END_RECORD,
+    END_RECORD_SIG,
+    EXTRA_HEADER,
+    LOCAL_HEADER,
+    LOCAL_HEADER_SIG,
+    MANIFEST_MEMBER,
+    MODEL_MEMBER,
+    ZIP64_END_RECORD,
+    ZIP64_END_RECORD_SIG,
+    ZIP64_EXTRA_ID,
+    ZIP64_LOCATOR,
+    ZIP64_LOCATOR_SIG,
+)
+from qpack.runtime.errors import QpackError
+
+COPY_CHUNK = 4 << 20
+# Extra-field id of the alignment padding ("qp"; unregistered ids are skipped by every reader).
+PADDING_EXTRA_ID = 0x7071
+# The stub tail moves by a multiple of this, so every shifted ELF offset keeps its alignment.
+SHIFT_ALIGNMENT = 64
+# 1980-01-01 00:00, the earliest DOS date: no build time leaks into the output.
+DOS_TIME, DOS_DATE = 0, (0 << 9) | (1 << 5) | 1
+ZIP32_LIMIT = 0xFFFFFFFF
+UNIX_FILE_MODE = 0o100644 << 16
+VERSION_MADE_BY_UNIX = 3 << 8
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the members go inside the stub
+
+
+@dataclass
+class StubLayout:
+    """Where the zip members are inserted into the stub, and how to fix its headers."""
+
+    kind: str  # "elf", "pe" or "append"
+    insert_at: int
+    # Called with the whole stub (a mutable copy) and the number of bytes inserted.
+    patch: Callable[[bytearray, int], None] = field(repr=False, default=lambda stub, shift: None)
+    warning: str | None = None
+    checksum_at: int | None = None  # PE: where the image checksum lives (recomputed at the end)
+
+
+def plan_stub(stub: bytes, stub_name: str = "stub") -> StubLayout:
+    """Find where the PyInstaller archive starts in an ELF or PE stub; fall back to appending."""
+    if stub[:4] == b"\x7fELF":
+        return _plan_elf(stub, stub_name)
+    if stub[:2] == b"MZ":
+        return _plan_pe(stub, stub_name)
+    return StubLayout(
+        "append",
+        len(stub),
+        warning=(
+            f"{stub_name} is neither ELF nor PE: the model is appended after the PyInstaller "
+            "archive, which works but makes every start read the whole model"
+        ),
+    )
+
+
+def _plan_elf(stub: bytes, stub_name: str) -> StubLayout:
+    ei_class, ei_data = stub[4], stub[5]
+    if ei_class not in (1, 2) or ei_data not in (1, 2):
+        raise QpackError(f"{stub_name}: unknown ELF class {ei_class} / data encoding {ei_data}")
+    is64 = ei_class == 2
+    end = "<" if ei_data == 1 else ">"
+    word = "Q" if is64 else "I"
+    ehdr = struct.Struct(f"{end}16sHHI{word}{word}{word}IHHHHHH")
+    (_, _, _, _, _, phoff, shoff, _, _, phentsize, phnum, shentsize, shnum, shstrndx) = (
+        ehdr.unpack_from(stub, 0)
+    )
+    shoff_field = 0x28 if is64 else 0x20
+    # Shdr: name, type, flags, addr, offset, size, link, info, addralign, entsize
+    shdr = struct.Struct(f"{end}II{word}{word}{word}{word}II{word}{word}")
+    sh_offset_field = 24 if is64 else 16
+    if shoff == 0 or shnum == 0 or shentsize != shdr.size or shoff + shnum * shdr.size > len(stub):
+        raise QpackError(f"{stub_name}: ELF section header table is missing or cut short")
+    sections = [shdr.unpack_from(stub, shoff + i * shdr.size) for i in range(shnum)]
+    if shstrndx >= shnum:
+        raise QpackError(f"{stub_name}: ELF section name table index {shstrndx} is out of range")
+    strtab_off, strtab_size = sections[shstrndx][4], sections[shstrndx][5]
+    strtab = stub[strtab_off : strtab_off + strtab_size]
+
+    def section_name(sh) -> bytes:
+        start = sh[0]
+        return strtab[start : strtab.find(b"\0", start)]
+
+    pydata = [sh for sh in sections if section_name(sh) == b"pydata"]
+    if not pydata:
+        return StubLayout(
+            "append",
+            len(stub),
+            warning=(
+                f"{stub_name}: ELF without a `pydata` section (not a PyInstaller 6 one-file "
+                "stub?): the model is appended, so every start reads the whole model"
+            ),
+        )
+    insert_at = pydata[0][4]
+    # Nothing that is loaded into memory may lie after the insertion point.
+    phdr = struct.Struct(f"{end}IIQQQQQQ" if is64 else f"{end}IIIIIIII")
+    for i in range(phnum):
+        fields = phdr.unpack_from(stub, phoff + i * phentsize)
+        p_offset, p_filesz = (fields[2], fields[5]) if is64 else (fields[1], fields[4])
+        if p_filesz and p_offset + p_filesz > insert_at:
+            raise QpackError(
+                f"{stub_name}: an ELF segment (offset {p_offset}, {p_filesz} bytes) reaches past "
+                f"the pydata section at byte {insert_at}; cannot insert the model there"
+            )
+    limit = 0xFFFFFFFFFFFFFFFF if is64 else 0xFFFFFFFF
+
+    def patch(image: bytearray, shift: int) -> None:
+        if shoff + shift > limit:
+            raise QpackError(f"{stub_name}: a 32-bit ELF cannot hold a model this large")
+        if shoff >= insert_at:
+            struct.pack_into(f"{end}{word}", image, shoff_field, shoff + shift)
+        for i, sh in enumerate(sections):
+            if sh[4] >= insert_at and sh[1] != 8:  # SHT_NOBITS occupies no file bytes
+                struct.pack_into(
+                    f"{end}{word}", image, shoff + i * shdr.size + sh_offset_field, sh[4] + shift
+                )
+
+    return StubLayout("elf", insert_at, patch)
+
+
+def _plan_pe(stub: bytes, stub_name: str) -> StubLayout:
+    (pe_at,) = struct.unpack_from("<I", stub, 0x3C)
+    if pe_at + 24 > len(stub) or stub[pe_at : pe_at + 4] != b"PE\0\0":
+        return StubLayout(
+            "append",
+            len(stub),
+            warning=f"{stub_name}: MZ header without a PE image; the model is appended",
+        )
+    _, n_sections, _, symtab, _, opt_size, _ = struct.unpack_from("<HHIIIHH", stub, pe_at + 4)
+    opt_at = pe_at + 24
+    (magic,) = struct.unpack_from("<H", stub, opt_at)
+    if magic not in (0x10B, 0x20B):
+        raise QpackError(f"{stub_name}: unknown PE optional header magic {magic:#x}")
+    dirs_at = opt_at + (96 if magic == 0x10B else 112)
+    cert_at, cert_size = struct.unpack_from("<II", stub, dirs_at + 4 * 8)
+    if cert_size:
+        raise QpackError(
+            f"{stub_name}: the stub is Authenticode-signed; inserting the model would break the "
+            "signature. Build from an unsigned stub and sign the finished executable instead"
+        )
+    table_at = opt_at + opt_size
+    end_of_image = 0
+    for i in range(n_sections):
+        size, pointer = struct.unpack_from("<II", stub, table_at + i * 40 + 16)
+        end_of_image = max(end_of_image, pointer + size)
+    if symtab >= end_of_image:
+        raise QpackError(f"{stub_name}: PE with a COFF symbol table in its overlay")
+    checksum_at = opt_at + 64
+
+    def patch(image: bytearray, shift: int) -> None:
+        struct.pack_into("<I", image, checksum_at, 0)  # recomputed over the finished file
+
+    return StubLayout("pe", end_of_image, patch, checksum_at=checksum_at)
+
+
+def pe_checksum(f: BinaryIO, checksum_at: int) -> int:
+    """The PE image checksum (as imagehlp's CheckSumMappedFile) of the whole file."""
+    import numpy as np
+
+    f.seek(0, os.SEEK_END)
+    length = f.tell()
+    f.seek(0)
+    total = 0
+    pos = 0
+    while True:
+        chunk = bytearray(f.read(COPY_CHUNK))  # COPY_CHUNK is even: words never straddle
+        if not chunk:
+            break
+        if pos <= checksum_at < pos + len(chunk):
+            chunk[checksum_at - pos : checksum_at - pos + 4] = b"\0\0\0\0"
+        if len(chunk) % 2:
+            chunk.append(0)
+        total += int(np.frombuffer(chunk, dtype="<u2").sum(dtype=np.uint64))
+        pos += len(chunk)
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return (total + length) & 0xFFFFFFFF
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the model bytes come from
+
+
+@dataclass
+class ModelSource:
+    """A GGUF to embed: a plain file, or one member of a zip (Deflate, Deflate64 or stored)."""
+
+    path: Path
+    size: int
+    file_name: str  # the GGUF's own name (the zip member's, for a zip)
+    member: str | None = None
+
+    @contextmanager
+    def open(self) -> Iterator[BinaryIO]:
+        if self.member is None:
+            with open(self.path, "rb") as f:
+                yield f
+        else:
+            with zipfile.ZipFile(self.path) as zf, zf.open(self.member) as f:
+                yield f
+
+    def describe(self) -> str:
+        return f"{self.path}:{self.member}" if self.member else str(self.path)
+
+
+def open_model_source(path: Path) -> ModelSource:
+    """A .gguf file, or a .zip holding exactly one .gguf."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+            size = os.fstat(f.fileno()).st_size
+    except OSError as e:
+        raise QpackError(f"{path}: cannot read the model: {e.strerror}") from None
+    if magic[:2] != b"PK":
+        return ModelSource(path, size, path.name)
+    import zipfile_deflate64  # noqa: F401  (teaches zipfile the Deflate64 method)
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            ggufs = [i for i in zf.infolist() if i.filename.lower().endswith(".gguf")]
+    except zipfile.BadZipFile as e:
+        raise QpackError(f"{path}: not a valid zip file ({e})") from None
+    if len(ggufs) != 1:
+        found = ", ".join(i.filename for i in ggufs) or "none"
+        raise QpackError(
+            f"{path}: a zipped model must hold exactly one .gguf member (found: {found}); "
+            "unzip it and pass the GGUF file"
+        )
+    info = ggufs[0]
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, 9):
+        raise QpackError(
+            f"{path}: member {info.filename} uses zip method {info.compress_type}; qpack reads "
+            "stored, Deflate and Deflate64 members: unzip it and pass the GGUF file"
+        )
+    return ModelSource(path, info.file_size, Path(info.filename).name, info.filename)
+
+
+_QUANT_SUFFIX = re.compile(r"[.\-_](?:I?Q\d\w*|B?F(?:16|32)|GGUF)$", re.IGNORECASE)
+
+
+def default_name(file_name: str) -> str:
+    """`SmolLM2-135M-Instruct.Q4_1.gguf` -> `SmolLM2-135M-Instruct`."""
+    stem = Path(file_name).stem
+    while True:
+        shorter = _QUANT_SUFFIX.sub("", stem)
+        if shorter == stem or not shorter:
+            return stem
+        stem = shorter
+
+
+# ---------------------------------------------------------------------------------------------
+# Zip records
+
+
+def _padding_field(base: int, zip64_len: int) -> bytes:
+    """An extra field of zero padding after which data starting at `base` lands on
+    DATA_ALIGNMENT (ValueError when its length would not fit the 16-bit extra length: the
+    caller then moves the header a little)."""
+    pad = (-(base + EXTRA_HEADER.size)) % DATA_ALIGNMENT
+    if pad + EXTRA_HEADER.size + zip64_len > 0xFFFF:
+        raise ValueError("no padding length fits")
+    return EXTRA_HEADER.pack(PADDING_EXTRA_ID, pad) + bytes(pad)
+
+
+def local_header(name: bytes, crc: int, size: int, extra: bytes, zip64: bool) -> bytes:
+    stored = ZIP32_LIMIT if zip64 else size
+    return (
+        LOCAL_HEADER.pack(
+            LOCAL_HEADER_SIG,
+            45 if zip64 else 10,
+            0,
+            0,
+            DOS_TIME,
+            DOS_DATE,
+            crc,
+            stored,
+            stored,
+            len(name),
+            len(extra),
+        )
+        + name
+        + extra
+    )
+
+
+@dataclass
+class _Member:
+    name: bytes
+    crc: int
+    size: int
+    header_offset: int
+
+
+def central_directory(members: Sequence[_Member]) -> bytes:
+    out = bytearray()
+    for m in members:
+        zip64_values = [v for v in (m.size, m.size, m.header_offset) if v >= ZIP32_LIMIT]
+        extra = b""
+        if zip64_values:
+            data = b"".join(struct.pack("<Q", v) for v in zip64_values)
+            extra = EXTRA_HEADER.pack(ZIP64_EXTRA_ID, len(data)) + data
+        version = 45 if zip64_values else 10
+
+        def clamp(v: int) -> int:
+            return min(v, ZIP32_LIMIT)
+
+        out += CENTRAL_HEADER.pack(
+            CENTRAL_HEADER_SIG,
+            VERSION_MADE_BY_UNIX | version,
+            version,
+            0,
+            0,
+            DOS_TIME,
+            DOS_DATE,
+            m.crc,
+            clamp(m.size),
+            clamp(m.size),
+            len(m.name),
+            len(extra),
+            0,
+            0,
+            0,
+            UNIX_FILE_MODE,
+            clamp(m.header_offset),
+        )
+        out += m.name + extra
+    return bytes(out)
+
+
+def end_records(n_members: int, cd_offset: int, cd_size: int) -> bytes:
+    out = b""
+    if cd_offset >= ZIP32_LIMIT or cd_size >= ZIP32_LIMIT:
+        record_at = cd_offset + cd_size
+        out += ZIP64_END_RECORD.pack(
+            ZIP64_END_RECORD_SIG,
+            ZIP64_END_RECORD.size - 12,
+            VERSION_MADE_BY_UNIX | 45,
+            45,
+            0,
+            0,
+            n_members,
+            n_members,
+            cd_size,
+            cd_offset,
+        )
+        out += ZIP64_LOCATOR.pack(ZIP64_LOCATOR_SIG, 0, record_at, 1)
+    out += END_RECORD.pack(
+        END_RECORD_SIG,
+        0,
+        0,
+        n_members,
+        n_members,
+        min(cd_size, ZIP32_LIMIT),
+        min(cd_offset, ZIP32_LIMIT),
+        0,
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+@dataclass
+class WriteResult:
+    data_offset: int  # where model.gguf's bytes start in the output
+    size: int  # of the whole output
+    model_sha256: str
+    model_crc32: int
+    layout: str
+
+
+def write_executable(
+    out: BinaryIO,
+    stub: bytes,
+    source: ModelSource,
+    args: Sequence[str],
+    manifest: dict | Callable[[int], dict],
+    show_progress: bool = False,
+    stub_name: str = "stub",
+) -> WriteResult:
+    """Write the executable into `out` (an empty, seekable file).
+
+    `manifest` is stored as qpack.json with the model's size and SHA-256 (computed while
+    copying) added; a callable is called with the model data's offset once the model is in
+    `out` (to validate the copied bytes first, for a model that arrived zipped)."""
+    layout = plan_stub(stub, stub_name)
+    if layout.warning:
+        click.echo(f"qpack: warning: {layout.warning}", err=True)
+    head_len = layout.insert_at
+    out.write(memoryview(stub)[:head_len])
+
+    # model.gguf: local header padded so that the data starts on DATA_ALIGNMENT.
+    name = MODEL_MEMBER.encode()
+    zip64 = source.size >= ZIP32_LIMIT
+    zip64_extra = (
+        EXTRA_HEADER.pack(ZIP64_EXTRA_ID, 16) + struct.pack("<QQ", source.size, source.size)
+        if zip64
+        else b""
+    )
+    header_at = head_len
+    while True:
+        base = header_at + LOCAL_HEADER.size + len(name) + len(zip64_extra)
+        try:
+            extra = zip64_extra + _padding_field(base, len(zip64_extra))
+            break
+        except ValueError:
+            header_at += 16  # a few filler bytes before the header make a padding length fit
+    out.write(bytes(header_at - head_len))
+    out.write(local_header(name, 0, source.size, extra, zip64))
+    data_offset = out.tell()
+    assert data_offset % DATA_ALIGNMENT == 0
+    crc, sha = _copy_model(out, source, show_progress)
+    end_of_data = out.tell()
+    out.seek(header_at + 14)  # the CRC-32 field, known only now
+    out.write(struct.pack("<I", crc))
+    out.seek(end_of_data)
+    members = [_Member(name, crc, source.size, header_at)]
+
+    out.flush()
+    manifest = dict(manifest(data_offset) if callable(manifest) else manifest)
+    manifest["model"] = {**manifest.get("model", {}), "size": source.size, "sha256": sha}
+    small = [
+        (ARGS_MEMBER, "".join(f"{a}\n" for a in args).encode("utf-8")),
+        (MANIFEST_MEMBER, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()),
+    ]
+    for member_name, data in small:
+        at = out.tell()
+        crc_small = zlib.crc32(data)
+        out.write(local_header(member_name.encode(), crc_small, len(data), b"", False))
+        out.write(data)
+        members.append(_Member(member_name.encode(), crc_small, len(data), at))
+
+    # The stub's tail (PyInstaller archive, ELF section headers) follows, shifted.
+    if head_len < len(stub):
+        out.write(bytes(-(out.tell() - head_len) % SHIFT_ALIGNMENT))
+        shift = out.tell() - head_len
+        image = bytearray(stub)
+        layout.patch(image, shift)
+        out.seek(0)
+        out.write(memoryview(image)[:head_len])
+        out.seek(head_len + shift)
+        out.write(memoryview(image)[head_len:])
+
+    cd_offset = out.tell()
+    directory = central_directory(members)
+    out.write(directory)
+    out.write(end_records(len(members), cd_offset, len(directory)))
+    size = out.tell()
+    if layout.checksum_at is not None:
+        out.flush()
+        checksum = pe_checksum(out, layout.checksum_at)
+        out.seek(layout.checksum_at)
+        out.write(struct.pack("<I", checksum))
+        out.seek(size)
+    return WriteResult(data_offset, size, sha, crc, layout.kind)
+
+
+def _copy_model(out: BinaryIO, source: ModelSource, show_progress: bool) -> tuple[int, str]:
+    """Stream the GGUF into `out`, returning its CRC-32 and SHA-256 (never all in memory)."""
+    crc = 0
+    digest = hashlib.sha256()
+    copied = 0
+    with (
+        source.open() as f,
+        click.progressbar(
+            length=source.size,
+            label=f"writing {MODEL_MEMBER}",
+            file=sys.stderr if show_progress else _NullFile(),
+            show_pos=False,
+        ) as bar,
+    ):
+        try:
+            while True:
+                chunk = f.read(COPY_CHUNK)
+                if not chunk:
+                    break
+                out.write(chunk)
+                crc = zlib.crc32(chunk, crc)
+                digest.update(chunk)
+                copied += len(chunk)
+                bar.update(len(chunk))
+        except zipfile.BadZipFile as e:
+            raise QpackError(f"{source.describe()}: the zipped model is corrupt ({e})") from None
+        except (zlib.error, EOFError) as e:
+            raise QpackError(f"{source.describe()}: cannot decompress the model ({e})") from None
+    if copied != source.size:
+        raise QpackError(
+            f"{source.describe()}: expected {source.size} bytes, read {copied}: "
+            "the file changed or is truncated"
+        )
+    return crc, digest.hexdigest()
+
+
+class _NullFile:
+    def write(self, _text: str) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+
+@contextmanager
+def atomic_output(path: Path, expected_size: int) -> Iterator[tuple[BinaryIO, str]]:
+    """A temporary file next to `path` (yielded with its name), renamed onto `path` only when
+    the block succeeds (Ctrl-C or any error removes it), after checking that the disk has room."""
+    directory = path.parent if str(path.parent) else Path(".")
+    if not directory.is_dir():
+        raise QpackError(f"{directory}: the output directory does not exist")
+    free = shutil.disk_usage(directory).free
+    if free < expected_size + (16 << 20):
+        raise QpackError(
+            f"{directory}: {free / 2**30:.2f} GiB free, the executable needs "
+            f"{expected_size / 2**30:.2f} GiB: free some space or choose another -o"
+        )
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=directory)
+    except OSError as e:
+        raise QpackError(f"{directory}: cannot write the output there: {e.strerror}") from None
+    try:
+        with os.fdopen(fd, "w+b") as f:
+            yield f, tmp
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole build
+
+
+@dataclass
+class ModelSummary:
+    """What the manifest records about the model (after the runtime's reader accepted it)."""
+
+    architecture: str
+    name: str | None
+    n_tensors: int
+    n_parameters: int
+    quant_mix: dict[str, dict[str, int]]  # type name -> {"tensors": n, "bytes": n}
+
+
+def check_model(
+    path: str | os.PathLike, offset: int = 0, length: int | None = None, describe: str = ""
+) -> ModelSummary:
+    """Open the GGUF with the runtime's own reader and refuse what the runtime cannot run
+    (architecture, hyperparameters, tensor types), so no build yields a useless executable."""
+    from qpack.runtime.arch import HParams, get_architecture
+    from qpack.runtime.errors import GGUFError, UnsupportedModel
+    from qpack.runtime.gguf import open_gguf
+    from qpack.runtime.quants import SUPPORTED_WEIGHT_TYPES
+
+    describe = describe or str(path)
+    try:
+        gf = open_gguf(path, offset, length)
+    except GGUFError as e:
+        where = None if e.offset is None else e.offset - offset
+        raise GGUFError(describe, where, e.problem) from None
+    with gf:
+        arch = gf.architecture
+        try:
+            get_architecture(arch)
+        except UnsupportedModel as e:
+            raise UnsupportedModel(f"{describe}: {e}") from None
+        HParams.from_metadata(gf.metadata, describe)
+        mix: dict[str, dict[str, int]] = {}
+        n_parameters = 0
+        for ti in gf.tensors.values():
+            if ti.type.name not in SUPPORTED_WEIGHT_TYPES:
+                raise UnsupportedModel(
+                    f"{describe}: tensor {ti.name} has type {ti.type.name}, which qpack does not "
+                    f"run (supported: {', '.join(sorted(SUPPORTED_WEIGHT_TYPES))}); "
+                    "use a GGUF quantized to one of those"
+                )
+            entry = mix.setdefault(ti.type.name, {"tensors": 0, "bytes": 0})
+            entry["tensors"] += 1
+            entry["bytes"] += ti.nbytes
+            n_parameters += ti.n_elements
+        if not gf.tensors:
+            raise UnsupportedModel(f"{describe}: the GGUF holds no tensors")
+        name = gf.metadata.get("general.name")
+        return ModelSummary(
+            arch,
+            name if isinstance(name, str) else None,
+            len(gf.tensors),
+            n_parameters,
+            dict(sorted(mix.items())),
+        )
+
+
+@dataclass
+class BuildReport:
+    output: Path
+    size: int
+    data_offset: int
+    layout: str
+    model: ModelSummary
+    model_sha256: str
+
+
+def output_name(name: str, target: str) -> str:
+    return f"{name}.exe" if target.startswith("windows") else f"{name}.bin"
+
+
+def build_executable(
+    model: Path,
+    output: Path,
+    stub: Path,
+    *,
+    name: str,
+    target: str,
+    args: Sequence[str] = (),
+    show_progress: bool = True,
+) -> BuildReport:
+    """Validate the model, then write stub + model + .args + qpack.json to `output`
+    (atomically: an error or Ctrl-C leaves no file there)."""
+    from qpack.runtime.version import __version__
+
+    source = open_model_source(model)
+    # A plain GGUF is checked before anything is written; a zipped one once it is copied out
+    # (stored, in the temporary output), before the output is renamed into place.
+    summary = check_model(model) if source.member is None else None
+    try:
+        stub_bytes = stub.read_bytes()
+    except OSError as e:
+        raise QpackError(f"{stub}: cannot read the runtime stub: {e.strerror}") from None
+    expected = len(stub_bytes) + source.size + 2 * DATA_ALIGNMENT + (1 << 20)
+
+    with atomic_output(output, expected) as (out, tmp_path):
+
+        def manifest(data_offset: int) -> dict:
+            nonlocal summary
+            if summary is None:
+                summary = check_model(tmp_path, data_offset, source.size, source.describe())
+            return {
+                "format": 1,
+                "name": name,
+                "qpack_version": __version__,
+                "target": target,
+                "args": list(args),
+                "model": {
+                    "file": source.file_name,
+                    "general_name": summary.name,
+                    "architecture": summary.architecture,
+                    "tensors": summary.n_tensors,
+                    "parameters": summary.n_parameters,
+                    "quant_mix": summary.quant_mix,
+                },
+                "stub": {
+                    "sha256": hashlib.sha256(stub_bytes).hexdigest(),
+                    "size": len(stub_bytes),
+                },
+            }
+
+        result = write_executable(
+            out, stub_bytes, source, args, manifest, show_progress, stub_name=str(stub)
+        )
+    assert summary is not None
+    return BuildReport(
+        output, result.size, result.data_offset, result.layout, summary, result.model_sha256
+    )

@@ -1,0 +1,270 @@
+"""The executable's command line: serve the model (default), `-p` one prompt, `--chat`.
+
+The model is the one embedded in the executable (a zip member mapped in place, see
+embedded.py) or, with `-m FILE.gguf`, any GGUF file. `.args` inside the executable supplies
+default arguments; the command line is merged in after them, so it wins (`run` below).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from dataclasses import dataclass
+
+import click
+
+from . import cpu, embedded
+from .errors import EmbeddedModelError, QpackError
+from .version import __version__
+
+PROG = "qpack"
+
+
+@dataclass
+class Options:
+    """Everything the engine hooks need from the command line."""
+
+    prompt: str | None
+    chat: bool
+    host: str
+    port: int
+    nobrowser: bool
+    n_predict: int
+    ctx_size: int | None
+    threads: int | None
+    temp: float
+    cpu: str
+
+
+# --- where the engine plugs in ---------------------------------------------------------------
+# Each hook receives the open GGUFFile (a view of the mapping) and the options. They are the
+# only places this module touches the engine.
+
+
+def run_prompt(gguf, opts: Options) -> None:
+    """`-p PROMPT`: generate once, print the text, exit."""
+    raise QpackError("-p: the inference engine is not available in this build yet")
+
+
+def run_chat(gguf, opts: Options) -> None:
+    """`--chat`: an interactive conversation in the terminal."""
+    raise QpackError("--chat: the inference engine is not available in this build yet")
+
+
+def serve(gguf, opts: Options) -> None:
+    """Default: the OpenAI-compatible server and chat page on host:port."""
+    raise QpackError("serving: the inference engine is not available in this build yet")
+
+
+# --- the model -------------------------------------------------------------------------------
+
+
+class ModelLocation:
+    """Where the model comes from: `-m FILE`, or the executable's own member (looked up once;
+    a broken member is reported only when the embedded model is actually needed)."""
+
+    def __init__(self, model_path: str | None):
+        self.model_path = model_path
+        self._embedded: embedded.EmbeddedModel | None = None
+        self._error: QpackError | None = None
+        if model_path is None:
+            try:
+                self._embedded = embedded.own_model()
+            except QpackError as e:
+                self._error = e
+
+    def embedded(self) -> embedded.EmbeddedModel:
+        if self._error is not None:
+            raise self._error
+        if self._embedded is None:
+            raise QpackError(
+                "no model: this is the plain runtime (no model embedded in "
+                f"{sys.executable}); pass -m FILE.gguf"
+            )
+        return self._embedded
+
+    def open(self):
+        """The GGUFFile, mapped in place."""
+        from .gguf import open_gguf
+
+        if self.model_path is not None:
+            return open_gguf(self.model_path)
+        member = self.embedded()
+        return open_gguf(member.path, member.offset, member.length)
+
+
+def describe_cpu(choice: str) -> str:
+    module = cpu.load(choice)
+    name = module.__name__.rsplit("_native_", 1)[-1]
+    return f"kernels {name} (this CPU runs: {', '.join(cpu.supported_variants())})"
+
+
+def print_info(location: ModelLocation) -> None:
+    import json
+
+    if location.model_path is not None:
+        raise QpackError("--info describes the embedded model; for a GGUF file use `qpack inspect`")
+    member = location.embedded()
+    manifest = member.manifest()
+    click.echo(json.dumps(manifest, indent=2, sort_keys=True))
+    click.echo(
+        f"# {embedded.MODEL_MEMBER}: {member.length} bytes at offset {member.offset} "
+        f"of {member.path}; default arguments: {member.args() or 'none'}"
+    )
+
+
+def verify_model(location: ModelLocation) -> None:
+    if location.model_path is not None:
+        raise QpackError("--verify checks the embedded model; it does not apply with -m")
+    member = location.embedded()
+    with click.progressbar(
+        length=member.length, label="verifying", file=sys.stderr, show_pos=False
+    ) as bar:
+        report = embedded.verify(member, bar.update)
+    click.echo(
+        f"ok: {embedded.MODEL_MEMBER} {report.size} bytes, crc32 {report.crc32:08x}, "
+        f"sha256 {report.sha256}"
+    )
+
+
+# --- the command -----------------------------------------------------------------------------
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "-m",
+    "--model",
+    "model_path",
+    metavar="FILE.gguf",
+    help="Run this GGUF file instead of the embedded model.",
+)
+@click.option("-p", "--prompt", help="Generate from this prompt, print the text and exit.")
+@click.option("--chat", is_flag=True, help="Chat in the terminal.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address the server binds.")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--nobrowser", is_flag=True, help="Do not open the chat page in a browser.")
+@click.option(
+    "-n",
+    "--n-predict",
+    default=-1,
+    show_default=True,
+    help="Tokens to generate (-1: until the end or the context is full).",
+)
+@click.option(
+    "-c",
+    "--ctx-size",
+    type=click.IntRange(min=8),
+    help="Context size in tokens (default: the model's, at most 4096).",
+)
+@click.option(
+    "-t", "--threads", type=click.IntRange(min=1), help="Threads (default: physical cores)."
+)
+@click.option(
+    "--temp",
+    default=0.8,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Sampling temperature (0: greedy).",
+)
+@click.option(
+    "--cpu",
+    "cpu_choice",
+    default="auto",
+    show_default=True,
+    help="Kernel variant: auto, generic, avx2, avx512.",
+)
+@click.option(
+    "--verify",
+    is_flag=True,
+    help="Check the embedded model against its CRC-32 and SHA-256, then exit.",
+)
+@click.option(
+    "--info", is_flag=True, help="Print the build manifest of the embedded model, then exit."
+)
+@click.option(
+    "--version", is_flag=True, help="Print the version and the kernel variant in use, then exit."
+)
+@click.option("--debug", is_flag=True, help="Show the full traceback on errors.")
+def cli(
+    model_path, prompt, chat, host, port, nobrowser, n_predict, ctx_size, threads, temp,
+    cpu_choice, verify, info, version, debug,
+) -> None:  # fmt: skip
+    """Run a language model: the chat page and an OpenAI-compatible API (default), one
+    prompt (-p) or a terminal chat (--chat)."""
+    if version:
+        click.echo(
+            f"{PROG} {__version__} (Python {platform.python_version()}, {platform.machine()})"
+        )
+        click.echo(describe_cpu(cpu_choice))
+        return
+    location = ModelLocation(model_path)
+    if info:
+        print_info(location)
+        return
+    if verify:
+        verify_model(location)
+        return
+    cpu.load(cpu_choice)
+    opts = Options(
+        prompt, chat, host, port, nobrowser, n_predict, ctx_size, threads, temp, cpu_choice
+    )
+    gguf = location.open()
+    if prompt is not None:
+        run_prompt(gguf, opts)
+    elif chat:
+        run_chat(gguf, opts)
+    else:
+        serve(gguf, opts)
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Entry point of the executable and of `python -m qpack.runtime`: `.args` defaults, then
+    the command line; every QpackError becomes one line on stderr and exit status 1."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    defaults: list[str] = []
+    if (
+        "-m" not in argv
+        and "--model" not in argv
+        and not any(a.startswith("--model=") for a in argv)
+    ):
+        try:
+            member = embedded.own_model()
+            defaults = member.args() if member is not None else []
+        except EmbeddedModelError:
+            defaults = []  # reported when the model is needed (--version still works)
+    args = embedded.merge_args(defaults, argv)
+    debug = "--debug" in args or os.environ.get("QPACK_DEBUG") == "1"
+    try:
+        cli.main(args=args, prog_name=_prog_name(), standalone_mode=False)
+    except QpackError as e:
+        if debug:
+            raise
+        click.echo(f"{PROG}: error: {e}", err=True)
+        return 1
+    except click.exceptions.Abort:
+        click.echo(f"{PROG}: interrupted", err=True)
+        return 130
+    except KeyboardInterrupt:
+        click.echo(f"{PROG}: interrupted", err=True)
+        return 130
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except Exception as e:  # a bug, or a broken build: still one line unless --debug
+        if debug:
+            raise
+        click.echo(
+            f"{PROG}: internal error: {type(e).__name__}: {e} (run with --debug for details)",
+            err=True,
+        )
+        return 1
+    return 0
+
+
+def _prog_name() -> str:
+    if getattr(sys, "frozen", False):
+        return os.path.basename(sys.executable)
+    return "python -m qpack.runtime"
