@@ -1,0 +1,301 @@
+"""The float and legacy quant kernels (cython/quants_legacy.h) against gguf's numpy reference.
+
+Every test runs on every CPU variant this machine can execute (generic, avx2, avx512...), so the
+scalar ground truth and each SIMD path meet the same oracle:
+- dequantize equals gguf.quants.dequantize bit for bit;
+- the Q8_32 activation equals gguf's own Q8_0 quantization of the same numbers (same d, qs);
+- dot / matvec agree with a float64 product of the dequantized weights and activation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import quants as gq
+from qpack.runtime import cpu
+from qpack.runtime.errors import UnsupportedModel
+
+VARIANTS = cpu.supported_variants()
+MODULES = {name: cpu._import(name) for name in VARIANTS}
+
+FLOAT_TYPES = ["F32", "F16", "BF16"]
+LEGACY_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
+ALL_TYPES = FLOAT_TYPES + LEGACY_TYPES
+
+# Byte offsets of the f16 scale fields (d, and m for the types with a min) in each block.
+SCALE_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,)}
+
+Q8_32 = np.dtype([("d", "<f4"), ("s", "<f4"), ("qs", "i1", 32)])
+
+# dot vs the float64 product: |error| <= DOT_RTOL * sum |w_i a_i| (f32 accumulation of exact
+# int32 block sums; a wrong kernel is off by O(1) of that sum).
+DOT_RTOL = 1e-5
+
+
+def qtype(name: str) -> GGMLQuantizationType:
+    return GGMLQuantizationType[name]
+
+
+def quantize(name: str, data: np.ndarray) -> np.ndarray:
+    """Rows of GGUF blocks (uint8, shape (rows, row_bytes)) made by gguf's reference quantizer."""
+    q = gq.quantize(data.astype(np.float32), qtype(name))
+    return np.ascontiguousarray(q).view(np.uint8).reshape(data.shape[0], -1)
+
+
+def reference_dequant(name: str, raw: np.ndarray, rows: int) -> np.ndarray:
+    return gq.dequantize(raw.reshape(rows, -1), qtype(name)).reshape(rows, -1).astype(np.float32)
+
+
+def random_raw(name: str, n_elems: int, rng: np.random.Generator) -> np.ndarray:
+    """Random bytes for n_elems elements of a type, with finite, sane f16 scales so that the
+    quants themselves (all 4/5/8-bit patterns, incl. Q8_0's -128) are what varies."""
+    block_elems, block_bytes = GGML_QUANT_SIZES[qtype(name)]
+    nb = n_elems // block_elems
+    if name == "F32":
+        return rng.standard_normal(n_elems).astype(np.float32).view(np.uint8)
+    raw = rng.integers(0, 256, size=(nb, block_bytes), dtype=np.uint8)
+    if name == "BF16":  # keep values finite: exponent byte never all ones
+        raw[:, 1] &= 0xBF
+    if name == "F16":
+        raw[:, 1] &= 0xBB
+    for off in SCALE_FIELDS.get(name, ()):
+        scales = (rng.uniform(1e-3, 2.0, nb) * rng.choice([-1, 1], nb)).astype(np.float16)
+        raw[:, off : off + 2] = scales.view(np.uint8).reshape(nb, 2)
+    return raw.reshape(-1)
+
+
+def dequant_act(act: int, raw: np.ndarray, n: int) -> np.ndarray:
+    """The activation as the kernel sees it, decoded independently of the C code."""
+    mod = MODULES["generic"]
+    if act == mod.ACT_F32:
+        return raw.view(np.float32)[:n].astype(np.float64)
+    assert act == mod.ACT_Q8_32
+    blocks = raw.view(Q8_32)
+    return (blocks["d"][:, None].astype(np.float64) * blocks["qs"]).reshape(-1)
+
+
+def test_all_variants_built_and_runnable():
+    assert "generic" in VARIANTS
+    for name, mod in MODULES.items():
+        assert mod.VARIANT == name
+
+
+# ---------------------------------------------------------------------------- traits
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_traits_match_the_type_tables(variant):
+    from qpack.runtime import quants as rq
+
+    mod = MODULES[variant]
+    seen = []
+    for type_id in range(64):
+        t = mod.type_traits(type_id)
+        if t is None:
+            continue
+        seen.append(t["name"])
+        py = rq.QUANT_TYPES_BY_ID[type_id]
+        assert (t["name"], t["block_elems"], t["block_bytes"]) == (
+            py.name,
+            py.block_elems,
+            py.block_bytes,
+        )
+        assert (t["block_elems"], t["block_bytes"]) == GGML_QUANT_SIZES[
+            GGMLQuantizationType(type_id)
+        ]
+        assert t["name"] in rq.SUPPORTED_WEIGHT_TYPES
+    assert set(ALL_TYPES) <= set(seen)
+    assert mod.type_traits(9) is None  # Q8_1: an activation type, never a weight here
+    assert mod.type_traits(16) is None  # IQ2_XXS: not supported
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_activation_formats(variant):
+    mod = MODULES[variant]
+    for name in FLOAT_TYPES:
+        assert mod.type_traits(qtype(name))["act_name"] == "f32"
+    for name in LEGACY_TYPES:
+        assert mod.type_traits(qtype(name))["act_name"] == "q8_32"
+
+
+# ---------------------------------------------------------------------------- dequantize
+
+
+def assert_bits_equal(got: np.ndarray, want: np.ndarray) -> None:
+    got_bits, want_bits = got.view(np.uint32), want.astype(np.float32).view(np.uint32)
+    both_nan = np.isnan(got) & np.isnan(want)
+    bad = (got_bits != want_bits) & ~both_nan
+    assert not bad.any(), f"{bad.sum()} mismatches, first at {np.argmax(bad)}"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("name", ALL_TYPES)
+def test_dequantize_quantized_data_bit_exact(variant, name):
+    rng = np.random.default_rng(1)
+    data = rng.standard_normal((8, 256)).astype(np.float32) * rng.uniform(0.01, 10, (8, 1))
+    data[0, :32] = 0.0  # an all-zero block (d = 0)
+    raw = quantize(name, data)
+    got = MODULES[variant].dequantize(qtype(name), raw.reshape(-1), data.size)
+    assert_bits_equal(got, reference_dequant(name, raw, 8).reshape(-1))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("name", ALL_TYPES)
+def test_dequantize_random_bytes_bit_exact(variant, name):
+    rng = np.random.default_rng(2)
+    n = 32 * 37  # odd block count: the SIMD loops' tails
+    raw = random_raw(name, n, rng)
+    got = MODULES[variant].dequantize(qtype(name), raw, n)
+    assert_bits_equal(got, reference_dequant(name, raw, 1).reshape(-1))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_dequantize_every_f16_and_bf16_pattern(variant):
+    mod = MODULES[variant]
+    every = np.arange(65536, dtype=np.uint16).view(np.uint8)
+    assert_bits_equal(
+        mod.dequantize(qtype("F16"), every, 65536), every.view(np.float16).astype(np.float32)
+    )
+    want_bf16 = (every.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    assert_bits_equal(mod.dequantize(qtype("BF16"), every, 65536), want_bf16)
+
+
+# ---------------------------------------------------------------------------- activations
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_q8_32_activation_matches_gguf_q8_0(variant):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(32 * 40).astype(np.float32) * 3
+    x[:32] = 0.0
+    x[32:64] += 50.0  # a block far from zero mean
+    x[64:96] = rng.choice([0.25, 0.75, -1.25], 32)  # with amax 63.5, d = 0.5: exact .5 ties
+    x[64] = 63.5
+    mod = MODULES[variant]
+    blocks = mod.quantize_act(mod.ACT_Q8_32, x).view(Q8_32)
+    ref = quantize("Q8_0", x.reshape(1, -1)).reshape(-1, 34)  # gguf's ggml-exact Q8_0
+    np.testing.assert_array_equal(blocks["qs"].view(np.uint8), ref[:, 2:])
+    np.testing.assert_array_equal(
+        blocks["d"].astype(np.float16).view(np.uint8), ref[:, :2].reshape(-1)
+    )
+    np.testing.assert_array_equal(
+        blocks["d"], np.abs(x.reshape(-1, 32)).max(axis=1) / np.float32(127)
+    )
+    sums = blocks["qs"].astype(np.int64).sum(axis=1)
+    np.testing.assert_array_equal(blocks["s"], blocks["d"] * sums.astype(np.float32))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_activation_bytes_identical_across_variants(variant):
+    x = np.random.default_rng(4).standard_normal(1536).astype(np.float32)
+    mod, base = MODULES[variant], MODULES["generic"]
+    for act in (mod.ACT_F32, mod.ACT_Q8_32):
+        np.testing.assert_array_equal(mod.quantize_act(act, x), base.quantize_act(act, x))
+
+
+# ---------------------------------------------------------------------------- dot / matvec
+
+
+def check_dot(mod, name: str, raw_rows: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """matvec and dot against float64 products; returns the kernel's matvec result."""
+    rows, n = raw_rows.shape[0], x.size
+    t = mod.type_traits(qtype(name))
+    w = reference_dequant(name, raw_rows, rows).astype(np.float64)
+    a = dequant_act(t["act"], mod.quantize_act(t["act"], x), n)
+    got = mod.matvec(qtype(name), raw_rows, x)
+    want = w @ a
+    scale = np.abs(w) @ np.abs(a)
+    err = np.abs(got - want)
+    assert (err <= DOT_RTOL * scale + 1e-30).all(), f"worst {np.max(err / (scale + 1e-30)):.3g}"
+    # Close to the unquantized product too: each activation element is within d/2 = amax/254
+    # of x (amax of its 32-block).
+    act_err = 0.0
+    if t["act_name"] == "q8_32":
+        amax = np.abs(x.reshape(-1, 32)).max(axis=1).astype(np.float64)
+        act_err = (np.abs(w).reshape(rows, amax.size, 32).sum(axis=2) @ amax) / 254.0
+    assert (np.abs(got - w @ x.astype(np.float64)) <= act_err + 2 * DOT_RTOL * scale + 1e-30).all()
+    # dot() is the same kernel on one row, and reads a row at any (unaligned) address.
+    shifted = np.empty(raw_rows.shape[1] + 1, np.uint8)[1:]
+    shifted[:] = raw_rows[-1]
+    assert mod.dot(qtype(name), shifted, x) == got[-1]
+    return got
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("name", ALL_TYPES)
+@pytest.mark.parametrize("n", [32, 96, 576, 1536])
+def test_dot_of_quantized_weights(variant, name, n):
+    rng = np.random.default_rng(n)
+    data = rng.standard_normal((12, n)).astype(np.float32)
+    x = rng.standard_normal(n).astype(np.float32)
+    check_dot(MODULES[variant], name, quantize(name, data), x)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("name", ALL_TYPES)
+def test_dot_of_random_bytes_and_skewed_activations(variant, name):
+    rng = np.random.default_rng(5)
+    n, rows = 32 * 9, 16
+    raw = np.stack([random_raw(name, n, rng) for _ in range(rows)])
+    x = (rng.standard_normal(n) + 4.0).astype(np.float32)  # far from zero mean
+    x[:32] = 0.0
+    x[32] = 1e4  # one outlier: its block's other elements round to 0
+    check_dot(MODULES[variant], name, raw, x)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("name", ALL_TYPES)
+def test_variants_agree(variant, name):
+    rng = np.random.default_rng(6)
+    n = 1536
+    raw = np.stack([random_raw(name, n, rng) for _ in range(8)])
+    x = rng.standard_normal(n).astype(np.float32)
+    got = MODULES[variant].matvec(qtype(name), raw, x)
+    base = MODULES["generic"].matvec(qtype(name), raw, x)
+    w = reference_dequant(name, raw, 8).astype(np.float64)
+    scale = np.abs(w) @ np.abs(x.astype(np.float64))
+    assert (np.abs(got - base) <= DOT_RTOL * scale).all()
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_lengths_are_checked(variant):
+    mod = MODULES[variant]
+    q4 = qtype("Q4_0")
+    raw = np.zeros(18 * 4, np.uint8)
+    x = np.ones(128, np.float32)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        mod.dequantize(q4, raw, 100)
+    with pytest.raises(ValueError, match="need 90 bytes"):
+        mod.dequantize(q4, raw, 160)
+    with pytest.raises(ValueError, match="positive"):
+        mod.dequantize(q4, raw, 0)
+    with pytest.raises(ValueError, match="need 90 bytes"):
+        mod.dot(q4, raw, np.ones(160, np.float32))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        mod.dot(q4, raw, np.ones(40, np.float32))
+    with pytest.raises(ValueError, match="has 36"):
+        mod.matvec(q4, raw.reshape(2, 36), x)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        mod.quantize_act(mod.ACT_Q8_32, np.ones(33, np.float32))
+    with pytest.raises(ValueError, match="unknown activation"):
+        mod.quantize_act(7, x)
+    with pytest.raises(UnsupportedModel, match="type 16"):
+        mod.dequantize(16, raw, 32)
+    with pytest.raises(UnsupportedModel):
+        mod.matvec(9, raw.reshape(4, 18), x)
+    assert mod.matvec(q4, raw.reshape(4, 18)[:0], x[:32]).shape == (0,)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_q8_256_activation_only_when_built(variant):
+    mod = MODULES[variant]
+    x = np.ones(256, np.float32)
+    if mod.type_traits(qtype("Q4_K")) is None:
+        with pytest.raises(UnsupportedModel):
+            mod.quantize_act(mod.ACT_Q8_256, x)
+    else:
+        assert mod.quantize_act(mod.ACT_Q8_256, x).size == 292  # f32 d, 256 qs, 16 int16 sums
