@@ -152,6 +152,7 @@ _CHAR_TO_BYTE = {c: b for b, c in enumerate(_BYTE_TO_CHAR)}
 _LATIN1_TO_GPT2 = {b: c for b, c in enumerate(_BYTE_TO_CHAR)}
 
 _SPM_SPACE = "\u2581"  # ▁
+_LONE_SURROGATE = regex.compile("[\ud800-\udfff]")
 
 
 # --- metadata access -------------------------------------------------------------------------
@@ -400,6 +401,9 @@ class Tokenizer:
         `parse_special` turns control-token text (chat-template output) into those tokens."""
         if not isinstance(text, str):
             raise TypeError(f"encode() takes str, not {type(text).__name__}")
+        if not text.isascii():
+            # JSON may carry lone surrogates, which have no UTF-8 form: each becomes U+FFFD.
+            text = _LONE_SURROGATE.sub("\ufffd", text)
         ids: list[int] = []
         if self.add_bos if add_bos is None else add_bos:
             if self.bos_id is None:

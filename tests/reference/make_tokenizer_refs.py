@@ -215,11 +215,57 @@ def Llama_vocab(path: Path):  # noqa: N802 - reads like the constructor it wraps
     return llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
 
 
+# Pre-tokenizers qpack knows but has no model for: SmolLM2's vocabulary and merges under
+# another `tokenizer.ggml.pre` (add_bos_token removed, so the pre-tokenizer's default shows).
+PRE_VARIANTS = ["gpt-2", "default", "llama-bpe", "qwen2"]
+
+
+def write_pre_variant(source: Path, pre: str, dest: Path) -> None:
+    """A tensor-less copy of `source`'s metadata with tokenizer.ggml.pre = `pre`."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(source))
+    writer = gguf.GGUFWriter(str(dest), arch=reader.fields["general.architecture"].contents())
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key in (
+            "general.architecture",
+            "tokenizer.ggml.add_bos_token",
+        ):
+            continue
+        value = pre if key == "tokenizer.ggml.pre" else field.contents()
+        sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, value, field.types[0], sub_type=sub_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def pre_variant_refs(source: Path) -> dict:
+    import tempfile
+
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for pre in PRE_VARIANTS:
+            path = Path(tmp) / f"smollm2-{pre}.gguf"
+            write_pre_variant(source, pre, path)
+            llm = Llama_vocab(path)
+            out[pre] = [
+                {"text": text, "add_special": add, "ids": llm.tokenize(text.encode(), add_bos=add)}
+                for text in CORPUS
+                for add in (True, False)
+            ]
+            del llm
+    return out
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     paths = model_paths()
     for name, path in paths.items():
         refs = tokenizer_refs(name, path)
+        if name == "smollm2":
+            refs["pre_variants"] = pre_variant_refs(path)
         (OUT / f"{name}.json").write_text(json.dumps(refs, ensure_ascii=False, indent=0) + "\n")
         print(f"{name}: {len(refs['cases'])} cases, {len(refs['attrs'])} non-normal tokens")
     (OUT / "chat.json").write_text(
