@@ -188,14 +188,10 @@ def _plan_pe(stub: bytes, stub_name: str) -> StubLayout:
     for i in range(n_sections):
         size, pointer = struct.unpack_from("<II", stub, table_at + i * 40 + 16)
         end_of_image = max(end_of_image, pointer + size)
-    if symtab >= end_of_image:
+    if symtab and symtab >= end_of_image:
         raise QpackError(f"{stub_name}: PE with a COFF symbol table in its overlay")
-    checksum_at = opt_at + 64
-
-    def patch(image: bytearray, shift: int) -> None:
-        struct.pack_into("<I", image, checksum_at, 0)  # recomputed over the finished file
-
-    return StubLayout("pe", end_of_image, patch, checksum_at=checksum_at)
+    # Nothing in the headers points past the image: only the checksum changes.
+    return StubLayout("pe", end_of_image, checksum_at=opt_at + 64)
 
 
 def pe_checksum(f: BinaryIO, checksum_at: int) -> int:
@@ -329,14 +325,14 @@ def local_header(name: bytes, crc: int, size: int, extra: bytes, zip64: bool) ->
 
 
 @dataclass
-class _Member:
+class ZipMember:
     name: bytes
     crc: int
     size: int
     header_offset: int
 
 
-def central_directory(members: Sequence[_Member]) -> bytes:
+def central_directory(members: Sequence[ZipMember]) -> bytes:
     out = bytearray()
     for m in members:
         zip64_values = [v for v in (m.size, m.size, m.header_offset) if v >= ZIP32_LIMIT]
@@ -460,7 +456,7 @@ def write_executable(
     out.seek(header_at + 14)  # the CRC-32 field, known only now
     out.write(struct.pack("<I", crc))
     out.seek(end_of_data)
-    members = [_Member(name, crc, source.size, header_at)]
+    members = [ZipMember(name, crc, source.size, header_at)]
 
     out.flush()
     manifest = dict(manifest(data_offset) if callable(manifest) else manifest)
@@ -474,7 +470,7 @@ def write_executable(
         crc_small = zlib.crc32(data)
         out.write(local_header(member_name.encode(), crc_small, len(data), b"", False))
         out.write(data)
-        members.append(_Member(member_name.encode(), crc_small, len(data), at))
+        members.append(ZipMember(member_name.encode(), crc_small, len(data), at))
 
     # The stub's tail (PyInstaller archive, ELF section headers) follows, shifted.
     if head_len < len(stub):
@@ -520,7 +516,10 @@ def _copy_model(out: BinaryIO, source: ModelSource, show_progress: bool) -> tupl
                 chunk = f.read(COPY_CHUNK)
                 if not chunk:
                     break
-                out.write(chunk)
+                if len(chunk) == COPY_CHUNK and chunk == _ZEROS:
+                    out.seek(COPY_CHUNK, os.SEEK_CUR)  # leave a hole: sparse stays sparse
+                else:
+                    out.write(chunk)
                 crc = zlib.crc32(chunk, crc)
                 digest.update(chunk)
                 copied += len(chunk)
@@ -535,6 +534,9 @@ def _copy_model(out: BinaryIO, source: ModelSource, show_progress: bool) -> tupl
             "the file changed or is truncated"
         )
     return crc, digest.hexdigest()
+
+
+_ZEROS = bytes(COPY_CHUNK)
 
 
 class _NullFile:

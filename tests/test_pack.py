@@ -1,0 +1,485 @@
+"""The packer and the embedded-model reader, without PyInstaller (fast).
+
+The stub here is a real ELF (/bin/true) given a `pydata` section by objcopy, as PyInstaller
+does, so binutils (objcopy, readelf) and the zip readers (Python's zipfile, Info-ZIP's unzip)
+judge the result independently of our code; a synthetic PE image is judged by `pefile`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import struct
+import subprocess
+import zipfile
+import zlib
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from gguf_fixtures import TinyLlamaConfig, tiny_llama, write_gguf
+from qpack.builder import pack
+from qpack.builder.cli import main as qpack_cli
+from qpack.runtime import embedded
+from qpack.runtime.errors import EmbeddedModelError, GGUFError, QpackError, UnsupportedModel
+
+needs_binutils = pytest.mark.skipif(
+    not (shutil.which("objcopy") and shutil.which("readelf")), reason="needs binutils"
+)
+# The fake PyInstaller archive: bytes ending with the bootloader's cookie magic.
+ARCHIVE = bytes(range(256)) * 40 + b"MEI\014\013\012\013\016" + b"\0" * 80
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return tiny_llama(tmp_path_factory.mktemp("model") / "tiny-llama-Q8_0.gguf")
+
+
+@pytest.fixture(scope="module")
+def elf_stub(tmp_path_factory) -> Path:
+    if not (shutil.which("objcopy") and Path("/bin/true").is_file()):
+        pytest.skip("needs objcopy and /bin/true")
+    d = tmp_path_factory.mktemp("stub")
+    (d / "archive").write_bytes(ARCHIVE)
+    stub = d / "stub"
+    shutil.copy("/bin/true", stub)
+    subprocess.run(["objcopy", "--add-section", f"pydata={d / 'archive'}", str(stub)], check=True)
+    return stub
+
+
+def build(model: Path, stub: Path, out: Path, **kw) -> pack.BuildReport:
+    kw.setdefault("name", "tiny")
+    kw.setdefault("target", "linux-x86_64")
+    return pack.build_executable(model, out, stub, show_progress=False, **kw)
+
+
+def section(path: Path, name: str) -> tuple[int, int]:
+    """(offset, size) of an ELF section, as readelf reports it."""
+    out = subprocess.run(
+        ["readelf", "-S", "-W", str(path)], capture_output=True, text=True, check=True
+    ).stdout
+    for line in out.splitlines():
+        fields = line.replace("[ ", "[").split()
+        if len(fields) > 5 and fields[1] == name:
+            return int(fields[4], 16), int(fields[5], 16)
+    raise AssertionError(f"no section {name} in {path}")
+
+
+def leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+# --- the ELF layout ----------------------------------------------------------------------------
+
+
+@needs_binutils
+def test_elf_layout_is_valid_zip_and_elf(model, elf_stub, tmp_path):
+    out = tmp_path / "tiny.bin"
+    report = build(model, elf_stub, out, args=["-c", "128"])
+    data = out.read_bytes()
+    gguf_bytes = model.read_bytes()
+
+    # Python's zipfile: members, order, CRCs, and the model's bytes.
+    with zipfile.ZipFile(out) as zf:
+        assert [i.filename for i in zf.infolist()] == ["model.gguf", ".args", "qpack.json"]
+        assert all(i.compress_type == zipfile.ZIP_STORED for i in zf.infolist())
+        assert zf.testzip() is None
+        assert zf.read("model.gguf") == gguf_bytes
+        assert zf.read(".args") == b"-c\n128\n"
+        manifest = json.loads(zf.read("qpack.json"))
+    assert manifest["model"]["sha256"] == hashlib.sha256(gguf_bytes).hexdigest()
+    assert manifest["model"]["architecture"] == "llama"
+    assert manifest["model"]["quant_mix"]["Q8_0"]["tensors"] == 2 * 7 + 2
+    assert manifest["stub"]["sha256"] == hashlib.sha256(elf_stub.read_bytes()).hexdigest()
+
+    # The model data is 64 KiB-aligned in the file, and our reader finds it there.
+    assert report.data_offset % 65536 == 0
+    assert data[report.data_offset : report.data_offset + len(gguf_bytes)] == gguf_bytes
+    member = embedded.locate_model(str(out))
+    assert (member.offset, member.length) == (report.data_offset, len(gguf_bytes))
+    assert member.args() == ["-c", "128"]
+    assert member.manifest() == manifest
+
+    # binutils: the ELF is clean, pydata moved intact past the model, and it still runs.
+    readelf = subprocess.run(
+        ["readelf", "-h", "-S", "-l", "-W", str(out)], capture_output=True, text=True
+    )
+    assert readelf.returncode == 0 and "warning" not in (readelf.stdout + readelf.stderr).lower()
+    dumped = tmp_path / "pydata"
+    subprocess.run(
+        ["objcopy", "--dump-section", f"pydata={dumped}", str(out), str(tmp_path / "scratch")],
+        check=True,
+    )
+    assert dumped.read_bytes() == ARCHIVE
+    pydata_at, pydata_size = section(out, "pydata")
+    assert pydata_at > report.data_offset + len(gguf_bytes)  # the model sits before the archive
+    with zipfile.ZipFile(out) as zf:
+        assert zf.start_dir >= pydata_at + pydata_size  # only the central directory follows it
+    assert subprocess.run([str(out)]).returncode == 0
+
+    if shutil.which("unzip"):
+        listing = subprocess.run(["unzip", "-l", str(out)], capture_output=True, text=True)
+        assert listing.returncode == 0 and "model.gguf" in listing.stdout
+        assert "qpack.json" in listing.stdout
+        assert subprocess.run(["unzip", "-tq", str(out)], capture_output=True).returncode == 0
+
+
+@needs_binutils
+def test_same_inputs_give_identical_bytes(model, elf_stub, tmp_path):
+    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
+    build(model, elf_stub, a, args=["--temp", "0"])
+    build(model, elf_stub, b, args=["--temp", "0"])
+    assert a.read_bytes() == b.read_bytes()
+    assert a.stat().st_mode & 0o111  # executable
+
+
+def test_unknown_stub_falls_back_to_append_with_a_warning(model, tmp_path, capsys):
+    stub = tmp_path / "stub.sh"
+    stub.write_bytes(b"#!/bin/sh\nexit 0\n" + ARCHIVE)
+    out = tmp_path / "tiny.bin"
+    report = build(model, stub, out)
+    assert report.layout == "append"
+    assert "neither ELF nor PE" in capsys.readouterr().err
+    data = out.read_bytes()
+    assert data.startswith(stub.read_bytes())
+    with zipfile.ZipFile(out) as zf:
+        assert zf.read("model.gguf") == model.read_bytes()
+    assert embedded.locate_model(str(out)).offset % 65536 == 0
+
+
+# --- the PE layout -----------------------------------------------------------------------------
+
+
+def synthetic_pe(overlay: bytes, signed: bool = False) -> bytes:
+    """A minimal PE32+ image: headers, one 512-byte section, then `overlay`."""
+    image = bytearray(0x400)
+    image[0:2] = b"MZ"
+    struct.pack_into("<I", image, 0x3C, 0x80)
+    image[0x80:0x84] = b"PE\0\0"
+    opt_size = 112 + 16 * 8
+    struct.pack_into("<HHIIIHH", image, 0x84, 0x8664, 1, 0, 0, 0, opt_size, 0x22)
+    opt = 0x98
+    struct.pack_into("<HBB", image, opt, 0x20B, 14, 0)
+    struct.pack_into("<I", image, opt + 16, 0x1000)  # AddressOfEntryPoint
+    struct.pack_into("<Q", image, opt + 24, 0x140000000)  # ImageBase
+    struct.pack_into("<II", image, opt + 32, 0x1000, 0x200)  # Section/FileAlignment
+    struct.pack_into("<HH", image, opt + 48, 6, 0)  # MajorSubsystemVersion
+    struct.pack_into("<II", image, opt + 56, 0x2000, 0x200)  # SizeOfImage, SizeOfHeaders
+    struct.pack_into("<H", image, opt + 68, 3)  # console subsystem
+    struct.pack_into("<I", image, opt + 108, 16)  # NumberOfRvaAndSizes
+    if signed:
+        struct.pack_into("<II", image, opt + 112 + 4 * 8, 0x400, 16)
+    sec = opt + opt_size
+    image[sec : sec + 8] = b".text\0\0\0"
+    struct.pack_into("<IIII", image, sec + 8, 0x10, 0x1000, 0x200, 0x200)
+    struct.pack_into("<I", image, sec + 36, 0x60000020)
+    image[0x200:0x210] = b"\xc3" * 16
+    return bytes(image) + overlay
+
+
+def test_pe_layout_inserts_before_the_overlay_and_fixes_the_checksum(model, tmp_path):
+    pefile = pytest.importorskip("pefile")
+    stub = tmp_path / "stub.exe"
+    stub.write_bytes(synthetic_pe(ARCHIVE))
+    out = tmp_path / "tiny.exe"
+    report = build(model, stub, out, target="windows-x86_64")
+    assert report.layout == "pe"
+    pe = pefile.PE(str(out))
+    assert pe.get_overlay_data_start_offset() == 0x400  # the image itself is unchanged
+    assert pe.OPTIONAL_HEADER.CheckSum == pe.generate_checksum()
+    data = out.read_bytes()
+    with zipfile.ZipFile(out) as zf:
+        assert zf.read("model.gguf") == model.read_bytes()
+        cd_offset = zf.start_dir
+    assert report.data_offset % 65536 == 0
+    assert data[cd_offset - len(ARCHIVE) : cd_offset] == ARCHIVE  # archive stays next to the end
+
+
+def test_signed_pe_stub_is_refused(model, tmp_path):
+    stub = tmp_path / "stub.exe"
+    stub.write_bytes(synthetic_pe(ARCHIVE, signed=True))
+    with pytest.raises(QpackError, match="signed"):
+        build(model, stub, tmp_path / "x.exe")
+    assert leftovers(tmp_path) == ["stub.exe"]
+
+
+# --- zip64 -------------------------------------------------------------------------------------
+
+
+def test_zip64_records_read_by_zipfile_and_by_our_reader(tmp_path):
+    """A member past 4 GiB, in a sparse file: sizes and offsets go through zip64 records."""
+    size = (5 << 30) + 123
+    path = tmp_path / "big.zip"
+    name = b"model.gguf"
+    zip64_extra = pack.EXTRA_HEADER.pack(1, 16) + struct.pack("<QQ", size, size)
+    base = pack.LOCAL_HEADER.size + len(name) + len(zip64_extra)
+    extra = zip64_extra + pack._padding_field(base, len(zip64_extra))
+    with open(path, "wb") as f:
+        f.write(pack.local_header(name, 0x1234, size, extra, zip64=True))
+        data_at = f.tell()
+        f.truncate(data_at + size)
+        f.seek(data_at + size)
+        args_at = f.tell()
+        f.write(pack.local_header(b".args", 0, 0, b"", zip64=False))
+        members = [pack.ZipMember(name, 0x1234, size, 0), pack.ZipMember(b".args", 0, 0, args_at)]
+        cd_at = f.tell()
+        directory = pack.central_directory(members)
+        f.write(directory + pack.end_records(2, cd_at, len(directory)))
+    assert data_at == 65536
+    with zipfile.ZipFile(path) as zf:
+        infos = {i.filename: i for i in zf.infolist()}
+    assert infos["model.gguf"].file_size == size and infos["model.gguf"].header_offset == 0
+    assert infos[".args"].header_offset == args_at > 0xFFFFFFFF
+    member = embedded.locate_model(str(path))
+    assert (member.offset, member.length, member.crc32) == (65536, size, 0x1234)
+    if shutil.which("unzip"):
+        listing = subprocess.run(["unzip", "-l", str(path)], capture_output=True, text=True)
+        assert str(size) in listing.stdout
+
+
+# --- inputs ------------------------------------------------------------------------------------
+
+
+def deflate64_zip(path: Path, name: str, data: bytes) -> None:
+    """A one-member zip compressed with Deflate64 (method 9) by `inflate64` (zipfile cannot
+    write the method; zipfile_deflate64 only reads it)."""
+    inflate64 = pytest.importorskip("inflate64")
+    deflater = inflate64.Deflater()
+    packed = deflater.deflate(data) + deflater.flush()
+    crc, raw = zlib.crc32(data), name.encode()
+    header = struct.pack(
+        "<IHHHHHIIIHH", 0x04034B50, 21, 0, 9, 0, 0x21, crc, len(packed), len(data), len(raw), 0
+    )
+    central = struct.pack(
+        "<IHHHHHHIIIHHHHHII", 0x02014B50, 21, 21, 0, 9, 0, 0x21, crc, len(packed), len(data),
+        len(raw), 0, 0, 0, 0, 0, 0,
+    ) + raw  # fmt: skip
+    body = header + raw + packed
+    end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 1, 1, len(central), len(body), 0)
+    path.write_bytes(body + central + end)
+
+
+@pytest.mark.parametrize("method", ["deflate", "deflate64"])
+def test_zipped_model_is_streamed_out_stored(model, elf_stub, tmp_path, method):
+    zipped = tmp_path / "model.zip"
+    if method == "deflate":
+        with zipfile.ZipFile(zipped, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            zf.write(model, "models/tiny-llama-Q8_0.gguf")
+            zf.writestr("README.txt", "not a model")
+    else:
+        deflate64_zip(zipped, "models/tiny-llama-Q8_0.gguf", model.read_bytes())
+        assert zipped.stat().st_size < model.stat().st_size  # really compressed
+    out = tmp_path / "tiny.bin"
+    report = build(model=zipped, stub=elf_stub, out=out)
+    member = embedded.locate_model(str(out))
+    with open(out, "rb") as f:
+        f.seek(member.offset)
+        assert f.read(member.length) == model.read_bytes()
+    assert member.manifest()["model"]["file"] == "tiny-llama-Q8_0.gguf"
+    assert report.model.architecture == "llama"
+
+
+def test_zip_without_exactly_one_gguf_is_refused(model, elf_stub, tmp_path):
+    zipped = tmp_path / "two.zip"
+    with zipfile.ZipFile(zipped, "w") as zf:
+        zf.write(model, "a.gguf")
+        zf.write(model, "b.gguf")
+    with pytest.raises(QpackError, match="exactly one .gguf"):
+        build(zipped, elf_stub, tmp_path / "x.bin")
+    assert "x.bin" not in leftovers(tmp_path)
+
+
+def test_corrupt_gguf_inside_a_zip_leaves_no_output(model, elf_stub, tmp_path):
+    zipped = tmp_path / "bad.zip"
+    with zipfile.ZipFile(zipped, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("bad.gguf", model.read_bytes()[:3000])
+    with pytest.raises(GGUFError) as e:
+        build(zipped, elf_stub, tmp_path / "x.bin")
+    assert "bad.zip:bad.gguf" in str(e.value)
+    assert leftovers(tmp_path) == ["bad.zip"]
+
+
+def test_not_a_gguf(elf_stub, tmp_path):
+    bogus = tmp_path / "notes.gguf"
+    bogus.write_bytes(b"hello, this is not a model\n" * 100)
+    with pytest.raises(GGUFError, match="notes.gguf"):
+        build(bogus, elf_stub, tmp_path / "x.bin")
+    assert leftovers(tmp_path) == ["notes.gguf"]
+
+
+def test_truncated_gguf(model, elf_stub, tmp_path):
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    with pytest.raises(GGUFError, match="cut.gguf"):
+        build(cut, elf_stub, tmp_path / "x.bin")
+    assert leftovers(tmp_path) == ["cut.gguf"]
+
+
+def test_unsupported_tensor_type(elf_stub, tmp_path):
+    path = tiny_llama(tmp_path / "mx.gguf", TinyLlamaConfig(weight_type="MXFP4"))
+    with pytest.raises(UnsupportedModel, match="MXFP4"):
+        build(path, elf_stub, tmp_path / "x.bin")
+    assert leftovers(tmp_path) == ["mx.gguf"]
+
+
+def test_unsupported_architecture(elf_stub, tmp_path):
+    import numpy as np
+
+    path = write_gguf(
+        tmp_path / "gpt2.gguf",
+        {"gpt2.block_count": 1},
+        {"token_embd.weight": (np.zeros((4, 32), np.float32), "F32")},
+        arch="gpt2",
+    )
+    with pytest.raises(UnsupportedModel, match="gpt2"):
+        build(path, elf_stub, tmp_path / "x.bin")
+    assert leftovers(tmp_path) == ["gpt2.gguf"]
+
+
+def test_unwritable_output_directory(model, elf_stub, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a directory should be")
+    with pytest.raises(QpackError, match="output directory"):
+        build(model, elf_stub, blocker / "x.bin")
+
+
+def test_not_enough_disk_space(model, elf_stub, tmp_path, monkeypatch):
+    monkeypatch.setattr(pack.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1, 1, 1000))
+    with pytest.raises(QpackError, match="free"):
+        build(model, elf_stub, tmp_path / "x.bin")
+    assert leftovers(tmp_path) == []
+
+
+def test_interrupted_copy_leaves_nothing(model, elf_stub, tmp_path, monkeypatch):
+    def interrupted(out, source, show_progress):
+        out.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pack, "_copy_model", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build(model, elf_stub, tmp_path / "x.bin")
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "file_name, name",
+    [
+        ("SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct"),
+        ("gemma-3-270m-q4_k_m.gguf", "gemma-3-270m"),
+        ("Qwen2.5-0.5B-Instruct-Q8_0.gguf", "Qwen2.5-0.5B-Instruct"),
+        ("mistral-7b-v0.1.IQ4_XS.gguf", "mistral-7b-v0.1"),
+        ("tinyllama-f16.gguf", "tinyllama"),
+        ("model.gguf", "model"),
+    ],
+)
+def test_default_name(file_name, name):
+    assert pack.default_name(file_name) == name
+
+
+# --- the command line --------------------------------------------------------------------------
+
+
+@needs_binutils
+def test_cli_build(model, elf_stub, tmp_path):
+    result = CliRunner().invoke(
+        qpack_cli,
+        ["build", str(model), "--stub", str(elf_stub), "-o", str(tmp_path),
+         "--args", "-c 2048 --port '9000'"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "tiny-llama.bin"  # the file name minus its quant suffix
+    assert "tiny-llama.bin" in result.output
+    member = embedded.locate_model(str(out))
+    assert member.args() == ["-c", "2048", "--port", "9000"]
+    assert member.manifest()["name"] == "tiny-llama"
+
+
+def test_cli_build_error_is_one_line(elf_stub, tmp_path):
+    bogus = tmp_path / "x.gguf"
+    bogus.write_bytes(b"nope")
+    result = CliRunner().invoke(qpack_cli, ["build", str(bogus), "--stub", str(elf_stub)])
+    assert result.exit_code == 1
+    assert result.output.startswith("qpack: error: ") and "Traceback" not in result.output
+
+
+# --- the reader's errors -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def built(model, tmp_path) -> Path:
+    stub = tmp_path / "stub"
+    stub.write_bytes(b"\0stub\0" * 10 + ARCHIVE)
+    out = tmp_path / "tiny.bin"
+    build(model, stub, out)
+    return out
+
+
+def test_verify_passes_then_catches_a_flipped_byte(built):
+    member = embedded.locate_model(str(built))
+    report = embedded.verify(member)
+    assert report.sha256 == member.manifest()["model"]["sha256"]
+    data = bytearray(built.read_bytes())
+    data[member.offset + member.length // 2] ^= 0x40
+    built.write_bytes(data)
+    with pytest.raises(EmbeddedModelError, match="CRC-32"):
+        embedded.verify(embedded.locate_model(str(built)))
+
+
+def test_missing_model_member(built):
+    data = built.read_bytes()
+    cd = data.rindex(b"model.gguf")  # the central directory's copy of the name
+    built.write_bytes(data[:cd] + b"other.gguf" + data[cd + 10 :])
+    with pytest.raises(EmbeddedModelError, match="no model.gguf member"):
+        embedded.locate_model(str(built))
+
+
+def test_cut_out_middle_is_truncation(built):
+    data = built.read_bytes()
+    built.write_bytes(data[: len(data) // 2] + data[-300:])
+    with pytest.raises(EmbeddedModelError, match="truncated"):
+        embedded.locate_model(str(built))
+
+
+def test_cut_end_means_no_zip(built):
+    data = built.read_bytes()
+    built.write_bytes(data[:-10])
+    assert embedded.locate_model(str(built)) is None
+
+
+def test_broken_local_header(built):
+    member = embedded.locate_model(str(built))
+    data = bytearray(built.read_bytes())
+    at = member.entries["model.gguf"].header_offset
+    data[at : at + 4] = b"XXXX"
+    built.write_bytes(data)
+    with pytest.raises(EmbeddedModelError, match="no zip local header"):
+        embedded.locate_model(str(built))
+
+
+def test_misaligned_and_compressed_members_are_refused(model, tmp_path):
+    plain = tmp_path / "plain.zip"  # stdlib zipfile: stored but not aligned
+    with zipfile.ZipFile(plain, "w") as zf:
+        zf.write(model, "model.gguf")
+    with pytest.raises(EmbeddedModelError, match="64 KiB boundary"):
+        embedded.locate_model(str(plain))
+    deflated = tmp_path / "deflated.zip"
+    with zipfile.ZipFile(deflated, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.write(model, "model.gguf")
+    with pytest.raises(EmbeddedModelError, match="compressed"):
+        embedded.locate_model(str(deflated))
+
+
+def test_forged_central_directory_size(built):
+    data = bytearray(built.read_bytes())
+    end = len(data) - embedded.END_RECORD.size
+    struct.pack_into("<I", data, end + 12, 0x7FFFFFFF)  # cd_size
+    built.write_bytes(data)
+    with pytest.raises(EmbeddedModelError):
+        embedded.locate_model(str(built))
+
+
+def test_merge_args_puts_the_command_line_last_or_at_the_marker():
+    assert embedded.merge_args(["-c", "512"], ["-c", "1024"]) == ["-c", "512", "-c", "1024"]
+    assert embedded.merge_args(["-a", "...", "-b"], ["-x"]) == ["-a", "-x", "-b"]
+    assert embedded.merge_args([], ["--version"]) == ["--version"]
