@@ -1,0 +1,359 @@
+"""The engine: owns the model, decodes every active request together (continuous batching).
+
+Each step builds ONE batch: one token for every sequence that is generating, then chunks of
+waiting prompts up to the batch size. A new request joins at the next step; a finished or
+cancelled one leaves and frees its slot at once. A slot keeps its cached tokens after a request
+ends, so the next request with the same prompt prefix (a chat's next turn) reuses its KV cache.
+
+The CLI pumps `run_until_done` in its own thread; the server runs `serve_forever` in an engine
+thread and talks to it only through `submit` (thread-safe) and the per-request event queues.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import ContextOverflow, QpackError
+from .model import Model
+from .sampler import Sampler, SamplingParams, StopMatcher
+from .tokenizer import StreamDecoder, Tokenizer
+
+
+@dataclass
+class Event:
+    """A piece of a request's output: text (possibly empty while UTF-8 or a stop string is held
+    back), the token it came from, its logprob and alternatives, or the finish."""
+
+    text: str = ""
+    token: int | None = None
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    error: str | None = None
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    prompt_seconds: float = 0.0
+    generation_seconds: float = 0.0
+
+
+class Request:
+    """One generation: the caller reads `events()`; `cancel()` frees its slot at the next step."""
+
+    def __init__(self, prompt: list[int], params: SamplingParams):
+        self.prompt = list(prompt)
+        self.params = params
+        self.usage = Usage(prompt_tokens=len(prompt))
+        self._queue: queue.Queue[Event] = queue.Queue()
+        self._cancelled = threading.Event()
+        self.done = threading.Event()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def events(self, timeout: float | None = None) -> Iterator[Event]:
+        """Events until (and including) the one with a finish_reason."""
+        while True:
+            ev = self._queue.get(timeout=timeout)
+            yield ev
+            if ev.finish_reason is not None:
+                return
+
+    def _emit(self, ev: Event) -> None:
+        self._queue.put(ev)
+        if ev.finish_reason is not None:
+            self.done.set()
+
+
+@dataclass
+class _Slot:
+    """A KV-cache sequence slot and, while busy, the request decoding in it."""
+
+    index: int
+    cached: list[int] = field(default_factory=list)  # tokens whose K/V are in this slot
+    request: Request | None = None
+    tokens: list[int] = field(default_factory=list)  # prompt + generated so far
+    generated: int = 0
+    sampler: Sampler | None = None
+    decoder: StreamDecoder | None = None
+    stopper: StopMatcher | None = None
+    started: float = 0.0
+    first_token_at: float = 0.0
+
+
+class _Job:
+    """Work other than generation that must run on the engine thread (embeddings)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.result = None
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+
+
+class Engine:
+    def __init__(self, model: Model, tokenizer: Tokenizer, n_parallel: int = 1):
+        if model.native.n_seq < n_parallel:
+            raise QpackError(f"the model was loaded with {model.native.n_seq} sequence slots, not {n_parallel}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.slots = [_Slot(i) for i in range(n_parallel)]
+        self._incoming: queue.Queue[Request | _Job | None] = queue.Queue()
+        self._waiting: list[Request] = []
+        self.stop_ids = set(tokenizer.stop_ids)
+        self.stats = {"requests": 0, "prompt_tokens": 0, "generated_tokens": 0, "steps": 0}
+
+    @property
+    def n_ctx(self) -> int:
+        return self.model.n_ctx
+
+    # ------------------------------------------------------------------ API (any thread)
+
+    def submit(self, prompt: list[int], params: SamplingParams) -> Request:
+        """Queue a generation. Raises ContextOverflow when the prompt leaves no room."""
+        if not prompt:
+            raise QpackError("the prompt is empty")
+        if len(prompt) >= self.n_ctx:
+            raise ContextOverflow(
+                f"the prompt has {len(prompt)} tokens but the context holds {self.n_ctx}; "
+                f"shorten it or raise --ctx-size"
+            )
+        req = Request(prompt, params)
+        self._incoming.put(req)
+        return req
+
+    def run_job(self, fn, wait: bool = True):
+        """Run fn() on the engine thread between steps (the model's scratch is not shared)."""
+        job = _Job(fn)
+        self._incoming.put(job)
+        if not wait:
+            return job
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def embed(self, tokens: list[int]) -> np.ndarray:
+        """Mean-pooled, L2-normalised final hidden states (called on the engine thread)."""
+        if not tokens:
+            raise QpackError("cannot embed an empty input")
+        if len(tokens) > self.n_ctx:
+            raise ContextOverflow(f"the input has {len(tokens)} tokens but the context holds {self.n_ctx}")
+        slot = self._free_slot_for([])
+        if slot is None:
+            raise QpackError("no free sequence slot for embeddings")
+        slot.cached = []  # its cache is about to be overwritten
+        total = np.zeros(self.model.native.n_embd, np.float64)
+        nb = self.model.n_batch
+        for b in range(0, len(tokens), nb):
+            chunk = tokens[b : b + nb]
+            n = len(chunk)
+            h = self.model.forward(chunk, np.arange(b, b + n), np.full(n, slot.index), np.arange(n), hidden=True)
+            total += h.sum(axis=0, dtype=np.float64)
+        v = total / len(tokens)
+        norm = np.linalg.norm(v)
+        return (v / norm if norm > 0 else v).astype(np.float32)
+
+    # ------------------------------------------------------------------ the loop (one thread)
+
+    def serve_forever(self) -> None:
+        """The engine thread: block for work when idle, else step until idle."""
+        while True:
+            if not self._busy():
+                item = self._incoming.get()
+                if item is None:
+                    return
+                self._accept(item)
+            self._drain_incoming()
+            try:
+                self.step()
+            except Exception as e:  # never leave a client waiting on a dead engine
+                self._fail_all(f"internal error: {e}")
+
+    def _fail_all(self, message: str) -> None:
+        for s in self.slots:
+            if s.request is not None:
+                req, s.request = s.request, None
+                s.cached = []
+                req._emit(Event(finish_reason="error", error=message))
+        for req in self._waiting:
+            req._emit(Event(finish_reason="error", error=message))
+        self._waiting = []
+
+    def shutdown(self) -> None:
+        self._incoming.put(None)
+
+    def run_until_done(self, req: Request) -> None:
+        """Pump steps on the calling thread until req finishes (CLI use, no engine thread)."""
+        while not req.done.is_set():
+            self._drain_incoming()
+            self.step()
+
+    def _drain_incoming(self) -> None:
+        while True:
+            try:
+                item = self._incoming.get_nowait()
+            except queue.Empty:
+                return
+            if item is None:
+                self._incoming.put(None)  # keep the shutdown for serve_forever
+                return
+            self._accept(item)
+
+    def _accept(self, item: Request | _Job) -> None:
+        if isinstance(item, _Job):
+            try:
+                item.result = item.fn()
+            except BaseException as e:  # handed back to the caller's thread
+                item.error = e
+            item.done.set()
+        else:
+            self._waiting.append(item)
+
+    def _busy(self) -> bool:
+        return bool(self._waiting) or any(s.request is not None for s in self.slots)
+
+    def _free_slot_for(self, prompt: list[int]) -> _Slot | None:
+        """The free slot whose cache shares the longest prefix with prompt."""
+        free = [s for s in self.slots if s.request is None]
+        if not free:
+            return None
+        return max(free, key=lambda s: common_prefix(s.cached, prompt))
+
+    def _start(self, req: Request, slot: _Slot) -> None:
+        reuse = min(common_prefix(slot.cached, req.prompt), len(req.prompt) - 1)
+        slot.cached = slot.cached[:reuse]
+        slot.request = req
+        slot.tokens = list(req.prompt)
+        slot.generated = 0
+        slot.sampler = Sampler(req.params, self.model.n_vocab)
+        slot.decoder = StreamDecoder(self.tokenizer)
+        slot.stopper = StopMatcher(req.params.stop)
+        slot.started = time.perf_counter()
+        slot.first_token_at = 0.0
+        req.usage.cached_tokens = reuse
+        self.stats["requests"] += 1
+
+    def step(self) -> None:
+        """One batch through the model: decode tokens first, then prompt chunks."""
+        for slot in self.slots:  # cancelled requests leave before any work is spent on them
+            if slot.request is not None and slot.request.cancelled:
+                self._finish(slot, "cancelled")
+        still_waiting = []
+        for req in self._waiting:
+            if req.cancelled:
+                req._emit(Event(finish_reason="cancelled"))
+                continue
+            slot = self._free_slot_for(req.prompt)
+            if slot is None:
+                still_waiting.append(req)
+            else:
+                self._start(req, slot)
+        self._waiting = still_waiting
+
+        budget = self.model.n_batch
+        tokens: list[int] = []
+        positions: list[int] = []
+        slots_idx: list[int] = []
+        out_rows: list[int] = []
+        out_slots: list[_Slot] = []
+        busy = [s for s in self.slots if s.request is not None]
+        decoding = [s for s in busy if len(s.cached) == len(s.tokens) - 1]
+        prefilling = [s for s in busy if len(s.cached) < len(s.tokens) - 1]
+        for s in decoding:
+            tokens.append(s.tokens[-1])
+            positions.append(len(s.cached))
+            slots_idx.append(s.index)
+            out_rows.append(len(tokens) - 1)
+            out_slots.append(s)
+        budget -= len(decoding)
+        fed: dict[int, int] = {}
+        for s in prefilling:
+            if budget <= 0:
+                break
+            start = len(s.cached)
+            chunk = s.tokens[start : start + budget]
+            tokens.extend(chunk)
+            positions.extend(range(start, start + len(chunk)))
+            slots_idx.extend([s.index] * len(chunk))
+            fed[s.index] = len(chunk)
+            budget -= len(chunk)
+            if start + len(chunk) == len(s.tokens):
+                out_rows.append(len(tokens) - 1)
+                out_slots.append(s)
+        if not tokens:
+            return
+        logits = self.model.forward(tokens, positions, slots_idx, out_rows)
+        self.stats["steps"] += 1
+        for s in decoding:
+            s.cached.append(s.tokens[-1])
+        for s in prefilling:
+            n = fed.get(s.index, 0)
+            s.cached.extend(s.tokens[len(s.cached) : len(s.cached) + n])
+            self.stats["prompt_tokens"] += n
+        for row, s in zip(logits, out_slots, strict=True):
+            self._advance(s, row)
+
+    def _advance(self, s: _Slot, logits: np.ndarray) -> None:
+        req = s.request
+        now = time.perf_counter()
+        if s.generated == 0:
+            s.first_token_at = now
+            req.usage.prompt_seconds = now - s.started
+        tok = s.sampler.sample(logits, s.tokens)
+        s.generated += 1
+        req.usage.completion_tokens = s.generated
+        req.usage.generation_seconds = now - s.first_token_at
+        self.stats["generated_tokens"] += 1
+        params = req.params
+        if tok.id in self.stop_ids:
+            self._finish(s, "stop", tok)
+            return
+        s.tokens.append(tok.id)
+        text, stopped = s.stopper.feed(s.decoder.feed(tok.id))
+        if stopped:
+            self._finish(s, "stop", None, text)
+            return
+        if params.max_tokens is not None and s.generated >= params.max_tokens:
+            self._finish(s, "length", tok, text)
+        elif len(s.tokens) >= self.n_ctx:
+            self._finish(s, "length", tok, text)
+        else:
+            req._emit(Event(text=text, token=tok.id, logprob=tok.logprob, top_logprobs=tok.top))
+
+    def _finish(self, s: _Slot, reason: str, tok=None, text: str = "") -> None:
+        """Flush held-back text, send the final event, free the slot (its cache stays for reuse)."""
+        req = s.request
+        if reason != "cancelled" and s.stopper is not None:
+            if reason == "length" or (reason == "stop" and tok is not None):
+                tail, _ = s.stopper.feed(s.decoder.flush())
+                text += tail + s.stopper.flush()
+        ev = Event(text=text, finish_reason=reason)
+        if tok is not None and tok.id not in self.stop_ids:
+            ev.token, ev.logprob, ev.top_logprobs = tok.id, tok.logprob, tok.top
+        req.usage.generation_seconds = time.perf_counter() - (s.first_token_at or s.started)
+        s.request = None
+        s.sampler = s.decoder = s.stopper = None
+        req._emit(ev)
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    x = np.asarray(a[:n]) != np.asarray(b[:n])
+    return int(np.argmax(x)) if x.any() else n
