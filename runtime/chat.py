@@ -91,6 +91,13 @@ class _Sandbox(ImmutableSandboxedEnvironment):
 
     intercepted_binops = frozenset(["*", "**"])
 
+    def unsafe_undefined(self, obj, attribute):
+        # jinja2 returns an Undefined that only fails when used ({{ f.__globals__ }} would
+        # print ""); refuse at once instead, so that the attempt is reported.
+        raise jinja2.exceptions.SecurityError(
+            f"access to attribute {attribute!r} of a {type(obj).__name__} object is unsafe"
+        )
+
     def call_binop(self, context, operator, left, right):
         if operator == "*":
             for seq, count in ((left, right), (right, left)):
