@@ -78,3 +78,42 @@ def build(model, output, name, default_args, target, stub_path, rebuild_stub) ->
         f"wrote {report.output} ({report.size / 2**20:.1f} MiB): {report.model.architecture}, "
         f"{mix}; model data at byte {report.data_offset} ({report.layout} layout)"
     )
+
+
+@main.command("inspect")
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--ctx", type=click.IntRange(min=1), help="Context size for the RAM estimate (default: min(model context, 4096)).")
+@click.option("--tensors", "show_tensors", is_flag=True, help="List every tensor: name, type, shape, bytes, offset.")
+@click.option("--all", "show_all", is_flag=True, help="List all metadata (long arrays and strings shortened).")
+@click.option("--json", "as_json", is_flag=True, help="Print the same facts as JSON.")
+@click.option("--timing", is_flag=True, help="Print how long parsing the file took.")
+def inspect_command(file, ctx, show_tensors, show_all, as_json, timing) -> None:  # fmt: skip
+    """Show what is inside FILE: a GGUF model, or an executable built by `qpack build`."""
+    import json
+    import time
+
+    from qpack.runtime import inspect as facts
+
+    start = time.perf_counter()
+    gf, note = facts.open_model(file)
+    parse_ms = (time.perf_counter() - start) * 1e3
+    with gf:
+        report = facts.model_facts(gf, ctx)
+        if note:
+            report["embedded"] = note
+        if show_tensors:
+            report["tensors"] = facts.tensor_table(gf)
+        if show_all:
+            report["metadata"] = facts.metadata_listing(gf)
+    if timing:
+        report["parse_ms"] = round(parse_ms, 3)
+    if as_json:
+        click.echo(json.dumps(report, indent=2, ensure_ascii=False))
+        return
+    click.echo(facts.format_facts(report, note))
+    if show_all:
+        click.echo("\nmetadata:\n" + facts.format_metadata(report["metadata"]))
+    if show_tensors:
+        click.echo("\ntensors:\n" + facts.format_tensors(report["tensors"]))
+    if timing:
+        click.echo(f"\nparsed in {parse_ms:.1f} ms")
