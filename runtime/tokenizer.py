@@ -165,6 +165,8 @@ def _get(md: Mapping[str, Any], key: str, kind: type | tuple, default: Any = Non
     # bool is an int subclass: an id stored as bool is as wrong as a flag stored as int.
     if kind is int and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
         raise _bad(key, f"expected an integer, got {type(value).__name__}")
+    if kind is bool and isinstance(value, np.bool_):
+        return bool(value)
     if kind is not int and not isinstance(value, kind):
         raise _bad(key, f"expected {getattr(kind, '__name__', kind)}, got {type(value).__name__}")
     return int(value) if kind is int else value
@@ -290,20 +292,21 @@ class Tokenizer:
 
     @cached_property
     def _tokens(self) -> list[str]:
-        tokens = _to_list(self._tokens_source)
-        # llama.cpp names empty tokens so that they cannot collide in the index.
-        for i in [i for i, t in enumerate(tokens) if not t]:
-            tokens[i] = f"[EMPTY_{i}]"
-        return tokens
+        return _to_list(self._tokens_source)
 
     @cached_property
     def _token_to_id(self) -> dict[str, int]:
         tokens = self._tokens
-        index = dict(zip(tokens, range(len(tokens)), strict=True))
-        if len(index) != len(tokens):
-            seen: set[str] = set()
-            dup = next(t for t in tokens if t in seen or seen.add(t))
-            raise _bad("tokenizer.ggml.tokens", f"duplicate token {dup!r}")
+        index = dict(zip(tokens, range(len(tokens)), strict=False))
+        if len(index) != len(tokens):  # rare: empty or duplicate tokens
+            # llama.cpp names empty tokens so that they cannot collide in the index.
+            for i in [i for i, t in enumerate(tokens) if not t]:
+                tokens[i] = f"[EMPTY_{i}]"
+            index = dict(zip(tokens, range(len(tokens)), strict=False))
+            if len(index) != len(tokens):
+                seen: set[str] = set()
+                dup = next(t for t in tokens if t in seen or seen.add(t))
+                raise _bad("tokenizer.ggml.tokens", f"duplicate token {dup!r}")
         return index
 
     def _ids_of(self, texts: Iterable[str]) -> set[int]:
