@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 import click
+from qpack.runtime import cpu as qpack_cpu
+from qpack.runtime import main as runtime_main
 from qpack.runtime.errors import QpackError
 from qpack.runtime.version import __version__
 
@@ -117,3 +119,58 @@ def inspect_command(file, ctx, show_tensors, show_all, as_json, timing) -> None:
         click.echo("\ntensors:\n" + facts.format_tensors(report["tensors"]))
     if timing:
         click.echo(f"\nparsed in {parse_ms:.1f} ms")
+
+
+def _open_model(path: Path):
+    from qpack.runtime.gguf import open_gguf
+
+    return open_gguf(str(path))
+
+
+@main.command("run")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-p", "--prompt", help="Continue this text, print it and exit (no chat template).")
+@click.option("--chat", is_flag=True, help="Chat in the terminal, through the model's chat template.")
+@runtime_main.load_options
+@runtime_main.sampling_options
+def run_command(model, **kw) -> None:
+    """Generate with MODEL (a GGUF file): -p PROMPT streams the continuation, --chat talks."""
+    if kw["prompt"] is None and not kw["chat"]:
+        raise click.UsageError("give -p PROMPT or --chat (`qpack serve` starts the server)")
+    qpack_cpu.load(kw["cpu_choice"])
+    runtime_main.run_model(_open_model(model), kw)
+
+
+@main.command("perplexity")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-f", "--file", "text_file", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Text to score (UTF-8).")
+@click.option("-c", "--ctx-size", default=512, show_default=True, type=click.IntRange(min=4),
+              help="Window size: each window is scored on its second half.")
+@click.option("-t", "--threads", type=click.IntRange(min=1), help="Threads (default: physical cores).")
+@click.option("--cpu", "cpu_choice", default="auto", show_default=True, help="Kernel variant.")
+def perplexity_command(model, text_file, ctx_size, threads, cpu_choice) -> None:
+    """Perplexity of MODEL on a text, as llama-perplexity computes it: how much did
+    quantization cost? Prints running estimates, then PPL ± its standard error."""
+    from qpack.runtime.model import Model
+    from qpack.runtime.perplexity import perplexity
+    from qpack.runtime.tokenizer import Tokenizer
+
+    gf = _open_model(model)
+    kernels = qpack_cpu.load(cpu_choice)
+    m = Model(gf, n_ctx=ctx_size, n_batch=ctx_size, threads=threads, kernels=kernels)
+    tok = Tokenizer.from_gguf(gf)
+    try:
+        text = text_file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise QpackError(f"{text_file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    tokens = tok.encode(text, add_bos=False)
+    bos = tok.bos_id if tok.add_bos else None
+    n_windows = len(tokens) // ctx_size
+    click.echo(f"{len(tokens)} tokens, {n_windows} windows of {ctx_size}", err=True)
+    last = None
+    for est in perplexity(m, tokens, ctx_size, bos):
+        click.echo(f"[{est.windows}]{est.ppl:.4f}", nl=False)
+        click.echo("," if est.windows < n_windows else "\n", nl=False)
+        last = est
+    click.echo(f"PPL = {last.ppl:.4f} +/- {last.error:.4f} ({last.tokens} tokens scored)")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import platform
 import sys
-from dataclasses import dataclass
 
 import click
 
@@ -21,40 +20,71 @@ from .version import __version__
 PROG = "qpack"
 
 
-@dataclass
-class Options:
-    """Everything the engine hooks need from the command line."""
-
-    prompt: str | None
-    chat: bool
-    host: str
-    port: int
-    nobrowser: bool
-    n_predict: int
-    ctx_size: int | None
-    threads: int | None
-    temp: float
-    cpu: str
+# --- options shared by the executable and `qpack run` / `qpack serve` ------------------------
 
 
-# --- where the engine plugs in ---------------------------------------------------------------
-# Each hook receives the open GGUFFile (a view of the mapping) and the options. They are the
-# only places this module touches the engine.
+def load_options(f):
+    """How the model is loaded: context, threads, kernel variant."""
+    for opt in reversed([
+        click.option("-c", "--ctx-size", type=click.IntRange(min=8),
+                     help="Context size in tokens (default: the model's, at most 4096)."),
+        click.option("-t", "--threads", type=click.IntRange(min=1), help="Threads (default: physical cores)."),
+        click.option("--cpu", "cpu_choice", default="auto", show_default=True,
+                     help="Kernel variant: auto, generic (baseline), avx2, avx512 (x86-64); dotprod (arm64)."),
+        click.option("--verbose", is_flag=True, help="Report the kernel variant and memory at load."),
+    ]):
+        f = opt(f)
+    return f
 
 
-def run_prompt(gguf, opts: Options) -> None:
-    """`-p PROMPT`: generate once, print the text, exit."""
-    raise QpackError("-p: the inference engine is not available in this build yet")
+def sampling_options(f):
+    """How tokens are chosen (the server takes the same per request)."""
+    for opt in reversed([
+        click.option("-n", "--max-tokens", "max_tokens", default=-1, show_default=True,
+                     help="Tokens to generate (-1: until the end or the context is full)."),
+        click.option("--temp", default=0.8, show_default=True, type=click.FloatRange(min=0),
+                     help="Sampling temperature (0: greedy)."),
+        click.option("--top-k", default=40, show_default=True, type=click.IntRange(min=0), help="Top-k (0: off)."),
+        click.option("--top-p", default=0.95, show_default=True, type=click.FloatRange(0, 1), help="Top-p (1: off)."),
+        click.option("--min-p", default=0.05, show_default=True, type=click.FloatRange(0, 1), help="Min-p (0: off)."),
+        click.option("--repeat-penalty", default=1.0, show_default=True, type=click.FloatRange(min=0),
+                     help="Penalty for repeating the last 64 tokens (1: off)."),
+        click.option("--seed", type=int, help="Random seed (same seed, same output)."),
+        click.option("--stop", multiple=True, help="Stop at this text (repeatable); it is not printed."),
+        click.option("--system", help="System message for --chat."),
+    ]):
+        f = opt(f)
+    return f
 
 
-def run_chat(gguf, opts: Options) -> None:
-    """`--chat`: an interactive conversation in the terminal."""
-    raise QpackError("--chat: the inference engine is not available in this build yet")
+def sampling_params(kw: dict):
+    from .sampler import SamplingParams
+
+    return SamplingParams(
+        temperature=kw["temp"], top_k=kw["top_k"], top_p=kw["top_p"], min_p=kw["min_p"],
+        repeat_penalty=kw["repeat_penalty"], seed=kw["seed"], stop=list(kw["stop"]),
+        max_tokens=None if kw["max_tokens"] < 0 else kw["max_tokens"],
+    )
 
 
-def serve(gguf, opts: Options) -> None:
+def run_model(gguf, kw: dict) -> None:
+    """-p, --chat or serve, for the executable and for `qpack run`."""
+    from . import session
+
+    if kw.get("prompt") is not None or kw.get("chat"):
+        loaded = session.load(gguf, kw["ctx_size"], kw["threads"], kw["cpu_choice"], verbose=kw["verbose"])
+        params = sampling_params(kw)
+        if kw.get("prompt") is not None:
+            session.run_prompt(loaded, kw["prompt"], params)
+        else:
+            session.run_chat(loaded, params, kw.get("system"))
+    else:
+        serve(gguf, kw)
+
+
+def serve(gguf, kw: dict) -> None:
     """Default: the OpenAI-compatible server and chat page on host:port."""
-    raise QpackError("serving: the inference engine is not available in this build yet")
+    raise QpackError("serving: the server is not available in this build yet")
 
 
 # --- the model -------------------------------------------------------------------------------
@@ -132,71 +162,25 @@ def verify_model(location: ModelLocation) -> None:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "-m",
-    "--model",
-    "model_path",
-    metavar="FILE.gguf",
-    help="Run this GGUF file instead of the embedded model.",
-)
-@click.option("-p", "--prompt", help="Generate from this prompt, print the text and exit.")
-@click.option("--chat", is_flag=True, help="Chat in the terminal.")
+@click.option("-m", "--model", "model_path", metavar="FILE.gguf",
+              help="Run this GGUF file instead of the embedded model.")
+@click.option("-p", "--prompt", help="Continue this text, print it and exit (no chat template).")
+@click.option("--chat", is_flag=True, help="Chat in the terminal, through the model's chat template.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address the server binds.")
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--nobrowser", is_flag=True, help="Do not open the chat page in a browser.")
-@click.option(
-    "-n",
-    "--n-predict",
-    default=-1,
-    show_default=True,
-    help="Tokens to generate (-1: until the end or the context is full).",
-)
-@click.option(
-    "-c",
-    "--ctx-size",
-    type=click.IntRange(min=8),
-    help="Context size in tokens (default: the model's, at most 4096).",
-)
-@click.option(
-    "-t", "--threads", type=click.IntRange(min=1), help="Threads (default: physical cores)."
-)
-@click.option(
-    "--temp",
-    default=0.8,
-    show_default=True,
-    type=click.FloatRange(min=0),
-    help="Sampling temperature (0: greedy).",
-)
-@click.option(
-    "--cpu",
-    "cpu_choice",
-    default="auto",
-    show_default=True,
-    help="Kernel variant: auto, generic, avx2, avx512.",
-)
-@click.option(
-    "--verify",
-    is_flag=True,
-    help="Check the embedded model against its CRC-32 and SHA-256, then exit.",
-)
-@click.option(
-    "--info", is_flag=True, help="Print the build manifest of the embedded model, then exit."
-)
-@click.option(
-    "--version", is_flag=True, help="Print the version and the kernel variant in use, then exit."
-)
+@load_options
+@sampling_options
+@click.option("--verify", is_flag=True, help="Check the embedded model against its CRC-32 and SHA-256, then exit.")
+@click.option("--info", is_flag=True, help="Print the build manifest of the embedded model, then exit.")
+@click.option("--version", is_flag=True, help="Print the version and the kernel variant in use, then exit.")
 @click.option("--debug", is_flag=True, help="Show the full traceback on errors.")
-def cli(
-    model_path, prompt, chat, host, port, nobrowser, n_predict, ctx_size, threads, temp,
-    cpu_choice, verify, info, version, debug,
-) -> None:  # fmt: skip
+def cli(model_path, verify, info, version, debug, **kw) -> None:
     """Run a language model: the chat page and an OpenAI-compatible API (default), one
     prompt (-p) or a terminal chat (--chat)."""
     if version:
-        click.echo(
-            f"{PROG} {__version__} (Python {platform.python_version()}, {platform.machine()})"
-        )
-        click.echo(describe_cpu(cpu_choice))
+        click.echo(f"{PROG} {__version__} (Python {platform.python_version()}, {platform.machine()})")
+        click.echo(describe_cpu(kw["cpu_choice"]))
         return
     location = ModelLocation(model_path)
     if info:
@@ -205,17 +189,8 @@ def cli(
     if verify:
         verify_model(location)
         return
-    cpu.load(cpu_choice)
-    opts = Options(
-        prompt, chat, host, port, nobrowser, n_predict, ctx_size, threads, temp, cpu_choice
-    )
-    gguf = location.open()
-    if prompt is not None:
-        run_prompt(gguf, opts)
-    elif chat:
-        run_chat(gguf, opts)
-    else:
-        serve(gguf, opts)
+    cpu.load(kw["cpu_choice"])
+    run_model(location.open(), kw)
 
 
 def run(argv: list[str] | None = None) -> int:
