@@ -427,34 +427,31 @@ class _Parser:
         return StringArray(self.mv, starts, pos)
 
     def check_utf8(self, key: str, starts: list[int], end: int) -> None:
-        """Validate every item of a string array with one decode of the whole span.
+        """Validate every item of a string array with a few decodes of long spans.
 
-        Between items sit 8-byte length fields. For lengths < 128 every byte of the field is
-        ASCII, which ends any multi-byte sequence, so the span decodes as UTF-8 exactly when
-        every item does. Fields holding a byte >= 0x80 are zeroed in a copy first.
+        Between items sit 8-byte length fields. A length below 128 is all ASCII bytes, which
+        end any multi-byte sequence, so a span of items separated by such fields decodes as
+        UTF-8 exactly when each item does. The span is cut around the (rare) fields of longer
+        items, whose bytes could complete a sequence that an item leaves open.
         """
         if not starts:
             return
-        begin = starts[0] - 8
-        span = self.mv[begin:end]
-        st = np.array(starts, dtype=np.int64) - begin
+        st = np.array(starts, dtype=np.int64)
         lengths = np.empty_like(st)
         lengths[:-1] = st[1:] - 8 - st[:-1]
-        lengths[-1] = (end - begin) - st[-1]
-        long_items = np.flatnonzero(lengths >= 128)
-        if long_items.size:
-            buf = np.frombuffer(span, dtype=np.uint8).copy()
-            fields = st[long_items] - 8
-            buf[(fields[:, None] + np.arange(8)).ravel()] = 0
-            span = buf.data
-        try:
-            codecs.utf_8_decode(span, "strict", True)
-        except UnicodeDecodeError as e:
-            item = max(int(np.searchsorted(st, e.start, side="right")) - 1, 0)
-            raise self.fail(
-                f"string #{item} of array {key!r} is not valid UTF-8 ({e.reason})",
-                begin + e.start,
-            ) from None
+        lengths[-1] = end - st[-1]
+        cuts = st[np.flatnonzero(lengths[1:] >= 128) + 1].tolist()
+        seg_start = starts[0]
+        for seg_end, next_start in [(c - 8, c) for c in cuts] + [(end, end)]:
+            try:
+                codecs.utf_8_decode(self.mv[seg_start:seg_end], "strict", True)
+            except UnicodeDecodeError as e:
+                at = seg_start + e.start
+                item = int(np.searchsorted(st, at, side="right")) - 1
+                raise self.fail(
+                    f"string #{item} of array {key!r} is not valid UTF-8 ({e.reason})", at
+                ) from None
+            seg_start = next_start
 
     def alignment(self, f: MetadataField | None) -> int:
         if f is None:

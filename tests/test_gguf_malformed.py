@@ -211,6 +211,8 @@ STRING_TYPE = struct.pack("<I", 8)
         (pack_kv("k", 9, (8, [b"ab\xc3", "x" * 0xA9])), "string #0"),
         (pack_kv("k", 9, (8, ["x" * 300, b"\xc3", "y" * 200])), "string #1"),
         (pack_kv("k", 9, (8, ["x", "y" * 0xBF, b"\xe2\x82"])), "string #2"),
+        (pack_kv("k", 9, (8, ["a", b"\x80" + b"y" * 200, "z"])), "string #1"),
+        (pack_kv("k", 9, (8, ["a", b"y" * 200 + b"\xf0\x9f", "z"])), "string #1"),
     ],
 )
 def test_bad_metadata(kv, match):
