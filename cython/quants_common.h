@@ -28,6 +28,11 @@
  * - Dequantization must equal gguf.quants.dequantize bit for bit (tests/test_quants.py): where it
  *   computes d*q + m in two roundings, so must we, hence QK_NO_CONTRACT on dequant functions
  *   (gcc would otherwise fuse the multiply and add into one FMA on FMA-capable variants).
+ * - Helpers here for both files: qk_load_u16/u32 (unaligned), qk_fp16_to_fp32, qk_bf16_to_fp32;
+ *   x86: qk_hsum_ps256, qk_nibbles_to_bytes32 (16 packed nibbles -> 32 bytes, ggml order),
+ *   qk_bits_to_bytes32, qk_dot_u8s8_epi32 / qk_dpbusd_epi32 (vpdpbusd with VNNI, maddubs
+ *   otherwise: keep the unsigned operand <= 128), qk_dot_s8s8_epi32 (sign trick); NEON:
+ *   qk_neon_dot_s8 (sdot where available).
  * - gcc 12 miscompiles, with -mavx512vnni, a scalar reduction like
  *       for (j...) s += (int8_t)u8ptr[j] * i8ptr[j];
  *   into vpdpbusd, which treats the first operand as UNSIGNED (wrong sums in the avx512 module

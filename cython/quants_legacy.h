@@ -356,8 +356,15 @@ static inline __m128 qk_scales_d(const uint8_t *b, const qk_act_q8_32 *a) {
     return _mm_mul_ss(_mm_cvtph_ps(_mm_cvtsi32_si128((int)qk_load_u32(b))), _mm_load_ss(&a->d));
 }
 
-/* The loop every legacy type shares. Two blocks per step into independent accumulators (one
- * chain would wait on the FMA latency); unrolling further measured slower here (Zen 4). */
+/* The loop every legacy type shares, for both x86 SIMD variants: the avx512 module gets
+ * vpdpbusd through the helpers (AVX512-VNNI on 256-bit vectors). Measured on Zen 4 (bench/
+ * kernels.py), and kept simple because of it:
+ *   - 512-bit vectors holding two blocks were slower (Zen 4 splits them in two 256-bit halves,
+ *     and gathering two 18/20-byte blocks into one register costs extra shuffles);
+ *   - two blocks per step into independent accumulators hide the FMA latency; four were slower;
+ *   - a four-row variant sharing the activation loads gained only ~10%, not worth a wider API.
+ * Most of the remaining cost per block is the scale arithmetic (f16 convert, multiply,
+ * broadcast, int->float, FMA), not the integer dot. */
 #define QK_LEGACY_DOT_AVX2(name, BYTES, scales, min_factor)                                     \
     static float qk_dot_##name(int64_t n, const void *restrict w, const void *restrict act) {  \
         const uint8_t *b = (const uint8_t *)w;                                                 \
