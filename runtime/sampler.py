@@ -290,31 +290,26 @@ class Sampler:
         """The logits after logit_bias and penalties; the caller's array is never written:
         a copy is made only when something changes."""
         p = self.params
-        out = self._checked_logits(logits)
-        copied = False
-
-        def writable() -> np.ndarray:
-            nonlocal out, copied
-            if not copied:
-                out, copied = out.copy(), True
-            return out
-
+        x = self._checked_logits(logits)
+        repeat = p.repeat_penalty != 1.0 and p.repeat_last_n != 0 and len(history) > 0
+        counted = self._track_counts and bool(self._generated_counts)
+        if not (self._bias_ids.size or repeat or counted):
+            return x
+        x = x.copy()
         if self._bias_ids.size:
-            writable()[self._bias_ids] += self._bias_values
-        if p.repeat_penalty != 1.0 and p.repeat_last_n != 0 and len(history):
+            x[self._bias_ids] += self._bias_values
+        if repeat:
             window = history if p.repeat_last_n < 0 else history[-p.repeat_last_n :]
             ids = np.unique(np.asarray(window, dtype=np.intp))
             self._check_ids(ids, "history")
-            y = writable()
-            v = y[ids]
+            v = x[ids]
             # llama.cpp's rule: a penalty always makes the token less likely, whatever its sign.
-            y[ids] = np.where(v <= 0, v * p.repeat_penalty, v / p.repeat_penalty)
-        if self._track_counts and self._generated_counts:
+            x[ids] = np.where(v <= 0, v * p.repeat_penalty, v / p.repeat_penalty)
+        if counted:
             ids = np.fromiter(self._generated_counts.keys(), dtype=np.intp)
             counts = np.fromiter(self._generated_counts.values(), dtype=np.float32)
-            y = writable()
-            y[ids] -= counts * np.float32(p.frequency_penalty) + np.float32(p.presence_penalty)
-        return out
+            x[ids] -= counts * np.float32(p.frequency_penalty) + np.float32(p.presence_penalty)
+        return x
 
     def _checked_logits(self, logits: np.ndarray) -> np.ndarray:
         x = np.asarray(logits)
@@ -338,8 +333,10 @@ class Sampler:
         p = self.params
         x = self.adjusted_logits(logits, history)
         top_logit = float(x.max())
-        if math.isnan(top_logit):
-            raise QpackError("the model produced NaN logits (a broken model file or kernel)")
+        if math.isnan(top_logit) or top_logit == math.inf:
+            raise QpackError(
+                f"the model produced {top_logit} logits (a broken model file or kernel)"
+            )
         if top_logit == -math.inf:
             raise SamplingParamsError("logit_bias", "every token of the vocabulary is banned")
         # log-sum-exp over the whole vocabulary, in a reused buffer (no allocation per token).

@@ -101,8 +101,10 @@ def test_bad_inputs_raise_clear_errors():
     sampler = Sampler(SamplingParams(repeat_penalty=1.1), vocab_size=8)
     with pytest.raises(QpackError, match=r"shape \(7,\), expected \(8,\)"):
         sampler.sample(np.zeros(7, np.float32), [])
-    with pytest.raises(QpackError, match="NaN"):
+    with pytest.raises(QpackError, match="nan logits"):
         sampler.sample(np.array([0, 1, np.nan, 0, 0, 0, 0, 0], np.float32), [])
+    with pytest.raises(QpackError, match="inf logits"):
+        sampler.sample(np.array([0, 1, np.inf, 0, 0, 0, 0, 0], np.float32), [])
     with pytest.raises(QpackError, match="history holds token id 8"):
         sampler.sample(np.zeros(8, np.float32), [1, 8])
     banned = Sampler(SamplingParams(logit_bias={i: -math.inf for i in range(8)}), vocab_size=8)
@@ -273,18 +275,28 @@ def test_draws_follow_the_exact_truncated_distribution(
     params = SamplingParams(
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=1234
     )
-    ids = draws(Sampler(params, vocab), logits, 20000)
+    ids = draws(Sampler(params, vocab), logits, 10000)
     assert_matches_distribution(ids, expected)
 
 
 def test_truncation_is_applied_to_the_biased_logits():
     # Token 0 is the best raw logit; the bias sinks it below the top_k=2 cut.
     logits = np.array([5.0, 4.0, 3.0, 0.0], np.float32)
-    params = SamplingParams(top_k=2, top_p=1.0, min_p=0.0, temperature=1.0, seed=3)
-    sampler = Sampler(SamplingParams(**{**params.__dict__, "logit_bias": {0: -4.0}}), 4)
+    params = SamplingParams(
+        top_k=2, top_p=1.0, min_p=0.0, temperature=1.0, seed=3, logit_bias={0: -4.0}
+    )
+    sampler = Sampler(params, 4)
     ids = draws(sampler, logits, 4000)
     biased = np.array([1.0, 4.0, 3.0, 0.0], np.float32)
     assert_matches_distribution(ids, reference_distribution(biased, 2, 1.0, 0.0, 1.0))
+
+
+@pytest.mark.parametrize("top_k", [0, 5])  # top_p over the whole vocabulary / the top_k set
+def test_top_p_keeps_every_token_tied_with_the_crossing_one(top_k):
+    # probabilities ~ .45 .16 .16 .16 .06 .00: top_p = 0.5 is crossed by one of the tied 1.0s
+    logits = np.array([2.0, 1.0, 1.0, 1.0, 0.0, -9.0], np.float32)
+    params = SamplingParams(top_k=top_k, top_p=0.5, min_p=0.0, temperature=1.0, seed=4)
+    assert set(draws(Sampler(params, 6), logits, 2000)) == {0, 1, 2, 3}
 
 
 def test_logit_bias_minus_infinity_bans_a_token():
