@@ -426,21 +426,28 @@ class Tokenizer:
             ids.append(self.eos_id)
         return ids
 
-    def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
+    def decode(self, ids: Iterable[int], skip_special: bool = True, from_start: bool = True) -> str:
         """Text of `ids`. Control tokens (BOS, <|im_end|> ...) are left out unless
-        skip_special is False; bytes that are not valid UTF-8 become U+FFFD."""
+        skip_special is False; bytes that are not valid UTF-8 become U+FFFD.
+
+        `from_start`: the ids begin a text, as `encode` returns them. With add_space_prefix
+        (SentencePiece models such as Llama 2) the space `encode` put in front is removed, as
+        llama.cpp's detokenize does. Pass False for a continuation (generated tokens), whose
+        leading space is real.
+        """
         ids = list(ids)
-        strip_space = self.add_space_prefix
-        if skip_special and ids and ids[0] == self.bos_id and self.add_bos:
-            strip_space = False  # as llama.cpp: the space after a removed BOS stays
+        # llama.cpp: the first token loses one leading space (a hidden control token uses
+        # the strip up), except after a leading BOS that is removed.
+        strip_space = self.add_space_prefix and from_start
+        if skip_special and self.add_bos and ids and ids[0] == self.bos_id:
+            ids, strip_space = ids[1:], False
         out = bytearray()
-        for token_id in ids:
+        for k, token_id in enumerate(ids):
             if skip_special and self.is_special(token_id):
                 continue
             piece = self.token_bytes(token_id)
-            if strip_space and piece.startswith(b" "):
+            if k == 0 and strip_space and piece.startswith(b" "):
                 piece = piece[1:]
-            strip_space = False
             out += piece
         return out.decode("utf-8", errors="replace")
 
@@ -705,28 +712,32 @@ _TOKENIZERS: dict[str, type[Tokenizer]] = {"gpt2": ByteLevelBPE, "llama": Senten
 
 class StreamDecoder:
     """Turns a stream of token ids into text, never splitting a UTF-8 character: bytes of
-    a character cut across tokens are held until the character is complete."""
+    a character cut across tokens are held until the character is complete.
 
-    def __init__(self, tokenizer: Tokenizer, skip_special: bool = True):
+    The joined output equals `tokenizer.decode(ids, skip_special, from_start)`; `from_start`
+    is False by default because a stream is usually generated text continuing a prompt.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special: bool = True, from_start: bool = False):
         self.tokenizer = tokenizer
         self.skip_special = skip_special
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._strip_space = tokenizer.add_space_prefix
-        self._first = True
+        self._first = from_start
 
     def feed(self, token_id: int) -> str:
         """The text that became complete with this token (may be empty)."""
         tok = self.tokenizer
-        if self._first:
+        strip_space = False
+        if self._first:  # the leading-space rule of Tokenizer.decode
             self._first = False
-            if self.skip_special and token_id == tok.bos_id and tok.add_bos:
-                self._strip_space = False
+            if self.skip_special and tok.add_bos and token_id == tok.bos_id:
+                return ""
+            strip_space = tok.add_space_prefix
         if self.skip_special and tok.is_special(token_id):
             return ""
         piece = tok.token_bytes(token_id)
-        if self._strip_space and piece.startswith(b" "):
+        if strip_space and piece.startswith(b" "):
             piece = piece[1:]
-        self._strip_space = False
         return self._utf8.decode(piece)
 
     def flush(self) -> str:

@@ -168,3 +168,12 @@ def test_messages_are_normalized(smollm2):
                 [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]):  # fmt: skip
         with pytest.raises(ChatTemplateError):
             template.render(bad)
+
+
+def test_generation_tag_renders_its_body(smollm2):
+    """transformers' {% generation %} marker (assistant masks) is accepted and transparent."""
+    _, tok = smollm2
+    source = (
+        "{% for m in messages %}{% generation %}[{{ m['content'] }}]{% endgeneration %}{% endfor %}"
+    )
+    assert ChatTemplate(source, tok).render(USER) == "[Hi]"

@@ -78,6 +78,28 @@ def test_other_pre_tokenizers_match_llama_cpp(metadata, pre):
         assert ids == case["ids"], (pre, case["text"])
 
 
+def test_sentencepiece_space_prefix_matches_llama_cpp(metadata):
+    """Gemma's vocabulary with add_space_prefix = true (as Llama 2 / Mistral files have):
+    a space before the text and after every special token; detokenize drops the first."""
+    tok = Tokenizer.from_metadata({**metadata["gemma3"], "tokenizer.ggml.add_space_prefix": True})
+    cases = load_refs("gemma3")["space_prefix_variant"]
+    assert len(cases) > 100
+    for case in cases:
+        ids = tok.encode(
+            case["text"],
+            add_bos=None if case["add_special"] else False,
+            parse_special=case["parse_special"],
+        )
+        assert ids == case["ids"], case
+        assert tok.decode(ids) == case["detokenized"], case
+        dec = StreamDecoder(tok, from_start=True)
+        assert "".join([*map(dec.feed, ids), dec.flush()]) == case["detokenized"]
+    ids = tok.encode("Hello world", add_bos=False)
+    assert tok.token_text(ids[0]) == "\u2581Hello"
+    assert tok.decode(ids) == "Hello world"
+    assert tok.decode(ids, from_start=False) == " Hello world"  # a continuation keeps it
+
+
 @pytest.mark.parametrize(
     "pre,pieces",
     [
@@ -227,6 +249,25 @@ def _complete_utf8(b: bytes) -> bool:
         return True
     except UnicodeDecodeError:
         return False
+
+
+@pytest.mark.parametrize("name", MODELS)
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_stream_decoder_equals_decode_for_any_ids(tokenizers, name, data):
+    """Whatever the ids (byte tokens in any order, control tokens, broken UTF-8), the streamed
+    pieces join to exactly what decode gives."""
+    tok = tokenizers[name]
+    byte_like = st.sampled_from([i for i in range(600) if len(tok.token_bytes(i)) == 1])
+    any_id = st.integers(0, tok.vocab_size - 1)
+    ids = data.draw(st.lists(st.one_of(any_id, byte_like), max_size=40))
+    for skip_special in (True, False):
+        for from_start in (True, False):
+            dec = StreamDecoder(tok, skip_special=skip_special, from_start=from_start)
+            streamed = "".join([*map(dec.feed, ids), dec.flush()])
+            assert streamed == tok.decode(ids, skip_special=skip_special, from_start=from_start)
 
 
 def test_stream_decoder_gemma_byte_fallback_character(tokenizers):

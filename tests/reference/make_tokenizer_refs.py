@@ -220,19 +220,18 @@ def Llama_vocab(path: Path):  # noqa: N802 - reads like the constructor it wraps
 PRE_VARIANTS = ["gpt-2", "default", "llama-bpe", "qwen2"]
 
 
-def write_pre_variant(source: Path, pre: str, dest: Path) -> None:
-    """A tensor-less copy of `source`'s metadata with tokenizer.ggml.pre = `pre`."""
+def write_variant(source: Path, dest: Path, changes: dict) -> None:
+    """A tensor-less copy of `source`'s metadata with `changes` (a value of None drops a key)."""
     import gguf
 
     reader = gguf.GGUFReader(str(source))
     writer = gguf.GGUFWriter(str(dest), arch=reader.fields["general.architecture"].contents())
     for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key in (
-            "general.architecture",
-            "tokenizer.ggml.add_bos_token",
-        ):
+        if key.startswith("GGUF.") or key == "general.architecture":
             continue
-        value = pre if key == "tokenizer.ggml.pre" else field.contents()
+        value = changes.get(key, field.contents())
+        if value is None:
+            continue
         sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(key, value, field.types[0], sub_type=sub_type)
     writer.write_header_to_file()
@@ -248,7 +247,8 @@ def pre_variant_refs(source: Path) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for pre in PRE_VARIANTS:
             path = Path(tmp) / f"smollm2-{pre}.gguf"
-            write_pre_variant(source, pre, path)
+            changes = {"tokenizer.ggml.pre": pre, "tokenizer.ggml.add_bos_token": None}
+            write_variant(source, path, changes)
             llm = Llama_vocab(path)
             out[pre] = [
                 {"text": text, "add_special": add, "ids": llm.tokenize(text.encode(), add_bos=add)}
@@ -259,6 +259,32 @@ def pre_variant_refs(source: Path) -> dict:
     return out
 
 
+def space_prefix_refs(source: Path) -> list[dict]:
+    """Gemma's vocabulary with add_space_prefix = true: the SentencePiece path that puts a
+    space before the text and after each special token, and drops it when detokenizing."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "gemma3-space-prefix.gguf"
+        write_variant(source, path, {"tokenizer.ggml.add_space_prefix": True})
+        llm = Llama_vocab(path)
+        cases = []
+        for text in CORPUS:
+            for add, special in ((True, False), (False, False), (True, True), (False, True)):
+                ids = llm.tokenize(text.encode(), add_bos=add, special=special)
+                cases.append(
+                    {
+                        "text": text,
+                        "add_special": add,
+                        "parse_special": special,
+                        "ids": ids,
+                        "detokenized": detokenize(llm, ids),
+                    }
+                )
+        del llm
+    return cases
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     paths = model_paths()
@@ -266,6 +292,8 @@ def main() -> None:
         refs = tokenizer_refs(name, path)
         if name == "smollm2":
             refs["pre_variants"] = pre_variant_refs(path)
+        if name == "gemma3":
+            refs["space_prefix_variant"] = space_prefix_refs(path)
         (OUT / f"{name}.json").write_text(json.dumps(refs, ensure_ascii=False, indent=0) + "\n")
         print(f"{name}: {len(refs['cases'])} cases, {len(refs['attrs'])} non-normal tokens")
     (OUT / "chat.json").write_text(
