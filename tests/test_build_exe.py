@@ -1,0 +1,238 @@
+"""Real executables: the PyInstaller stub with a model inside, run the way a user runs them
+(copied to an empty directory, `env -i`: no virtualenv, no PYTHONPATH). Slow: the first run
+builds the stub (~20 s), later runs reuse the cached one."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from qpack.builder import pack, stub
+from qpack.runtime import embedded
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ELF executables"),
+]
+
+
+@pytest.fixture(scope="module")
+def runtime_stub() -> Path:
+    return stub.get_stub()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    from gguf_fixtures import tiny_llama
+
+    return tiny_llama(tmp_path_factory.mktemp("model") / "tiny-llama-Q8_0.gguf")
+
+
+def build(model: Path, runtime_stub: Path, out: Path, args=()) -> pack.BuildReport:
+    return pack.build_executable(
+        model, out, runtime_stub, name="tiny", target=stub.current_platform(),
+        args=list(args), show_progress=False,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_exe(tiny_model, runtime_stub, tmp_path_factory) -> Path:
+    """Built in one place, then copied alone into an empty directory."""
+    built = tmp_path_factory.mktemp("build") / "tiny.bin"
+    build(tiny_model, runtime_stub, built, args=["--cpu", "generic"])
+    alone = tmp_path_factory.mktemp("empty") / "tiny.bin"
+    shutil.copy2(built, alone)
+    return alone
+
+
+def run(exe: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run like a user: from the executable's directory, with an empty environment."""
+    return subprocess.run(
+        ["env", "-i", f"./{exe.name}", *args],
+        cwd=exe.parent, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+def rchar() -> int:
+    """Bytes this process and its reaped descendants have read with read() so far."""
+    with open("/proc/self/io") as f:
+        for line in f:
+            if line.startswith("rchar:"):
+                return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/self/io")
+
+
+def bytes_read_by(exe: Path, *args: str) -> int:
+    before = rchar()
+    result = run(exe, *args)
+    assert result.returncode == 0, result.stderr
+    return rchar() - before
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("qpack: error: "), result.stderr
+    for needle in needles:
+        assert needle in line, line
+
+
+def test_version_info_verify_in_an_empty_environment(tiny_exe, tiny_model):
+    assert sorted(os.listdir(tiny_exe.parent)) == ["tiny.bin"]
+    version = run(tiny_exe, "--version")
+    assert version.returncode == 0, version.stderr
+    assert version.stdout.startswith("qpack 0.1.0")
+    assert "kernels generic" in version.stdout  # `--cpu generic` from .args
+
+    info = run(tiny_exe, "--info")
+    assert info.returncode == 0, info.stderr
+    manifest = json.loads(info.stdout.split("\n# ")[0])
+    assert manifest["name"] == "tiny"
+    assert manifest["model"]["architecture"] == "llama"
+    assert manifest["args"] == ["--cpu", "generic"]
+
+    verify = run(tiny_exe, "--verify")
+    assert verify.returncode == 0, verify.stderr
+    import hashlib
+
+    assert hashlib.sha256(tiny_model.read_bytes()).hexdigest() in verify.stdout
+
+
+def test_command_line_wins_over_args(tiny_exe):
+    from qpack.runtime import cpu
+
+    others = [v for v in cpu.supported_variants() if v != "generic"]
+    if not others:
+        pytest.skip("this CPU runs only the generic kernels")
+    result = run(tiny_exe, "--cpu", others[0], "--version")
+    assert result.returncode == 0, result.stderr
+    assert f"kernels {others[0]}" in result.stdout
+
+
+def test_layout_seen_by_unzip_and_readelf(tiny_exe, tiny_model):
+    member = embedded.locate_model(str(tiny_exe))
+    assert member.offset % 65536 == 0
+    with open(tiny_exe, "rb") as f:
+        f.seek(member.offset)
+        assert f.read(member.length) == tiny_model.read_bytes()
+    if shutil.which("unzip"):
+        listing = subprocess.run(["unzip", "-l", str(tiny_exe)], capture_output=True, text=True)
+        assert listing.returncode == 0
+        for name in ("model.gguf", ".args", "qpack.json"):
+            assert name in listing.stdout
+        assert subprocess.run(["unzip", "-tq", str(tiny_exe)], capture_output=True).returncode == 0
+    if shutil.which("readelf"):
+        for flag in ("-h", "-S", "-l"):
+            r = subprocess.run(
+                ["readelf", flag, "-W", str(tiny_exe)], capture_output=True, text=True
+            )
+            assert r.returncode == 0 and "warning" not in (r.stdout + r.stderr).lower()
+
+
+def test_two_builds_are_byte_identical(tiny_model, runtime_stub, tmp_path):
+    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
+    build(tiny_model, runtime_stub, a)
+    build(tiny_model, runtime_stub, b)
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_corrupted_executables_fail_clearly(tiny_exe, tmp_path):
+    data = tiny_exe.read_bytes()
+    member = embedded.locate_model(str(tiny_exe))
+
+    flipped = bytearray(data)
+    flipped[member.offset + member.length - 100] ^= 0xFF
+    exe = tmp_path / "flipped.bin"
+    exe.write_bytes(flipped)
+    exe.chmod(0o755)
+    assert_one_line_error(run(exe, "--verify"), "CRC-32")
+
+    cd = data.rindex(b"model.gguf")  # rename the central directory's entry
+    exe = tmp_path / "renamed.bin"
+    exe.write_bytes(data[:cd] + b"other.gguf" + data[cd + 10 :])
+    exe.chmod(0o755)
+    assert_one_line_error(run(exe, "--info"), "no model.gguf member")
+    assert run(exe, "--version").returncode == 0  # what needs no model still works
+
+    broken = bytearray(data)
+    at = member.entries["model.gguf"].header_offset
+    broken[at : at + 4] = b"JUNK"
+    exe = tmp_path / "header.bin"
+    exe.write_bytes(broken)
+    exe.chmod(0o755)
+    assert_one_line_error(run(exe, "-p", "hi"), "no zip local header")
+
+    exe = tmp_path / "truncated.bin"  # the bootloader itself refuses: no hang, no crash
+    exe.write_bytes(data[: len(data) // 3])
+    exe.chmod(0o755)
+    result = run(exe, "--version", timeout=60)
+    assert result.returncode not in (0, -11, -6)
+
+
+def sparse_gguf(path: Path, n_bytes: int) -> Path:
+    """A valid llama-metadata GGUF whose one F32 tensor is `n_bytes` of zeros, left as a hole."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, value in {
+        "block_count": 1, "context_length": 64, "embedding_length": 64,
+        "feed_forward_length": 128, "attention.head_count": 4,
+    }.items():  # fmt: skip
+        w.add_uint32(f"llama.{key}", value)
+    w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+    w.add_tensor_info("huge.weight", (n_bytes // 4,), np.dtype(np.float32), n_bytes)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    w.close()
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.truncate(size + (-size % 32) + n_bytes)
+    return path
+
+
+def test_multi_gib_model_starts_as_fast_as_a_tiny_one(tiny_exe, runtime_stub, tmp_path):
+    """The bootloader scans the file from its end on every start: the model must not be there.
+    Counted in bytes read (rchar of the whole process tree), not in seconds."""
+    big_model = sparse_gguf(tmp_path / "big.gguf", 5 << 30)
+    big = tmp_path / "big.bin"
+    report = build(big_model, runtime_stub, big)
+    assert report.data_offset % 65536 == 0
+    with zipfile.ZipFile(big) as zf:  # zip64: sizes and offsets past 4 GiB
+        info = zf.getinfo("model.gguf")
+        assert info.file_size == big_model.stat().st_size
+        assert zf.getinfo("qpack.json").header_offset > 0xFFFFFFFF
+    if shutil.which("unzip"):
+        listing = subprocess.run(["unzip", "-l", str(big)], capture_output=True, text=True)
+        assert listing.returncode == 0 and str(info.file_size) in listing.stdout
+
+    tiny_reads = bytes_read_by(tiny_exe, "--info")
+    big_reads = bytes_read_by(big, "--info")
+    assert big_reads < tiny_reads + (16 << 20), (tiny_reads, big_reads)
+    info = run(big, "--info")
+    assert json.loads(info.stdout.split("\n# ")[0])["model"]["size"] == big_model.stat().st_size
+
+
+def test_prompt_matches_the_unfrozen_runtime(smollm2_path, runtime_stub, tmp_path):
+    """The executable's greedy text equals the same runtime run from source on the same file."""
+    prompt = ["-p", "The capital of France is", "-n", "16", "--temp", "0"]
+    source = subprocess.run(
+        [sys.executable, "-m", "qpack.runtime", "-m", str(smollm2_path), *prompt],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    if "not available in this build yet" in source.stderr:
+        pytest.skip("the engine is not wired into runtime/main.py yet")
+    assert source.returncode == 0, source.stderr
+    exe = tmp_path / "smollm2.bin"
+    build(smollm2_path, runtime_stub, exe)
+    frozen = run(exe, *prompt, timeout=300)
+    assert frozen.returncode == 0, frozen.stderr
+    assert frozen.stdout == source.stdout and source.stdout.strip()
