@@ -293,6 +293,7 @@ def test_stream_decoder_skips_control_and_flushes_partial(tokenizers):
     assert dec.feed(tok.token_to_id("<end_of_turn>")) == "<end_of_turn>"
 
 
+@pytest.mark.slow  # gguf-py reads the whole vocabulary field by field: seconds
 def test_from_metadata_accepts_plain_lists_from_gguf_py(smollm2_path, tokenizers):
     """Built from gguf-py's reader (plain lists, other value types), the tokenizer is the same."""
     reader = gguf.GGUFReader(str(smollm2_path))
