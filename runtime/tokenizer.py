@@ -209,6 +209,14 @@ def _numeric_array(md: Mapping[str, Any], key: str, n_tokens: int, kind: str) ->
     return arr
 
 
+def _checked_strings(items: list, key: str) -> list[str]:
+    kinds = set(map(type, items))
+    if kinds - {str}:
+        bad = ", ".join(sorted(k.__name__ for k in kinds - {str}))
+        raise _bad(key, f"expected an array of strings, found items of type {bad}")
+    return items
+
+
 def _to_list(seq: Sequence[str]) -> list[str]:
     tolist = getattr(seq, "tolist", None)  # the GGUF reader's StringArray decodes in one pass
     return tolist() if tolist is not None else list(seq)
@@ -233,7 +241,6 @@ class Tokenizer:
         self._types = (
             np.full(n, NORMAL, dtype=np.int32) if types is None else types[:n].astype(np.int32)
         )
-        self.chat_template = _get(md, "tokenizer.chat_template", str)
 
         def token_id(key: str, default: int | None = None) -> int | None:
             value = _get(md, key, int)
@@ -292,7 +299,7 @@ class Tokenizer:
 
     @cached_property
     def _tokens(self) -> list[str]:
-        return _to_list(self._tokens_source)
+        return _checked_strings(_to_list(self._tokens_source), "tokenizer.ggml.tokens")
 
     @cached_property
     def _token_to_id(self) -> dict[str, int]:
@@ -549,7 +556,7 @@ class ByteLevelBPE(Tokenizer):
     @cached_property
     def _ranks(self) -> dict[str, int]:
         """ "left right" -> rank; the first of duplicate merges wins, as in llama.cpp."""
-        merges = _to_list(self._merges_source)
+        merges = _checked_strings(_to_list(self._merges_source), "tokenizer.ggml.merges")
         ranks: dict[str, int] = {}
         for rank, merge in enumerate(merges):
             ranks.setdefault(merge, rank)

@@ -360,6 +360,19 @@ def test_malformed_spm_scores_name_the_key(metadata):
         Tokenizer.from_metadata(md)
 
 
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("tokenizer.ggml.tokens", ["<|endoftext|>", "a", "b", 4, "\u0120", "\u0120a"]),
+        ("tokenizer.ggml.merges", ["a b", None]),
+    ],
+)
+def test_non_string_items_are_refused_when_the_index_is_built(key, value):
+    tok = Tokenizer.from_metadata(_tiny_bpe(**{key: value}))
+    with pytest.raises(UnsupportedModel, match=key.replace(".", r"\.") + ".*(int|NoneType)"):
+        tok.encode("ab")
+
+
 def test_duplicate_tokens_are_refused_when_the_index_is_built():
     tok = Tokenizer.from_metadata(
         _tiny_bpe(**{"tokenizer.ggml.tokens": ["x", "a", "b", "a", "c", "d"]})
