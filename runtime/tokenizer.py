@@ -14,7 +14,7 @@ as llama.cpp does: user-defined tokens always, control tokens only with `parse_s
 control token).
 
 Construction only checks the metadata; the text -> id index (262k strings for Gemma 3) is
-built on first use, so loading a model does not pay for it twice.
+built on first use, so code that only inspects a model never pays for it.
 """
 
 from __future__ import annotations
@@ -325,15 +325,11 @@ class Tokenizer:
         ids = self._ids_of(END_OF_GENERATION_TEXTS | FIM_STOP_TEXTS)
         ids |= {i for i in (self.eos_id, self.eot_id, self.eom_id) if i is not None}
         texts = {self._tokens[i] for i in ids}
-        # llama.cpp's workarounds: with <|return|> and <|call|> (gpt-oss) <|end|> does not
-        # end generation; with <|tool_response> (Gemma 4) </s> does not.
-        if {"<|return|>", "<|call|>", "<|end|>"} <= texts or {
-            "<|calls|>",
-            "<|flush|>",
-            "<|end|>",
-        } <= texts:
+        # llama.cpp's workarounds: gpt-oss (<|return|> + <|call|>) and solar-open (<|calls|> +
+        # <|flush|>) do not stop at <|end|>; Gemma 4 (<|tool_response>) not at </s>.
+        if {"<|return|>", "<|call|>"} <= texts or {"<|calls|>", "<|flush|>"} <= texts:
             ids -= self._ids_of(["<|end|>"])
-        if {"<|tool_response>", "</s>"} <= texts:
+        if "<|tool_response>" in texts:
             ids -= self._ids_of(["</s>"])
         return frozenset(ids)
 
@@ -344,9 +340,8 @@ class Tokenizer:
         types = self._types
         ids = set(np.flatnonzero((types == CONTROL) | (types == UNKNOWN)).tolist())
         ids |= self._ids_of(END_OF_GENERATION_TEXTS | FIM_STOP_TEXTS | FIM_OTHER_TEXTS)
-        texts = {self._tokens[i]: i for i in ids}
-        if {"<|tool_response>", "</s>"} <= texts.keys() and types[texts["</s>"]] != CONTROL:
-            ids.discard(texts["</s>"])
+        if "<|tool_response>" in self._token_to_id:  # Gemma 4: </s> is plain text there
+            ids -= self._ids_of(["</s>"])
         return frozenset(ids)
 
     def _special_pieces(self, parse_special: bool) -> list[tuple[str, int]]:
