@@ -93,6 +93,8 @@ def extensions() -> list[Extension]:
                 ],
                 extra_compile_args=common + flags + openmp_flags(),
                 extra_link_args=openmp_flags(),
+                # headers and included .pxi files: a change to any of them rebuilds every variant
+                depends=sorted(str(p.relative_to(HERE)) for p in CYTHON_DIR.glob("*.[hp]*")),
             )
         )
     return exts

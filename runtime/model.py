@@ -96,8 +96,8 @@ class Model:
     ):
         self.gguf = gguf
         path = getattr(gguf, "path", "model")
-        self.hp = hp = HParams.from_metadata(gguf.metadata, path)
         check_tensor_types(gguf)
+        self.hp = hp = HParams.from_metadata(gguf.metadata, path)
         self.n_ctx = min(hp.n_ctx_train, DEFAULT_CTX) if n_ctx is None else int(n_ctx)
         if self.n_ctx < 8:
             raise UnsupportedModel(f"context size {self.n_ctx} is too small (at least 8)")
