@@ -235,12 +235,17 @@ class Engine:
         return max(free, key=lambda s: common_prefix(s.cached, prompt))
 
     def _start(self, req: Request, slot: _Slot) -> None:
+        try:
+            sampler = Sampler(req.params, self.model.n_vocab)
+        except QpackError as e:  # e.g. a logit_bias id outside the vocabulary: only it fails
+            req._emit(Event(finish_reason="error", error=str(e)))
+            return
         reuse = min(common_prefix(slot.cached, req.prompt), len(req.prompt) - 1)
         slot.cached = slot.cached[:reuse]
         slot.request = req
         slot.tokens = list(req.prompt)
         slot.generated = 0
-        slot.sampler = Sampler(req.params, self.model.n_vocab)
+        slot.sampler = sampler
         slot.decoder = StreamDecoder(self.tokenizer)
         slot.stopper = StopMatcher(req.params.stop)
         slot.started = time.perf_counter()
