@@ -169,6 +169,7 @@ class StopMatcher:
             raise QpackError("StopMatcher: an empty stop string would stop at once")
         self.stop_strings = list(stop_strings)
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the text
         self._held = ""
 
     def feed(self, text: str) -> tuple[str, bool]:
@@ -178,8 +179,9 @@ class StopMatcher:
         if not self.stop_strings:
             return text, False
         buffer = self._held + text
-        cut = self._first_stop(buffer)
-        if cut is not None:
+        found = self._first_stop(buffer)
+        if found is not None:
+            cut, self.matched = found
             self.stopped = True
             self._held = ""
             return buffer[:cut], True
@@ -192,16 +194,14 @@ class StopMatcher:
         held, self._held = self._held, ""
         return held
 
-    def _first_stop(self, buffer: str) -> int | None:
-        best_end, best_start = None, None
+    def _first_stop(self, buffer: str) -> tuple[int, str] | None:
+        """(start, stop string) of the occurrence that ends first, the longest on a tie."""
+        best = None
         for s in self.stop_strings:
             start = buffer.find(s)
-            if start < 0:
-                continue
-            end = start + len(s)
-            if best_end is None or (end, start) < (best_end, best_start):
-                best_end, best_start = end, start
-        return best_start
+            if start >= 0 and (best is None or (start + len(s), start) < best[0]):
+                best = ((start + len(s), start), s)
+        return None if best is None else (best[0][1], best[1])
 
     def _pending_length(self, buffer: str) -> int:
         """Length of the longest suffix of buffer that is a proper prefix of a stop string."""

@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from qpack.runtime.errors import QpackError
 from qpack.runtime.sampler import (
@@ -414,14 +414,15 @@ def test_no_logprob_list_unless_asked():
 # ---------------------------------------------------------------- stop strings
 
 
-def reference_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+def reference_stop(text: str, stops: list[str]) -> tuple[str, str | None]:
     """Read the text one character at a time; stop where a stop string first ends (the
-    longest of those that end there)."""
+    longest of those that end there). Returns the text before it and the stop string."""
     for end in range(1, len(text) + 1):
         ending = [s for s in stops if text[:end].endswith(s)]
         if ending:
-            return text[: end - max(len(s) for s in ending)], True
-    return text, False
+            longest = max(ending, key=len)
+            return text[: end - len(longest)], longest
+    return text, None
 
 
 def pending_prefix(text: str, stops: list[str]) -> int:
@@ -432,15 +433,20 @@ def pending_prefix(text: str, stops: list[str]) -> int:
     )
 
 
-ALPHABET = "ab</s>\n é"
+# Few letters in the stop strings, so that they overlap, nest and share prefixes often.
+STOP_ALPHABET = "ab<é"
+TEXT_ALPHABET = "ab<é\n "
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(
-    stops=st.lists(st.text(ALPHABET, min_size=1, max_size=5), min_size=1, max_size=3),
-    text=st.text(ALPHABET, max_size=30),
+    stops=st.lists(st.text(STOP_ALPHABET, min_size=1, max_size=5), min_size=1, max_size=3),
+    text=st.text(TEXT_ALPHABET, max_size=30),
     cuts=st.lists(st.integers(0, 30), max_size=10),
 )
+@example(stops=["ab", "b"], text="xxab", cuts=[3])  # both end together: the longer wins
+@example(stops=["b", "ab"], text="xxab", cuts=[])
+@example(stops=["abcd", "c"], text="abcd", cuts=[])  # "c" is complete first
 def test_stop_strings_split_any_way_are_never_emitted(stops, text, cuts):
     bounds = sorted({0, len(text), *(c for c in cuts if c <= len(text))})
     pieces = [text[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
@@ -456,8 +462,8 @@ def test_stop_strings_split_any_way_are_never_emitted(stops, text, cuts):
         assert emitted == fed[: len(fed) - pending_prefix(fed, stops)]
     if not stopped:
         emitted += matcher.flush()
-    expected, expect_stop = reference_stop(text, stops)
-    assert (emitted, stopped) == (expected, expect_stop)
+    expected, stop = reference_stop(text, stops)
+    assert (emitted, stopped, matcher.matched) == (expected, stop is not None, stop)
     assert not any(s in emitted for s in stops)
 
 
@@ -474,6 +480,7 @@ def test_stop_string_arriving_in_token_pieces():
         ("", True),  # it is: nothing of it comes out
     ]
     assert "".join(o for o, _ in outputs) == "Hello world\nUsage is "
+    assert matcher.matched == "</s>"
     assert matcher.feed("more") == ("", True) and matcher.flush() == ""
 
 
