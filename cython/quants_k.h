@@ -10,9 +10,11 @@
  * made of bytes only, so a block may sit at any address.
  *
  * Dot products: the weight quants are unsigned (or made unsigned with a per-group offset that
- * the activation's bsums cancel), multiplied with the int8 activations by maddubs into int16
- * pairs, then scaled per 16/32-element group in int16 x int16 -> int32 (madd, or VNNI's dpwssd),
- * and converted to f32 once per super-block.
+ * the activation's bsums cancel; IQ4 moves the value's sign onto the activation), multiplied
+ * with the int8 activations by maddubs into int16 pairs, then scaled per 16/32-element group in
+ * int16 x int16 -> int32 (madd, or VNNI's dpwssd), and converted to f32 once per super-block.
+ * The portable C is the ground truth; AVX2 and AVX-512 paths follow it. No NEON path yet: arm64
+ * builds run the portable code (which compilers vectorize reasonably).
  */
 #ifndef QPACK_QUANTS_K_H
 #define QPACK_QUANTS_K_H
@@ -147,7 +149,8 @@ static inline int32_t qk_k_dot_i8(const int8_t *restrict q, const int8_t *restri
 static inline void qk_unpack_q2_k(const qk_block_q2_k *x, int8_t q[QK_SUPER]) {
     for (int h = 0; h < 2; h++)
         for (int j = 0; j < 4; j++)
-            for (int l = 0; l < 32; l++) q[128 * h + 32 * j + l] = (int8_t)((x->qs[32 * h + l] >> (2 * j)) & 3);
+            for (int l = 0; l < 32; l++)
+                q[128 * h + 32 * j + l] = (int8_t)((x->qs[32 * h + l] >> (2 * j)) & 3);
 }
 
 static inline void qk_unpack_q3_k(const qk_block_q3_k *x, int8_t q[QK_SUPER]) {
@@ -198,6 +201,10 @@ static inline void qk_unpack_iq4(const uint8_t *qs, int8_t q[32]) {
 /* ---------------------------------------------------------------- SIMD helpers */
 
 #if QK_K_AVX2 || QK_K_AVX512
+static inline __m256i qk_k_ld256(const void *p) {
+    return _mm256_loadu_si256((const __m256i *)p);
+}
+
 /* pshufb control that repeats 16-bit element e of each 128-bit lane across the lane. */
 #define QK_K_WORD(e) ((short)(0x0100 + 0x0202 * (e)))
 
@@ -211,7 +218,8 @@ static inline __m256i qk_k_word_pair256(int lo, int hi) {
 static inline __m128i qk_k4_scales_sse(const uint8_t *p) {
     const __m128i v = _mm_loadu_si128((const __m128i *)p);
     const __m128i ab = _mm_shuffle_epi32(v, _MM_SHUFFLE(1, 0, 1, 0));
-    const __m128i c = _mm_srlv_epi32(_mm_shuffle_epi32(v, _MM_SHUFFLE(2, 2, 2, 2)), _mm_setr_epi32(0, 4, 0, 4));
+    const __m128i cc = _mm_shuffle_epi32(v, _MM_SHUFFLE(2, 2, 2, 2));
+    const __m128i c = _mm_srlv_epi32(cc, _mm_setr_epi32(0, 4, 0, 4)); /* c, c >> 4, c, c >> 4 */
     const __m128i lo = _mm_and_si128(ab, _mm_set1_epi8(0x3f));
     const __m128i hi = _mm_or_si128(_mm_and_si128(c, _mm_set1_epi8(0x0f)),
                                     _mm_and_si128(_mm_srli_epi32(ab, 2), _mm_set1_epi8(0x30)));
@@ -229,8 +237,8 @@ static inline __m128i qk_k3_scales_sse(const uint8_t *p) {
     const __m128i m0f = _mm_set1_epi8(0x0f);
     const __m128i b = _mm_loadl_epi64((const __m128i *)p);
     const __m128i low = _mm_unpacklo_epi64(_mm_and_si128(b, m0f), _mm_and_si128(_mm_srli_epi16(b, 4), m0f));
-    const __m128i top = _mm_and_si128(
-        _mm_srlv_epi32(_mm_set1_epi32((int)qk_load_u32(p + 8)), _mm_setr_epi32(0, 2, 4, 6)), _mm_set1_epi8(3));
+    const __m128i hi = _mm_srlv_epi32(_mm_set1_epi32((int)qk_load_u32(p + 8)), _mm_setr_epi32(0, 2, 4, 6));
+    const __m128i top = _mm_and_si128(hi, _mm_set1_epi8(3));
     return _mm_sub_epi8(_mm_or_si128(low, _mm_slli_epi16(top, 4)), _mm_set1_epi8(32));
 }
 #endif
@@ -255,7 +263,7 @@ static inline __m512i qk_k_half_counts16(int lo, int hi) {
 }
 
 static inline __m512i qk_k_bcast256(const uint8_t *p) {
-    return _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)p));
+    return _mm512_broadcast_i64x4(qk_k_ld256(p));
 }
 #endif
 
@@ -354,12 +362,12 @@ static float qk_dot_q2_k(int64_t n, const void *restrict w, const void *restrict
     for (int64_t i = 0; i < nb; i++) {
         const float d = y[i].d * qk_k_half(x[i].d), dmin = y[i].d * qk_k_half(x[i].dmin);
         const __m128i sc8 = _mm_loadu_si128((const __m128i *)x[i].scales);
-        const __m256i mins = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(sc8, 4), _mm512_castsi512_si128(m4)));
-        const __m256i bsums = _mm256_loadu_si256((const __m256i *)y[i].bsums);
+        const __m128i m4x = _mm512_castsi512_si128(m4);
+        const __m256i mins = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(sc8, 4), m4x));
+        const __m256i bsums = qk_k_ld256(y[i].bsums);
         acc_min = _mm256_fmadd_ps(_mm256_set1_ps(dmin),
                                   _mm256_cvtepi32_ps(_mm256_madd_epi16(bsums, mins)), acc_min);
-        const __m512i sc = _mm512_castsi256_si512(
-            _mm256_cvtepu8_epi16(_mm_and_si128(sc8, _mm512_castsi512_si128(m4))));
+        const __m512i sc = _mm512_castsi256_si512(_mm256_cvtepu8_epi16(_mm_and_si128(sc8, m4x)));
         __m512i sumi = _mm512_setzero_si512();
 #pragma GCC unroll 4
         for (int c = 0; c < 4; c++) { /* 64 elements: half c/2, bit pairs j = 2*(c%2), +1 */
@@ -381,19 +389,19 @@ static float qk_dot_q2_k(int64_t n, const void *restrict w, const void *restrict
         const float d = y[i].d * qk_k_half(x[i].d), dmin = y[i].d * qk_k_half(x[i].dmin);
         const __m128i sc8 = _mm_loadu_si128((const __m128i *)x[i].scales);
         const __m256i mins = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(sc8, 4), m4));
-        const __m256i bsums = _mm256_loadu_si256((const __m256i *)y[i].bsums);
+        const __m256i bsums = qk_k_ld256(y[i].bsums);
         acc_min = _mm256_fmadd_ps(_mm256_set1_ps(dmin),
                                   _mm256_cvtepi32_ps(_mm256_madd_epi16(bsums, mins)), acc_min);
         const __m256i sc = _mm256_cvtepu8_epi16(_mm_and_si128(sc8, m4));
         __m256i sumi = _mm256_setzero_si256();
         for (int h = 0; h < 2; h++) {
             const __m256i scb = _mm256_permute2x128_si256(sc, sc, h ? 0x11 : 0x00);
-            const __m256i qb = _mm256_loadu_si256((const __m256i *)(x[i].qs + 32 * h));
+            const __m256i qb = qk_k_ld256(x[i].qs + 32 * h);
 #pragma GCC unroll 4
             for (int j = 0; j < 4; j++) {
                 const __m256i q = _mm256_and_si256(_mm256_srli_epi16(qb, 2 * j), m3);
                 const __m256i p = _mm256_maddubs_epi16(
-                    q, _mm256_loadu_si256((const __m256i *)(y[i].qs + 128 * h + 32 * j)));
+                    q, qk_k_ld256(y[i].qs + 128 * h + 32 * j));
                 const __m256i s = _mm256_shuffle_epi8(scb, qk_k_word_pair256(2 * j, 2 * j + 1));
                 sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, s));
             }
@@ -447,7 +455,7 @@ static float qk_dot_q3_k(int64_t n, const void *restrict w, const void *restrict
     for (int64_t i = 0; i < nb; i++) {
         const float d = y[i].d * qk_k_half(x[i].d);
         const __m256i sc16 = _mm256_cvtepi8_epi16(qk_k3_scales_sse(x[i].scales));
-        const __m256i off = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)y[i].bsums), sc16);
+        const __m256i off = _mm256_madd_epi16(qk_k_ld256(y[i].bsums), sc16);
         const __m512i sc = _mm512_castsi256_si512(sc16);
         const __m512i hm = qk_k_bcast256(x[i].hmask);
         __m512i sumi = _mm512_setzero_si512();
@@ -473,19 +481,19 @@ static float qk_dot_q3_k(int64_t n, const void *restrict w, const void *restrict
     for (int64_t i = 0; i < nb; i++) {
         const float d = y[i].d * qk_k_half(x[i].d);
         const __m256i sc = _mm256_cvtepi8_epi16(qk_k3_scales_sse(x[i].scales));
-        const __m256i off = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)y[i].bsums), sc);
-        const __m256i hm = _mm256_loadu_si256((const __m256i *)x[i].hmask);
+        const __m256i off = _mm256_madd_epi16(qk_k_ld256(y[i].bsums), sc);
+        const __m256i hm = qk_k_ld256(x[i].hmask);
         __m256i sumi = _mm256_setzero_si256();
         for (int h = 0; h < 2; h++) {
             const __m256i scb = _mm256_permute2x128_si256(sc, sc, h ? 0x11 : 0x00);
-            const __m256i qb = _mm256_loadu_si256((const __m256i *)(x[i].qs + 32 * h));
+            const __m256i qb = qk_k_ld256(x[i].qs + 32 * h);
 #pragma GCC unroll 4
             for (int j = 0; j < 4; j++) {
                 const __m256i bit = _mm256_set1_epi8((char)(1 << (4 * h + j)));
                 const __m256i hi = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hm, bit), bit), four);
                 const __m256i q = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qb, 2 * j), m3), hi);
                 const __m256i p = _mm256_maddubs_epi16(
-                    q, _mm256_loadu_si256((const __m256i *)(y[i].qs + 128 * h + 32 * j)));
+                    q, qk_k_ld256(y[i].qs + 128 * h + 32 * j));
                 const __m256i s = _mm256_shuffle_epi8(scb, qk_k_word_pair256(2 * j, 2 * j + 1));
                 sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, s));
             }
@@ -544,19 +552,19 @@ static float qk_dot_q4_k(int64_t n, const void *restrict w, const void *restrict
     for (int64_t i = 0; i < nb; i++) {
         const float d = y[i].d * qk_k_half(x[i].d), dmin = y[i].d * qk_k_half(x[i].dmin);
         const __m128i scmn = qk_k4_scales_sse(x[i].scales);
-        const __m256i bsums = _mm256_loadu_si256((const __m256i *)y[i].bsums);
-        acc_min = _mm256_fmadd_ps(_mm256_set1_ps(dmin),
-                                  _mm256_cvtepi32_ps(_mm256_madd_epi16(bsums, qk_k4_mins_paired(scmn))), acc_min);
+        const __m256i bsums = qk_k_ld256(y[i].bsums);
+        const __m256i summ = _mm256_madd_epi16(bsums, qk_k4_mins_paired(scmn));
+        acc_min = _mm256_fmadd_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(summ), acc_min);
         const __m256i scales = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(scmn));
         __m256i sumi = _mm256_setzero_si256();
 #pragma GCC unroll 4
         for (int c = 0; c < 4; c++) {
-            const __m256i qb = _mm256_loadu_si256((const __m256i *)(x[i].qs + 32 * c));
+            const __m256i qb = qk_k_ld256(x[i].qs + 32 * c);
             const __m256i plo = _mm256_maddubs_epi16(
-                _mm256_and_si256(qb, m4), _mm256_loadu_si256((const __m256i *)(y[i].qs + 64 * c)));
+                _mm256_and_si256(qb, m4), qk_k_ld256(y[i].qs + 64 * c));
             const __m256i phi = _mm256_maddubs_epi16(
                 _mm256_and_si256(_mm256_srli_epi16(qb, 4), m4),
-                _mm256_loadu_si256((const __m256i *)(y[i].qs + 64 * c + 32)));
+                qk_k_ld256(y[i].qs + 64 * c + 32));
             const __m256i slo = _mm256_shuffle_epi8(scales, _mm256_set1_epi16(QK_K_WORD(2 * c)));
             const __m256i shi = _mm256_shuffle_epi8(scales, _mm256_set1_epi16(QK_K_WORD(2 * c + 1)));
             sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(_mm256_madd_epi16(plo, slo),
@@ -622,24 +630,24 @@ static float qk_dot_q5_k(int64_t n, const void *restrict w, const void *restrict
     for (int64_t i = 0; i < nb; i++) {
         const float d = y[i].d * qk_k_half(x[i].d), dmin = y[i].d * qk_k_half(x[i].dmin);
         const __m128i scmn = qk_k4_scales_sse(x[i].scales);
-        const __m256i bsums = _mm256_loadu_si256((const __m256i *)y[i].bsums);
-        acc_min = _mm256_fmadd_ps(_mm256_set1_ps(dmin),
-                                  _mm256_cvtepi32_ps(_mm256_madd_epi16(bsums, qk_k4_mins_paired(scmn))), acc_min);
+        const __m256i bsums = qk_k_ld256(y[i].bsums);
+        const __m256i summ = _mm256_madd_epi16(bsums, qk_k4_mins_paired(scmn));
+        acc_min = _mm256_fmadd_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(summ), acc_min);
         const __m256i scales = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(scmn));
-        __m256i qh = _mm256_loadu_si256((const __m256i *)x[i].qh);
+        __m256i qh = qk_k_ld256(x[i].qh);
         __m256i sumi = _mm256_setzero_si256();
 #pragma GCC unroll 4
         for (int c = 0; c < 4; c++) {
             /* qh has been shifted right by 2c: bit 0 -> sub-block 2c, bit 1 -> 2c+1; the
              * 16-bit shifts only move bits within each byte before the mask */
-            const __m256i qb = _mm256_loadu_si256((const __m256i *)(x[i].qs + 32 * c));
+            const __m256i qb = qk_k_ld256(x[i].qs + 32 * c);
             const __m256i qlo = _mm256_or_si256(_mm256_and_si256(qb, m4),
                                                 _mm256_and_si256(_mm256_slli_epi16(qh, 4), bit4));
             const __m256i qhi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qb, 4), m4),
                                                 _mm256_and_si256(_mm256_slli_epi16(qh, 3), bit4));
             qh = _mm256_srli_epi16(qh, 2);
-            const __m256i plo = _mm256_maddubs_epi16(qlo, _mm256_loadu_si256((const __m256i *)(y[i].qs + 64 * c)));
-            const __m256i phi = _mm256_maddubs_epi16(qhi, _mm256_loadu_si256((const __m256i *)(y[i].qs + 64 * c + 32)));
+            const __m256i plo = _mm256_maddubs_epi16(qlo, qk_k_ld256(y[i].qs + 64 * c));
+            const __m256i phi = _mm256_maddubs_epi16(qhi, qk_k_ld256(y[i].qs + 64 * c + 32));
             const __m256i slo = _mm256_shuffle_epi8(scales, _mm256_set1_epi16(QK_K_WORD(2 * c)));
             const __m256i shi = _mm256_shuffle_epi8(scales, _mm256_set1_epi16(QK_K_WORD(2 * c + 1)));
             sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(_mm256_madd_epi16(plo, slo),
@@ -701,7 +709,7 @@ static float qk_dot_q6_k(int64_t n, const void *restrict w, const void *restrict
     for (int64_t i = 0; i < nb; i++) {
         const float d = y[i].d * qk_k_half(x[i].d);
         const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)x[i].scales));
-        const __m256i off = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)y[i].bsums), sc16);
+        const __m256i off = _mm256_madd_epi16(qk_k_ld256(y[i].bsums), sc16);
         const __m512i sc = _mm512_castsi256_si512(sc16);
         __m512i sumi = _mm512_setzero_si512();
 #pragma GCC unroll 2
@@ -728,14 +736,14 @@ static float qk_dot_q6_k(int64_t n, const void *restrict w, const void *restrict
     for (int64_t i = 0; i < nb; i++) {
         const float d = y[i].d * qk_k_half(x[i].d);
         const __m256i sc = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)x[i].scales));
-        const __m256i off = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)y[i].bsums), sc);
+        const __m256i off = _mm256_madd_epi16(qk_k_ld256(y[i].bsums), sc);
         __m256i sumi = _mm256_setzero_si256();
 #pragma GCC unroll 2
         for (int h = 0; h < 2; h++) {
             const __m256i scb = _mm256_permute2x128_si256(sc, sc, h ? 0x11 : 0x00);
-            const __m256i ql0 = _mm256_loadu_si256((const __m256i *)(x[i].ql + 64 * h));
-            const __m256i ql1 = _mm256_loadu_si256((const __m256i *)(x[i].ql + 64 * h + 32));
-            const __m256i qh = _mm256_loadu_si256((const __m256i *)(x[i].qh + 32 * h));
+            const __m256i ql0 = qk_k_ld256(x[i].ql + 64 * h);
+            const __m256i ql1 = qk_k_ld256(x[i].ql + 64 * h + 32);
+            const __m256i qh = qk_k_ld256(x[i].qh + 32 * h);
             __m256i q[4];
             q[0] = _mm256_or_si256(_mm256_and_si256(ql0, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30));
             q[1] = _mm256_or_si256(_mm256_and_si256(ql1, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30));
@@ -745,7 +753,7 @@ static float qk_dot_q6_k(int64_t n, const void *restrict w, const void *restrict
 #pragma GCC unroll 4
             for (int k = 0; k < 4; k++) {
                 const __m256i p = _mm256_maddubs_epi16(
-                    q[k], _mm256_loadu_si256((const __m256i *)(y[i].qs + 128 * h + 32 * k)));
+                    q[k], qk_k_ld256(y[i].qs + 128 * h + 32 * k));
                 const __m256i s = _mm256_shuffle_epi8(scb, qk_k_word_pair256(2 * k, 2 * k + 1));
                 sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, s));
             }
@@ -794,14 +802,15 @@ static float qk_dot_iq4_nl(int64_t n, const void *restrict w, const void *restri
     for (; i + 1 < nb; i += 2) {
         const __m256i w0 = _mm256_shuffle_epi8(table, qk_nibbles_to_bytes32(x[i].qs));
         const __m256i w1 = _mm256_shuffle_epi8(table, qk_nibbles_to_bytes32(x[i + 1].qs));
-        const __m256i s0 = qk_dot_s8s8_epi32(w0, _mm256_loadu_si256((const __m256i *)y[i].qs));
+        const __m256i s0 = qk_dot_s8s8_epi32(w0, qk_k_ld256(y[i].qs));
         const __m256i s1 = qk_dot_s8s8_epi32(w1, _mm256_loadu_si256((const __m256i *)y[i + 1].qs));
         acc0 = _mm256_fmadd_ps(_mm256_set1_ps(y[i].d * qk_k_half(x[i].d)), _mm256_cvtepi32_ps(s0), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(y[i + 1].d * qk_k_half(x[i + 1].d)), _mm256_cvtepi32_ps(s1), acc1);
+        const float d1 = y[i + 1].d * qk_k_half(x[i + 1].d);
+        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d1), _mm256_cvtepi32_ps(s1), acc1);
     }
     for (; i < nb; i++) {
         const __m256i w0 = _mm256_shuffle_epi8(table, qk_nibbles_to_bytes32(x[i].qs));
-        const __m256i s0 = qk_dot_s8s8_epi32(w0, _mm256_loadu_si256((const __m256i *)y[i].qs));
+        const __m256i s0 = qk_dot_s8s8_epi32(w0, qk_k_ld256(y[i].qs));
         acc0 = _mm256_fmadd_ps(_mm256_set1_ps(y[i].d * qk_k_half(x[i].d)), _mm256_cvtepi32_ps(s0), acc0);
     }
     return qk_hsum_ps256(_mm256_add_ps(acc0, acc1));
@@ -853,7 +862,7 @@ static float qk_dot_iq4_xs(int64_t n, const void *restrict w, const void *restri
         for (int c = 0; c < 4; c++) {
             /* 128-bit lanes: bytes 0-15, 0-15, 16-31, 16-31 -> nibbles lo, hi, lo, hi =
              * sub-blocks 2c and 2c+1 in element order */
-            const __m512i qb = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(x[i].qs + 32 * c)));
+            const __m512i qb = _mm512_castsi256_si512(qk_k_ld256(x[i].qs + 32 * c));
             const __m512i idx = _mm512_and_si512(
                 _mm512_srlv_epi64(_mm512_shuffle_i64x2(qb, qb, _MM_SHUFFLE(1, 1, 0, 0)), nibble_shift), m4);
             const __m512i v = _mm512_shuffle_epi8(table, idx);
@@ -878,13 +887,13 @@ static float qk_dot_iq4_xs(int64_t n, const void *restrict w, const void *restri
         __m256i sumi = _mm256_setzero_si256();
 #pragma GCC unroll 4
         for (int c = 0; c < 4; c++) {
-            const __m256i qb = _mm256_loadu_si256((const __m256i *)(x[i].qs + 32 * c));
+            const __m256i qb = qk_k_ld256(x[i].qs + 32 * c);
             const __m256i lo = _mm256_shuffle_epi8(table, _mm256_and_si256(qb, m4));
             const __m256i hi = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(qb, 4), m4));
             const __m256i v0 = _mm256_permute2x128_si256(lo, hi, 0x20); /* sub-block 2c */
             const __m256i v1 = _mm256_permute2x128_si256(lo, hi, 0x31); /* sub-block 2c+1 */
-            const __m256i a0 = _mm256_loadu_si256((const __m256i *)(y[i].qs + 64 * c));
-            const __m256i a1 = _mm256_loadu_si256((const __m256i *)(y[i].qs + 64 * c + 32));
+            const __m256i a0 = qk_k_ld256(y[i].qs + 64 * c);
+            const __m256i a1 = qk_k_ld256(y[i].qs + 64 * c + 32);
             const __m256i p0 = _mm256_maddubs_epi16(_mm256_sign_epi8(v0, v0), _mm256_sign_epi8(a0, v0));
             const __m256i p1 = _mm256_maddubs_epi16(_mm256_sign_epi8(v1, v1), _mm256_sign_epi8(a1, v1));
             const __m256i s0 = _mm256_shuffle_epi8(scales, _mm256_set1_epi16(QK_K_WORD(2 * c)));
