@@ -28,7 +28,9 @@ import sys
 import tempfile
 import zipfile
 import zlib
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +91,17 @@ def plan_stub(stub: bytes, stub_name: str = "stub") -> StubLayout:
         return _plan_elf(stub, stub_name)
     if stub[:2] == b"MZ":
         return _plan_pe(stub, stub_name)
+    if stub[:4] in (b"\xcf\xfa\xed\xfe", b"\xca\xfe\xba\xbe"):  # Mach-O 64, universal
+        return StubLayout(
+            "append",
+            len(stub),
+            warning=(
+                f"{stub_name} is Mach-O: inserting the model would mean moving __LINKEDIT and "
+                "re-signing, which qpack does not do yet, so the model is appended. The program "
+                "runs, but every start reads the whole model, and `codesign --verify` rejects it; "
+                "for large models on macOS run the plain stub with -m FILE.gguf"
+            ),
+        )
     return StubLayout(
         "append",
         len(stub),
@@ -498,11 +511,16 @@ def write_executable(
 
 
 def _copy_model(out: BinaryIO, source: ModelSource, show_progress: bool) -> tuple[int, str]:
-    """Stream the GGUF into `out`, returning its CRC-32 and SHA-256 (never all in memory)."""
+    """Stream the GGUF into `out`, returning its CRC-32 and SHA-256 (never all in memory).
+
+    The SHA-256 runs in a second thread (hashlib and zlib release the GIL on large buffers):
+    hashing, not I/O, is what makes a build slower than `cp`."""
     crc = 0
     digest = hashlib.sha256()
     copied = 0
+    pending: deque[Future] = deque()
     with (
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256") as hasher,
         source.open() as f,
         click.progressbar(
             length=source.size,
@@ -520,14 +538,18 @@ def _copy_model(out: BinaryIO, source: ModelSource, show_progress: bool) -> tupl
                     out.seek(COPY_CHUNK, os.SEEK_CUR)  # leave a hole: sparse stays sparse
                 else:
                     out.write(chunk)
+                if len(pending) >= 2:  # bounds memory to a few chunks in flight
+                    pending.popleft().result()
+                pending.append(hasher.submit(digest.update, chunk))  # in order: one worker
                 crc = zlib.crc32(chunk, crc)
-                digest.update(chunk)
                 copied += len(chunk)
                 bar.update(len(chunk))
         except zipfile.BadZipFile as e:
             raise QpackError(f"{source.describe()}: the zipped model is corrupt ({e})") from None
         except (zlib.error, EOFError) as e:
             raise QpackError(f"{source.describe()}: cannot decompress the model ({e})") from None
+        for done in pending:
+            done.result()
     if copied != source.size:
         raise QpackError(
             f"{source.describe()}: expected {source.size} bytes, read {copied}: "

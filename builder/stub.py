@@ -181,7 +181,24 @@ def get_stub(target: str | None = None, rebuild: bool = False) -> Path:
     if path.is_file() and not rebuild:
         return path
     build_stub(files, path)
+    prune_cache(here, keep=path)
     return path
+
+
+def prune_cache(platform_tag: str, keep: Path, n_kept: int = 2) -> None:
+    """Drop all but the newest stubs of this platform (each is ~65 MB; a changed runtime
+    makes a new one)."""
+    stubs = sorted(
+        (
+            p
+            for p in keep.parent.glob(f"qpack-stub-*-{platform_tag}-*")
+            if p.is_file() and p != keep
+        ),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
+    for old in stubs[n_kept - 1 :]:
+        old.unlink(missing_ok=True)
 
 
 def build_stub(files: list[tuple[str, Path]], dest: Path) -> None:

@@ -148,6 +148,14 @@ def test_unknown_stub_falls_back_to_append_with_a_warning(model, tmp_path, capsy
     assert embedded.locate_model(str(out)).offset % 65536 == 0
 
 
+def test_macho_stub_is_appended_with_its_own_warning(model, tmp_path, capsys):
+    stub = tmp_path / "stub"
+    stub.write_bytes(b"\xcf\xfa\xed\xfe" + bytes(60) + ARCHIVE)
+    report = build(model, stub, tmp_path / "tiny.bin")
+    assert report.layout == "append"
+    assert "Mach-O" in capsys.readouterr().err
+
+
 # --- the PE layout -----------------------------------------------------------------------------
 
 
