@@ -38,6 +38,7 @@ def main(debug: bool) -> None:
     \b
     qpack build model.gguf        write model.bin (runtime + model in one file)
     qpack run model.gguf -p TEXT  generate from a prompt with the same runtime
+    qpack serve model.gguf        chat page and OpenAI-compatible API on localhost:8080
     qpack inspect model.gguf      show what is inside a GGUF or a built executable
     """
 
@@ -139,6 +140,18 @@ def run_command(model, **kw) -> None:
         raise click.UsageError("give -p PROMPT or --chat (`qpack serve` starts the server)")
     qpack_cpu.load(kw["cpu_choice"])
     runtime_main.run_model(_open_model(model), kw)
+
+
+@main.command("serve")
+@click.argument("model", type=click.Path(path_type=Path))
+@runtime_main.server_options
+@runtime_main.load_options
+@runtime_main.sampling_options
+def serve_command(model, **kw) -> None:
+    """Serve MODEL (a GGUF file): the chat page and an OpenAI-compatible API on --host:--port,
+    as a built executable does. The sampling options are the defaults of each request."""
+    qpack_cpu.load(kw["cpu_choice"])
+    runtime_main.serve(_open_model(model), kw)
 
 
 @main.command("perplexity")

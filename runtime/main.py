@@ -57,6 +57,25 @@ def sampling_options(f):
     return f
 
 
+def server_options(f):
+    """Where and how the server listens (the executable's default mode, and `qpack serve`)."""
+    for opt in reversed([
+        click.option("--host", default="127.0.0.1", show_default=True, help="Address the server binds."),
+        click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535),
+                     help="Port the server listens on (0: any free port)."),
+        click.option("--api-key", envvar="QPACK_API_KEY",
+                     help="Require this key (Authorization: Bearer KEY or X-Api-Key); /health stays public."),
+        click.option("--parallel", "-np", default=4, show_default=True, type=click.IntRange(1, 64),
+                     help="Requests decoded together (each gets a context of --ctx-size)."),
+        click.option("--cors-origin", help="Allow browser pages from this origin (or *) to call the API."),
+        click.option("--max-body", default=1 << 20, show_default=True, type=click.IntRange(min=1024),
+                     help="Largest request body in bytes."),
+        click.option("--nobrowser", is_flag=True, help="Do not open the chat page in a browser."),
+    ]):
+        f = opt(f)
+    return f
+
+
 def sampling_params(kw: dict):
     from .sampler import SamplingParams
 
@@ -83,8 +102,24 @@ def run_model(gguf, kw: dict) -> None:
 
 
 def serve(gguf, kw: dict) -> None:
-    """Default: the OpenAI-compatible server and chat page on host:port."""
-    raise QpackError("serving: the server is not available in this build yet")
+    """Default: the OpenAI-compatible server and chat page on host:port. The sampling options
+    become the defaults of requests that leave those fields out."""
+    from . import server
+    from .openai_api import ServerDefaults
+
+    params = sampling_params(kw)
+    defaults = ServerDefaults(
+        temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
+        repeat_penalty=params.repeat_penalty, seed=params.seed, stop=params.stop,
+        max_tokens=params.max_tokens, system=kw.get("system"),
+    )
+    options = server.ServerOptions(
+        host=kw["host"], port=kw["port"], api_key=kw["api_key"] or None, cors_origin=kw["cors_origin"],
+        max_body=kw["max_body"], parallel=kw["parallel"], ctx_size=kw["ctx_size"], threads=kw["threads"],
+        cpu_choice=kw["cpu_choice"], open_browser=not kw["nobrowser"], verbose=kw["verbose"],
+        defaults=defaults,
+    )
+    server.run(gguf, options)
 
 
 # --- the model -------------------------------------------------------------------------------
@@ -166,9 +201,7 @@ def verify_model(location: ModelLocation) -> None:
               help="Run this GGUF file instead of the embedded model.")
 @click.option("-p", "--prompt", help="Continue this text, print it and exit (no chat template).")
 @click.option("--chat", is_flag=True, help="Chat in the terminal, through the model's chat template.")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address the server binds.")
-@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
-@click.option("--nobrowser", is_flag=True, help="Do not open the chat page in a browser.")
+@server_options
 @load_options
 @sampling_options
 @click.option("--verify", is_flag=True, help="Check the embedded model against its CRC-32 and SHA-256, then exit.")
