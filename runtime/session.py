@@ -107,17 +107,6 @@ def run_prompt(loaded: Loaded, prompt: str, params: SamplingParams, out: TextIO 
     click.echo(summary(req), err=True)
 
 
-def chat_tokens(loaded: Loaded, messages: list[dict[str, Any]]) -> list[int]:
-    """Messages through the chat template into token ids: the template's special tokens are
-    parsed (the message text was already placed by the template); BOS is added per the model's
-    metadata unless the template wrote it itself."""
-    text = loaded.template.render(messages, add_generation_prompt=True)
-    tok = loaded.tokenizer
-    bos_text = tok.token_text(tok.bos_id) if tok.bos_id is not None else None
-    add_bos = None if not (bos_text and text.startswith(bos_text)) else False
-    return tok.encode(text, add_bos=add_bos, parse_special=True)
-
-
 def run_chat(loaded: Loaded, params: SamplingParams, system: str | None = None) -> None:
     """A terminal conversation through the model's chat template. /clear starts over, /exit
     (or Ctrl-D) leaves; Ctrl-C stops the current answer."""
@@ -138,7 +127,7 @@ def run_chat(loaded: Loaded, params: SamplingParams, system: str | None = None) 
             messages = messages[:1] if system else []
             continue
         messages.append({"role": "user", "content": line})
-        tokens = chat_tokens(loaded, messages)
+        tokens = loaded.template.encode(messages)
         started = time.perf_counter()
         req = loaded.engine.submit(tokens, params)
         answer = _Tee(sys.stdout)
