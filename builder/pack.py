@@ -623,11 +623,13 @@ def check_model(
     path: str | os.PathLike, offset: int = 0, length: int | None = None, describe: str = ""
 ) -> ModelSummary:
     """Open the GGUF with the runtime's own reader and refuse what the runtime cannot run
-    (architecture, hyperparameters, tensor types), so no build yields a useless executable."""
+    (architecture, hyperparameters, tokenizer, tensor types), so no build yields a useless
+    executable."""
     from qpack.runtime.arch import HParams, get_architecture
     from qpack.runtime.errors import GGUFError, UnsupportedModel
     from qpack.runtime.gguf import open_gguf
     from qpack.runtime.quants import SUPPORTED_WEIGHT_TYPES
+    from qpack.runtime.tokenizer import Tokenizer
 
     describe = describe or str(path)
     try:
@@ -642,6 +644,10 @@ def check_model(
         except UnsupportedModel as e:
             raise UnsupportedModel(f"{describe}: {e}") from None
         HParams.from_metadata(gf.metadata, describe)
+        try:
+            Tokenizer.from_metadata(gf.metadata)
+        except UnsupportedModel as e:
+            raise UnsupportedModel(f"{describe}: {e}") from None
         mix: dict[str, dict[str, int]] = {}
         n_parameters = 0
         for ti in gf.tensors.values():

@@ -331,6 +331,14 @@ def test_unsupported_tensor_type(elf_stub, tmp_path):
     assert leftovers(tmp_path) == ["mx.gguf"]
 
 
+def test_unsupported_tokenizer(elf_stub, tmp_path):
+    config = TinyLlamaConfig(extra_metadata={"tokenizer.ggml.model": "bert"})
+    path = tiny_llama(tmp_path / "bert.gguf", config)
+    with pytest.raises(UnsupportedModel, match="bert"):
+        build(path, elf_stub, tmp_path / "x.bin")
+    assert leftovers(tmp_path) == ["bert.gguf"]
+
+
 def test_unsupported_architecture(elf_stub, tmp_path):
     import numpy as np
 
