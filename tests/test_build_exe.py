@@ -188,6 +188,15 @@ def sparse_gguf(path: Path, n_bytes: int) -> Path:
     }.items():  # fmt: skip
         w.add_uint32(f"llama.{key}", value)
     w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+    from gguf_fixtures import tiny_llama_vocab
+
+    tokens, scores, types = tiny_llama_vocab()
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
     w.add_tensor_info("huge.weight", (n_bytes // 4,), np.dtype(np.float32), n_bytes)
     w.write_header_to_file()
     w.write_kv_data_to_file()
