@@ -231,6 +231,7 @@ def run(argv: list[str] | None = None) -> int:
     the command line; every QpackError becomes one line on stderr and exit status 1."""
     argv = sys.argv[1:] if argv is None else list(argv)
     defaults: list[str] = []
+    # `.args` belong to the embedded model: `-m other.gguf` on the command line drops them.
     if (
         "-m" not in argv
         and "--model" not in argv
