@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import click
 from qpack.runtime.errors import QpackError
@@ -67,6 +67,7 @@ a = Analysis(
     [{entry!r}],
     pathex=[{src!r}],
     hiddenimports={hidden!r},
+    datas={datas!r},  # the chat page (web/index.html) and other non-code files
     excludes={excludes!r},
     noarchive=False,
 )
@@ -239,6 +240,11 @@ def build_stub(files: list[tuple[str, Path]], dest: Path) -> None:
                 entry=str(package / "__main__.py"),
                 src=str(work / "src"),
                 hidden=hidden,
+                datas=[
+                    (str(package / rel), str(PurePosixPath("qpack/runtime", rel).parent))
+                    for rel, _ in files
+                    if not rel.endswith((".py", ".so", ".pyd"))
+                ],
                 excludes=EXCLUDES,
                 name=name,
                 strip_debug=sys.platform.startswith("linux"),
