@@ -207,6 +207,14 @@ def _model_id(gguf: Any) -> str:
     path = str(getattr(gguf, "path", "") or "")
     if path.endswith(".gguf"):
         return os.path.basename(path)[: -len(".gguf")]
+    try:  # the model inside this executable: the GGUF file name it was built from
+        from . import embedded
+
+        member = embedded.own_model()
+        if member is not None and os.path.realpath(member.path) == os.path.realpath(path):
+            return member.manifest()["model"]["file"].removesuffix(".gguf")
+    except (QpackError, KeyError, TypeError, AttributeError, OSError):
+        pass
     name = gguf.metadata.get("general.name")
     return name if isinstance(name, str) and name else os.path.basename(path) or "model"
 
