@@ -426,3 +426,40 @@ def test_client_killed_mid_stream_frees_its_slot(server, client):
     # The killed stream made a few tokens (well short of its 600); the others at most 36.
     assert generated < 3 * 12 + 150, generated
     assert server.alive()
+
+
+@pytest.mark.slow
+def test_client_that_stops_reading_does_not_stall_the_others(server, client):
+    """The engine only puts into queues: a client that reads nothing holds up no one."""
+    alone = [chat(client, p, max_tokens=12).choices[0].message.content for p in PROMPTS[:3]]
+    body = json.dumps({
+        "messages": [{"role": "user", "content": "Tell me a very long story."}],
+        "max_tokens": 600, "stream": True, "temperature": 0,
+        "logit_bias": {"0": -100, "2": -100, "4": -100},
+    }).encode()  # fmt: skip
+    stalled = socket.socket()
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.connect((server.host, server.port))
+    try:
+        stalled.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+        while server.metric("qpack_requests_processing") < 1:  # it is decoding, never read
+            time.sleep(0.02)
+        results: list[str | None] = [None] * 3
+
+        def other(i):
+            results[i] = stream_text(chat(client, PROMPTS[i], stream=True, max_tokens=12))[0]
+
+        threads = [threading.Thread(target=other, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert results == alone
+    finally:
+        stalled.close()
+    for _ in range(1200):
+        if server.metric("qpack_requests_processing") == 0:
+            break
+        time.sleep(0.05)
+    assert server.metric("qpack_requests_processing") == 0
