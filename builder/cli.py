@@ -187,3 +187,7 @@ def perplexity_command(model, text_file, ctx_size, threads, cpu_choice) -> None:
         click.echo("," if est.windows < n_windows else "\n", nl=False)
         last = est
     click.echo(f"PPL = {last.ppl:.4f} +/- {last.error:.4f} ({last.tokens} tokens scored)")
+
+
+if __name__ == "__main__":
+    main()
