@@ -50,9 +50,11 @@ class Usage:
 class Request:
     """One generation: the caller reads `events()`; `cancel()` frees its slot at the next step."""
 
-    def __init__(self, prompt: list[int], params: SamplingParams):
+    def __init__(self, prompt: list[int], params: SamplingParams, constraint=None):
         self.prompt = list(prompt)
         self.params = params
+        # Optional: .mask(logits) -> logits allowed next, .advance(token) (JSON mode).
+        self.constraint = constraint
         self.usage = Usage(prompt_tokens=len(prompt))
         self._queue: queue.Queue[Event] = queue.Queue()
         self._cancelled = threading.Event()
@@ -123,7 +125,7 @@ class Engine:
 
     # ------------------------------------------------------------------ API (any thread)
 
-    def submit(self, prompt: list[int], params: SamplingParams) -> Request:
+    def submit(self, prompt: list[int], params: SamplingParams, constraint=None) -> Request:
         """Queue a generation. Raises ContextOverflow when the prompt leaves no room."""
         if not prompt:
             raise QpackError("the prompt is empty")
@@ -132,7 +134,7 @@ class Engine:
                 f"the prompt has {len(prompt)} tokens but the context holds {self.n_ctx}; "
                 f"shorten it or raise --ctx-size"
             )
-        req = Request(prompt, params)
+        req = Request(prompt, params, constraint)
         self._incoming.put(req)
         return req
 
@@ -319,7 +321,11 @@ class Engine:
         if s.generated == 0:
             s.first_token_at = now
             req.usage.prompt_seconds = now - s.started
+        if req.constraint is not None:
+            logits = req.constraint.mask(logits)
         tok = s.sampler.sample(logits, s.tokens)
+        if req.constraint is not None:
+            req.constraint.advance(tok.id)
         s.generated += 1
         req.usage.completion_tokens = s.generated
         req.usage.generation_seconds = now - s.first_token_at

@@ -39,6 +39,7 @@ import numpy as np
 from . import cpu, session
 from . import openai_api as api
 from .errors import ContextOverflow, QpackError
+from .json_constraint import JsonConstraint
 from .openai_api import ApiError, ServerDefaults
 from .version import __version__
 
@@ -497,14 +498,14 @@ class Handler(BaseHTTPRequestHandler):
 
     # --- generation ---------------------------------------------------------------------------
 
-    def _submit(self, tokens: list[int], params) -> Any:
+    def _submit(self, tokens: list[int], params, constraint=None) -> Any:
         engine = self.app.loaded.engine
         limit = MAX_PENDING_PER_SLOT * len(engine.slots)
         if self.app.metrics.in_flight >= limit:
             raise ApiError(503, f"the server is busy ({limit} requests waiting); retry later",
                            type_="server_error", code="server_busy")  # fmt: skip
         try:
-            req = engine.submit(tokens, params)
+            req = engine.submit(tokens, params, constraint)
         except ContextOverflow as e:
             raise ApiError(400, str(e), code="context_length_exceeded", param="messages") from None
         except QpackError as e:
@@ -528,7 +529,12 @@ class Handler(BaseHTTPRequestHandler):
 
     def _generate(self, prompt: api.Prompt, chat: bool) -> None:
         loaded = self.app.loaded
-        req = self._submit(prompt.tokens, prompt.params)
+        constraint = None
+        if prompt.json_mode:
+            p = prompt.params
+            keep = max(1 if p.temperature == 0 else (p.top_k or 40), p.n_logprobs or 0)
+            constraint = JsonConstraint(loaded.tokenizer, keep=keep)
+        req = self._submit(prompt.tokens, prompt.params, constraint)
         answer = api.Answer(loaded, chat, prompt.logprobs, "chatcmpl" if chat else "cmpl")
         try:
             if prompt.stream:

@@ -63,7 +63,7 @@ def test_every_command_has_help():
 @pytest.mark.slow
 def test_perplexity_prints_running_estimates(smollm2_path, tmp_path):
     text = tmp_path / "t.txt"
-    text.write_text(("The quick brown fox jumps over the lazy dog. " * 40))
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
     r = qpack("perplexity", str(smollm2_path), "-f", str(text), "-c", "64", "-t", "1")
     assert r.returncode == 0, r.stderr
     assert "[1]" in r.stdout and "PPL = " in r.stdout
