@@ -75,6 +75,15 @@ class Request:
             if ev.finish_reason is not None:
                 return
 
+    def poll(self) -> list[Event]:
+        """The events that have arrived so far, without waiting."""
+        out = []
+        while True:
+            try:
+                out.append(self._queue.get_nowait())
+            except queue.Empty:
+                return out
+
     def _emit(self, ev: Event) -> None:
         self._queue.put(ev)
         if ev.finish_reason is not None:
@@ -202,8 +211,12 @@ class Engine:
     def run_until_done(self, req: Request) -> None:
         """Pump steps on the calling thread until req finishes (CLI use, no engine thread)."""
         while not req.done.is_set():
-            self._drain_incoming()
-            self.step()
+            self.pump()
+
+    def pump(self) -> None:
+        """One step on the calling thread, after taking in what was submitted."""
+        self._drain_incoming()
+        self.step()
 
     def _drain_incoming(self) -> None:
         while True:

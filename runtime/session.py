@@ -59,9 +59,8 @@ def stream(loaded: Loaded, req: Request, out: TextIO) -> str:
     reason = None
     try:
         while reason is None:
-            engine._drain_incoming()
-            engine.step()
-            for ev in _pending(req):
+            engine.pump()
+            for ev in req.poll():
                 if ev.text:
                     out.write(ev.text)
                     out.flush()
@@ -72,16 +71,6 @@ def stream(loaded: Loaded, req: Request, out: TextIO) -> str:
         engine.run_until_done(req)
         reason = "cancelled"
     return reason
-
-
-def _pending(req: Request):
-    import queue
-
-    while True:
-        try:
-            yield req._queue.get_nowait()
-        except queue.Empty:
-            return
 
 
 def summary(req: Request) -> str:
