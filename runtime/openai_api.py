@@ -590,6 +590,5 @@ def extract_json_object(text: str, max_tries: int = 64) -> str | None:
 
 
 def json_mode_error(a: Answer) -> ApiError:
-    why = " (it ran out of tokens: raise max_tokens)" if a.finish_reason == "length" else ""
-    return ApiError(500, f"JSON mode: the model's answer is not a JSON object{why}; try again or "
-                    "lower the temperature", type_="server_error", code="invalid_json_output")  # fmt: skip
+    return ApiError(500, "JSON mode: the model's answer is not a JSON object; try again",
+                    type_="server_error", code="invalid_json_output")  # fmt: skip

@@ -559,7 +559,7 @@ class Handler(BaseHTTPRequestHandler):
             self._send_json(api.completion_response(answer, model, fp, req.usage, prompt.echo))
             return
         content = answer.content
-        if prompt.json_mode:
+        if prompt.json_mode and answer.finish_reason != "length":  # cut short: as OpenAI, as is
             content = api.extract_json_object(content)
             if content is None:
                 raise api.json_mode_error(answer)
@@ -592,7 +592,7 @@ class Handler(BaseHTTPRequestHandler):
                 offset += len(ev.text)
                 pending = []
         self._check_finish(answer)
-        if chat and prompt.json_mode and api.extract_json_object(answer.content) is None:
+        if chat and prompt.json_mode and answer.finish_reason != "length" and api.extract_json_object(answer.content) is None:
             raise api.json_mode_error(answer)
         if chat:
             self._sse(api.chat_chunk(answer, model, fp, {}, finish=answer.finish_reason,
