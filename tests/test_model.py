@@ -219,11 +219,26 @@ def check_greedy_against_llama_cpp(model: Model, tokenizer: Tokenizer, ref, path
     return matched
 
 
+REAL_MODELS = ["smollm2", "gemma3"]
+
+
 @pytest.mark.slow
-def test_smollm2_logits_match_llama_cpp(smollm2_path):
-    model = load(smollm2_path, VARIANTS[0], n_ctx=256)
-    stats = check_logits_against_llama_cpp(model, smollm2_path, refs("smollm2"))
-    print("smollm2 vs llama.cpp", json.dumps(stats))
+@pytest.mark.parametrize("name", REAL_MODELS)
+def test_logits_match_llama_cpp(name, request):
+    path = request.getfixturevalue(f"{name}_path")
+    stats = check_logits_against_llama_cpp(load(path, VARIANTS[0], n_ctx=256), path, refs(name))
+    print(name, "vs llama.cpp", json.dumps(stats))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", REAL_MODELS)
+def test_greedy_matches_llama_cpp(name, request):
+    path = request.getfixturevalue(f"{name}_path")
+    gf = open_gguf(str(path))
+    model = Model(gf, n_ctx=128, threads=2)
+    matched = check_greedy_against_llama_cpp(model, Tokenizer.from_gguf(gf), refs(name), path)
+    print(name, "greedy tokens matched per prompt:", matched)
+    assert min(matched) >= 8
 
 
 @pytest.mark.slow
@@ -239,15 +254,6 @@ def test_smollm2_logits_match_the_float64_reference(smollm2_path):
 
 
 @pytest.mark.slow
-def test_smollm2_greedy_matches_llama_cpp(smollm2_path):
-    gf = open_gguf(str(smollm2_path))
-    model = Model(gf, n_ctx=128, threads=2)
-    matched = check_greedy_against_llama_cpp(model, Tokenizer.from_gguf(gf), refs("smollm2"), smollm2_path)
-    print("smollm2 greedy tokens matched per prompt:", matched)
-    assert min(matched) >= 8
-
-
-@pytest.mark.slow
 def test_smollm2_answers_paris(smollm2_path):
     gf = open_gguf(str(smollm2_path))
     tok = Tokenizer.from_gguf(gf)
@@ -258,23 +264,7 @@ def test_smollm2_answers_paris(smollm2_path):
 
 
 @pytest.mark.slow
-def test_gemma3_logits_match_llama_cpp(gemma3_path):
-    model = load(gemma3_path, VARIANTS[0], n_ctx=256)
-    stats = check_logits_against_llama_cpp(model, gemma3_path, refs("gemma3"))
-    print("gemma3 vs llama.cpp", json.dumps(stats))
-
-
-@pytest.mark.slow
-def test_gemma3_greedy_matches_llama_cpp(gemma3_path):
-    gf = open_gguf(str(gemma3_path))
-    model = Model(gf, n_ctx=128, threads=2)
-    matched = check_greedy_against_llama_cpp(model, Tokenizer.from_gguf(gf), refs("gemma3"), gemma3_path)
-    print("gemma3 greedy tokens matched per prompt:", matched)
-    assert min(matched) >= 8
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["smollm2", "gemma3"])
+@pytest.mark.parametrize("name", REAL_MODELS)
 def test_perplexity_within_one_percent_of_llama_cpp(name, request):
     path = request.getfixturevalue(f"{name}_path")
     gf = open_gguf(str(path))
