@@ -48,6 +48,8 @@ POLL_SECONDS = 0.2  # how often a waiting handler checks that its client is stil
 SOCKET_TIMEOUT = 300.0  # a client silent this long (mid-request or mid-stream) is dropped
 MAX_PENDING_PER_SLOT = 32  # requests queued beyond this answer 503 instead of piling up
 EMBED_WAIT_SECONDS = 120.0
+LINGER_SECONDS = 2.0  # after refusing a body unread, how long to drop what still arrives
+LINGER_BYTES = 64 << 20
 
 
 @dataclass
@@ -307,8 +309,31 @@ class Handler(BaseHTTPRequestHandler):
 
     # --- dispatch -----------------------------------------------------------------------------
 
+    def finish(self) -> None:
+        super().finish()
+        if getattr(self, "_linger", False):
+            self._discard_unread_body()
+
+    def _discard_unread_body(self) -> None:
+        """After refusing a body unread: send FIN, then drop what the client still sends for a
+        moment, so that closing does not reset the connection before it reads the answer."""
+        sock = self.connection
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            sock.settimeout(LINGER_SECONDS)
+            deadline = time.monotonic() + LINGER_SECONDS
+            dropped = 0
+            while time.monotonic() < deadline and dropped < LINGER_BYTES:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                dropped += len(data)
+        except OSError:
+            pass
+
     def _dispatch(self, method: str) -> None:
         self._status = 0
+        self._linger = False
         self._headers_sent = False
         self._body_read = False
         route = urlsplit(self.path).path
@@ -435,6 +460,7 @@ class Handler(BaseHTTPRequestHandler):
     def _send_bytes(self, status: int, body: bytes, ctype: str, extra: list[tuple[str, str]] = ()) -> None:
         if self.command in ("POST", "PUT", "PATCH") and not self._body_read:
             self.close_connection = True  # the unread body would be taken for the next request
+            self._linger = True
         self._start_response(status, [("Content-Type", ctype), ("Content-Length", str(len(body))), *extra])
         if self.command != "HEAD":
             self._write(body)

@@ -333,11 +333,18 @@ def test_body_over_the_limit_is_refused_unread(server, client):
     with socket.create_connection((server.host, server.port), timeout=30) as sock:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                      b"Content-Type: application/json\r\nContent-Length: 50000000\r\n\r\n{\"messages\": ")  # fmt: skip
-        reply = sock.recv(65536).decode()
+        reply = b""
+        while chunk := sock.recv(65536):  # the server closes its side after the answer
+            reply += chunk
+        reply = reply.decode()
     head, _, body = reply.partition("\r\n\r\n")
     assert head.startswith("HTTP/1.1 413")
     assert "connection: close" in head.lower()
     assert json.loads(body)["error"]["code"] == "request_too_large"
+    # A client that sends the whole body before reading still gets the answer, not a reset.
+    status, _, reply = server.request("POST", "/v1/chat/completions", raw=b"{" + b" " * (3 << 20) + b"}",
+                                      headers={"Content-Type": "application/json"})  # fmt: skip
+    assert status == 413 and reply["error"]["code"] == "request_too_large"
     # And the server goes on: a valid request after all the bad ones.
     assert server.alive()
     assert chat(client, "Hi", max_tokens=3).choices[0].message.content
