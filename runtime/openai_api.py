@@ -349,11 +349,9 @@ def chat_tokens_escaped(loaded: Loaded, messages: list[dict[str, str]]) -> list[
         text = loaded.template.render(messages, add_generation_prompt=True)
     except ChatTemplateError as e:
         raise ApiError(400, str(e), code="invalid_value", param="messages") from None
-    bos_text = tok.token_text(tok.bos_id) if tok.bos_id is not None else None
-    add_bos = False if bos_text and text.startswith(bos_text) else None
     risky = [m["content"] for m in messages if any(s in m["content"] for s in specials)]
     if not risky:
-        return tok.encode(text, add_bos=add_bos, parse_special=True)
+        return tok.encode(text, parse_special=True)  # as ChatTemplate.encode
     # Pieces of (text, is_user_text), found in order in the rendered prompt.
     pieces: list[tuple[str, bool]] = []
     pos = 0
@@ -369,7 +367,7 @@ def chat_tokens_escaped(loaded: Loaded, messages: list[dict[str, str]]) -> list[
     last = len(pieces) - 1
     for i, (piece, is_user) in enumerate(pieces):
         if piece or i == 0:
-            tokens += tok.encode(piece, add_bos=add_bos if i == 0 else False,
+            tokens += tok.encode(piece, add_bos=None if i == 0 else False,
                                  add_eos=None if i == last else False, parse_special=not is_user)  # fmt: skip
     return tokens
 
