@@ -347,6 +347,8 @@ class Handler(BaseHTTPRequestHandler):
             if method == "OPTIONS" and self.app.options.cors_origin:
                 self._preflight(methods)
                 return
+            if method == "HEAD" and "GET" in methods:
+                methods = (*methods, "HEAD")  # GET's answer without its body
             if method not in methods:
                 raise ApiError(405, f"{route} takes {', '.join(methods)}, not {method}",
                                code="method_not_allowed")  # fmt: skip
@@ -357,15 +359,15 @@ class Handler(BaseHTTPRequestHandler):
                                type_="server_error", code="model_loading")  # fmt: skip
             getattr(self, "route_" + route.strip("/").replace("/", "_").replace(".", "_"))()
         except ApiError as e:
-            self._send_error(e)
+            self._try_send_error(e)
         except ClientGone:
             self.close_connection = True
         except (ConnectionError, TimeoutError):
             self.close_connection = True
         except Exception:
             click.echo(f"qpack: internal error on {method} {route}:\n{traceback.format_exc()}", err=True)
-            self._send_error(ApiError(500, "internal server error (see the server's log)",
-                                      type_="server_error", code="internal_error"))  # fmt: skip
+            self._try_send_error(ApiError(500, "internal server error (see the server's log)",
+                                          type_="server_error", code="internal_error"))  # fmt: skip
         finally:
             self.app.metrics.count(label, self._status)
 
@@ -468,6 +470,12 @@ class Handler(BaseHTTPRequestHandler):
     def _send_json(self, obj: Any, status: int = 200) -> None:
         body = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
         self._send_bytes(status, body, "application/json")
+
+    def _try_send_error(self, e: ApiError) -> None:
+        try:
+            self._send_error(e)
+        except (ClientGone, OSError):  # nobody left to tell
+            self.close_connection = True
 
     def _send_error(self, e: ApiError) -> None:
         if self._headers_sent:  # mid-stream: report in the stream, then end it

@@ -76,7 +76,7 @@ class ServerProcess:
             payload = resp.read()
             heads = {k.lower(): v for k, v in resp.getheaders()}
             ctype = heads.get("content-type", "")
-            if ctype.startswith("application/json"):
+            if ctype.startswith("application/json") and payload:
                 return resp.status, heads, json.loads(payload)
             return resp.status, heads, payload.decode("utf-8", errors="replace")
         finally:

@@ -148,6 +148,17 @@ def test_chat_seeded_repeatable_and_stream_equals_plain(client):
 
 
 @pytest.mark.slow
+def test_unknown_fields_are_ignored_and_head_works(server):
+    status, _, r = server.request("POST", "/v1/chat/completions", {
+        "messages": [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi", "name": "x"}],
+        "max_tokens": 3, "temperature": 0, "frobnicate": {"a": [1]}, "tools": [], "user": "me", "store": False,
+    })  # fmt: skip
+    assert status == 200 and r["choices"][0]["message"]["content"]
+    status, heads, body = server.request("HEAD", "/health")
+    assert status == 200 and body == "" and int(heads["content-length"]) > 0
+
+
+@pytest.mark.slow
 def test_completions_plain_and_stream(client):
     kw = dict(model="m", prompt="The capital of France is", max_tokens=12, temperature=0)
     a = client.completions.create(**kw)
