@@ -309,6 +309,18 @@ class Handler(BaseHTTPRequestHandler):
 
     # --- dispatch -----------------------------------------------------------------------------
 
+    def handle_expect_100(self) -> bool:
+        """A body over the limit is refused before the client sends it (Expect: 100-continue)."""
+        try:
+            n = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            n = 0
+        if n > self.app.options.max_body:
+            self._dispatch(self.command)  # answers 413 (or an earlier refusal), body unread
+            self.close_connection = True
+            return False
+        return super().handle_expect_100()
+
     def finish(self) -> None:
         super().finish()
         if getattr(self, "_linger", False):
@@ -372,9 +384,12 @@ class Handler(BaseHTTPRequestHandler):
             self.app.metrics.count(label, self._status)
 
     def _check_host(self) -> None:
-        """On a loopback address, refuse requests named for another host (DNS rebinding: a
-        web page whose name resolves to 127.0.0.1 must not reach the API)."""
+        """On a loopback address without an API key, refuse requests named for another host
+        (DNS rebinding: a web page whose name resolves to 127.0.0.1 must not reach the API).
+        Behind a reverse proxy, pass Host as localhost or set --api-key."""
         host = self.app.options.host
+        if self.app.options.api_key:
+            return
         try:
             if not ipaddress.ip_address(host).is_loopback:
                 return

@@ -259,6 +259,8 @@ def test_api_key(smollm2_path):
         status, _, _ = s.request("GET", "/v1/models", headers={"X-Api-Key": "sesame"})
         assert status == 200
         assert s.request("GET", "/health")[0] == 200  # public
+        # With a key, any Host may ask (a reverse proxy's name): the key is the guard.
+        assert s.request("GET", "/v1/models", headers={"Host": "chat.example", "X-Api-Key": "sesame"})[0] == 200
         assert s.request("GET", "/metrics")[0] == 401
     finally:
         s.stop()
@@ -354,6 +356,14 @@ def test_body_over_the_limit_is_refused_unread(server, client):
     assert head.startswith("HTTP/1.1 413")
     assert "connection: close" in head.lower()
     assert json.loads(body)["error"]["code"] == "request_too_large"
+    # With Expect: 100-continue the refusal comes instead of the go-ahead: no body is sent at all.
+    with socket.create_connection((server.host, server.port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 50000000\r\nExpect: 100-continue\r\n\r\n")  # fmt: skip
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 413") and b"100 Continue" not in reply
     # A client that sends the whole body before reading still gets the answer, not a reset.
     status, _, reply = server.request("POST", "/v1/chat/completions", raw=b"{" + b" " * (3 << 20) + b"}",
                                       headers={"Content-Type": "application/json"})  # fmt: skip
