@@ -244,7 +244,8 @@ def test_json_mode_answers_one_json_object(client, temperature):
 
 @pytest.mark.slow
 def test_api_key(smollm2_path):
-    s = ServerProcess(smollm2_path, *THREADS, "-c", "256", "--parallel", "1", "--api-key", "sesame")
+    s = ServerProcess(smollm2_path, *THREADS, "-c", "256", "--parallel", "1", "--api-key", "sesame",
+                      "--cors-origin", "http://app.example")  # fmt: skip
     try:
         good = openai.OpenAI(base_url=s.api_base, api_key="sesame", max_retries=0)
         assert good.models.list().data
@@ -259,6 +260,15 @@ def test_api_key(smollm2_path):
         status, _, _ = s.request("GET", "/v1/models", headers={"X-Api-Key": "sesame"})
         assert status == 200
         assert s.request("GET", "/health")[0] == 200  # public
+        # CORS: the preflight needs no key; every answer names the allowed origin.
+        status, heads, _ = s.request("OPTIONS", "/v1/chat/completions", headers={
+            "Origin": "http://app.example", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type"})  # fmt: skip
+        assert status == 204 and heads["access-control-allow-origin"] == "http://app.example"
+        assert "POST" in heads["access-control-allow-methods"]
+        assert "authorization" in heads["access-control-allow-headers"].lower()
+        status, heads, _ = s.request("GET", "/v1/models", headers={"Origin": "http://app.example"})
+        assert status == 401 and heads["access-control-allow-origin"] == "http://app.example"
         # With a key, any Host may ask (a reverse proxy's name): the key is the guard.
         assert s.request("GET", "/v1/models", headers={"Host": "chat.example", "X-Api-Key": "sesame"})[0] == 200
         assert s.request("GET", "/metrics")[0] == 401
