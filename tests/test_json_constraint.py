@@ -33,7 +33,7 @@ def accepts(text: str) -> JsonPrefix | None:
     return p if p.feed(text.encode()) else None
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(objects, st.sampled_from([None, 0, 2]), st.booleans())
 def test_every_prefix_of_a_json_object_is_accepted(obj, indent, ascii_only):
     text = json.dumps(obj, indent=indent, ensure_ascii=ascii_only)
@@ -47,7 +47,7 @@ def test_every_prefix_of_a_json_object_is_accepted(obj, indent, ascii_only):
 ALPHABET = '{}[]":,. -+0123456789eEtrufalsn\\x\n\t'
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=400, deadline=None)
 @given(objects, st.lists(st.tuples(st.integers(0, 10**6), st.sampled_from(["del", "ins"]),
                                    st.sampled_from(list(ALPHABET))), min_size=1, max_size=3))  # fmt: skip
 def test_accepted_complete_texts_are_json_objects(obj, edits):
