@@ -85,6 +85,24 @@ def test_listens_before_loading_and_reports_loading():
         s.close()
 
 
+def test_qpack_serve_reports_a_taken_port(smollm2_path):
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "qpack.builder.cli", "serve", str(smollm2_path), "--port",
+                            str(port), "--nobrowser"], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"qpack: error: cannot listen on 127.0.0.1:{port}: the port is already in use "
+        "(another server?); choose another with --port"
+    )
+    assert "Traceback" not in r.stderr
+
+
 @pytest.mark.parametrize("model, turn_end", [("smollm2_path", "<|im_end|>"), ("gemma3_path", "<end_of_turn>")])
 def test_user_text_never_becomes_special_tokens(request, model, turn_end):
     from qpack.runtime.chat import ChatTemplate
