@@ -24,6 +24,8 @@ from .model import Model
 from .sampler import Sampler, SamplingParams, StopMatcher
 from .tokenizer import StreamDecoder, Tokenizer
 
+PREFILL_CHUNK_WHILE_DECODING = 64  # prompt tokens per step when some sequences are decoding
+
 
 @dataclass
 class Event:
@@ -301,6 +303,10 @@ class Engine:
             out_rows.append(len(tokens) - 1)
             out_slots.append(s)
         budget -= len(decoding)
+        if decoding:
+            # While others are generating, feed prompts in small chunks: a long prompt must not
+            # pause every running stream for the seconds its whole prefill takes.
+            budget = min(budget, PREFILL_CHUNK_WHILE_DECODING)
         fed: dict[int, int] = {}
         for s in prefilling:
             if budget <= 0:
