@@ -145,18 +145,21 @@ def kv_cache_bytes(hp: dict[str, Any], ctx: int) -> int | None:
 
 
 def scratch_bytes(hp: dict[str, Any], ctx: int) -> int | None:
-    """An estimate of the f32 working buffers while a prompt is processed in batches of
-    PREFILL_BATCH tokens: the residual stream and normed input, q/k/v, attention output,
-    the feed-forward's gate/up/down, one layer's attention scores (heads × batch × ctx), and
-    the logits of one token. The engine reuses them layer after layer."""
+    """What the engine allocates besides weights and KV cache (cython/model.pxi), for prompt
+    batches of PREFILL_BATCH tokens: per token the residual stream, normed input and matmul
+    output (3 × embd), q/k/v, the attention output, the feed-forward's gate and up, and the
+    8-bit copy of the widest activation row; one row of attention scores per thread; the
+    logits of one token."""
     n_embd, n_ff, vocab = hp["n_embd"], _first(hp["n_ff"]), hp["vocab_size"]
     heads, kv_heads = _first(hp["n_heads"]), _first(hp["n_kv_heads"])
     k, v = hp["key_length"], hp["value_length"]
     if None in (n_embd, n_ff, heads, kv_heads, k, v):
         return None
     batch = min(ctx, PREFILL_BATCH)
-    per_token = 2 * n_embd + heads * k + kv_heads * (k + v) + heads * v + 3 * n_ff
-    return 4 * (batch * per_token + heads * batch * ctx + (vocab or 0))
+    floats = 3 * n_embd + heads * k + kv_heads * (k + v) + heads * v + 2 * n_ff
+    act = max(n_embd, n_ff, heads * v) * 4  # f32 activations for float weights: the upper bound
+    threads = os.cpu_count() or 1
+    return batch * (4 * floats + act) + 4 * (threads * ctx + (vocab or 0))
 
 
 def model_facts(gf: GGUFFile, ctx: int | None = None) -> dict[str, Any]:

@@ -4,6 +4,7 @@ gguf.GGUFReader where the test is marked slow, by our reader elsewhere), and its
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 
 import gguf
@@ -255,3 +256,16 @@ def test_inspect_a_built_executable(tmp_path):
         assert f_exe[key] == f_gguf[key], key
     assert f_exe["file_size"] == model.stat().st_size
     assert "model.gguf embedded at byte" in run(out).stdout
+
+
+def test_ram_estimate_matches_what_the_engine_allocates(smollm2_path):
+    """inspect's KV and scratch figures against the engine's own allocation at the same ctx."""
+    from qpack.runtime.inspect import model_facts
+    from qpack.runtime.model import Model
+
+    with open_gguf(str(smollm2_path)) as gf:
+        facts = model_facts(gf, 1024)
+        model = Model(gf, n_ctx=1024, threads=os.cpu_count() or 1)
+        ram = facts["ram"]
+        assert ram["kv_cache"] == model.native.kv_bytes
+        assert abs(ram["scratch"] / model.native.scratch_bytes - 1) < 0.2
