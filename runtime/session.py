@@ -45,10 +45,14 @@ def load(
     model = Model(gguf, n_ctx=ctx_size, n_seq=n_parallel, n_batch=n_batch, threads=threads, kernels=kernels)
     tokenizer = Tokenizer.from_gguf(gguf)
     template = ChatTemplate.from_metadata(gguf.metadata, tokenizer)
+    # The memory report always goes out (a user sizing --ctx-size needs it); the why of the
+    # kernel choice only with --verbose.
+    line = f"qpack: {model.report.describe()}"
     if verbose:
         why = "forced by --cpu" if cpu_choice not in ("auto", None) else (
             "the best this CPU supports: " + ", ".join(cpu.supported_variants()))
-        click.echo(f"qpack: {model.report.describe()} ({kernels.VARIANT}: {why})", err=True, file=log)
+        line += f" ({kernels.VARIANT}: {why})"
+    click.echo(line, err=True, file=log)
     return Loaded(model, tokenizer, template, Engine(model, tokenizer, n_parallel))
 
 
