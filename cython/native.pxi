@@ -42,6 +42,9 @@ from libc.stdint cimport int32_t, int64_t, uint8_t
 cdef extern from "quants.h":
     ctypedef void (*qk_dequant_fn)(const void *src, float *dst, int64_t n) noexcept nogil
     ctypedef float (*qk_dot_fn)(int64_t n, const void *w, const void *act) noexcept nogil
+    ctypedef void (*qk_gemm_fn)(int64_t n, const uint8_t *w, size_t row_bytes, int64_t nr,
+                                const uint8_t *act, size_t act_stride, int64_t nt, float *out,
+                                int64_t ldo, void *scratch) noexcept nogil
     ctypedef struct qk_traits:
         int type
         const char *name
@@ -50,6 +53,7 @@ cdef extern from "quants.h":
         int act
         qk_dequant_fn dequant
         qk_dot_fn dot
+        qk_gemm_fn gemm
     enum:
         QK_ACT_F32
         QK_ACT_Q8_32
@@ -57,7 +61,9 @@ cdef extern from "quants.h":
     const qk_traits *qk_get_traits(int ggml_type) noexcept nogil
     size_t qk_act_row_bytes(int act, int64_t n) noexcept nogil
     void qk_quantize_act(int act, const float *x, void *dst, int64_t n) noexcept nogil
+    size_t qk_gemm_scratch_bytes(int64_t n) noexcept nogil
 
 
 include "quants.pxi"
+include "tiles.pxi"
 include "model.pxi"

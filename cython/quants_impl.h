@@ -7,6 +7,7 @@
 #include "quants_common.h"
 #include "quants_legacy.h"
 #include "quants_k.h"
+#include "quants_tiles.h"
 
 /* ggml type ids (gguf-facts.md) of the types registered below. */
 enum {
@@ -16,19 +17,19 @@ enum {
     QK_TYPE_BF16 = 30,
 };
 
-/* One row per supported weight type. quants_k.h defines QK_HAVE_<TYPE> once that type's
- * qk_dequant_<type> and qk_dot_<type> exist (and QK_HAVE_Q8_256 with qk_quantize_q8_256), so
- * the tree compiles at every step; the C block sizes are checked against runtime/quants.py by
+/* One row per supported weight type (gemm: quants_tiles.h; NULL where a type has none).
+ * quants_k.h defines QK_HAVE_<TYPE> once that type's qk_dequant_<type> and qk_dot_<type> exist
+ * (and QK_HAVE_Q8_256 with qk_quantize_q8_256), so the tree compiles at every step; the C block sizes are checked against runtime/quants.py by
  * tests/test_quants.py. */
 static const qk_traits qk_traits_table[] = {
     {QK_TYPE_F32, "F32", 1, 4, QK_ACT_F32, qk_dequant_f32, qk_dot_f32},
     {QK_TYPE_F16, "F16", 1, 2, QK_ACT_F32, qk_dequant_f16, qk_dot_f16},
     {QK_TYPE_BF16, "BF16", 1, 2, QK_ACT_F32, qk_dequant_bf16, qk_dot_bf16},
-    {QK_TYPE_Q4_0, "Q4_0", 32, QK_Q4_0_BYTES, QK_ACT_Q8_32, qk_dequant_q4_0, qk_dot_q4_0},
-    {QK_TYPE_Q4_1, "Q4_1", 32, QK_Q4_1_BYTES, QK_ACT_Q8_32, qk_dequant_q4_1, qk_dot_q4_1},
-    {QK_TYPE_Q5_0, "Q5_0", 32, QK_Q5_0_BYTES, QK_ACT_Q8_32, qk_dequant_q5_0, qk_dot_q5_0},
-    {QK_TYPE_Q5_1, "Q5_1", 32, QK_Q5_1_BYTES, QK_ACT_Q8_32, qk_dequant_q5_1, qk_dot_q5_1},
-    {QK_TYPE_Q8_0, "Q8_0", 32, QK_Q8_0_BYTES, QK_ACT_Q8_32, qk_dequant_q8_0, qk_dot_q8_0},
+    {QK_TYPE_Q4_0, "Q4_0", 32, QK_Q4_0_BYTES, QK_ACT_Q8_32, qk_dequant_q4_0, qk_dot_q4_0, qk_gemm_q4_0},
+    {QK_TYPE_Q4_1, "Q4_1", 32, QK_Q4_1_BYTES, QK_ACT_Q8_32, qk_dequant_q4_1, qk_dot_q4_1, qk_gemm_q4_1},
+    {QK_TYPE_Q5_0, "Q5_0", 32, QK_Q5_0_BYTES, QK_ACT_Q8_32, qk_dequant_q5_0, qk_dot_q5_0, qk_gemm_q5_0},
+    {QK_TYPE_Q5_1, "Q5_1", 32, QK_Q5_1_BYTES, QK_ACT_Q8_32, qk_dequant_q5_1, qk_dot_q5_1, qk_gemm_q5_1},
+    {QK_TYPE_Q8_0, "Q8_0", 32, QK_Q8_0_BYTES, QK_ACT_Q8_32, qk_dequant_q8_0, qk_dot_q8_0, QK_GEMM_Q8_0},
 #if defined(QK_HAVE_Q2_K) && defined(QK_HAVE_Q8_256)
     {QK_TYPE_Q2_K, "Q2_K", 256, 84, QK_ACT_Q8_256, qk_dequant_q2_k, qk_dot_q2_k},
 #endif
@@ -36,13 +37,13 @@ static const qk_traits qk_traits_table[] = {
     {QK_TYPE_Q3_K, "Q3_K", 256, 110, QK_ACT_Q8_256, qk_dequant_q3_k, qk_dot_q3_k},
 #endif
 #if defined(QK_HAVE_Q4_K) && defined(QK_HAVE_Q8_256)
-    {QK_TYPE_Q4_K, "Q4_K", 256, 144, QK_ACT_Q8_256, qk_dequant_q4_k, qk_dot_q4_k},
+    {QK_TYPE_Q4_K, "Q4_K", 256, 144, QK_ACT_Q8_256, qk_dequant_q4_k, qk_dot_q4_k, qk_gemm_q4_k},
 #endif
 #if defined(QK_HAVE_Q5_K) && defined(QK_HAVE_Q8_256)
-    {QK_TYPE_Q5_K, "Q5_K", 256, 176, QK_ACT_Q8_256, qk_dequant_q5_k, qk_dot_q5_k},
+    {QK_TYPE_Q5_K, "Q5_K", 256, 176, QK_ACT_Q8_256, qk_dequant_q5_k, qk_dot_q5_k, qk_gemm_q5_k},
 #endif
 #if defined(QK_HAVE_Q6_K) && defined(QK_HAVE_Q8_256)
-    {QK_TYPE_Q6_K, "Q6_K", 256, 210, QK_ACT_Q8_256, qk_dequant_q6_k, qk_dot_q6_k},
+    {QK_TYPE_Q6_K, "Q6_K", 256, 210, QK_ACT_Q8_256, qk_dequant_q6_k, qk_dot_q6_k, qk_gemm_q6_k},
 #endif
 #if defined(QK_HAVE_IQ4_NL)
     {QK_TYPE_IQ4_NL, "IQ4_NL", 32, 18, QK_ACT_Q8_32, qk_dequant_iq4_nl, qk_dot_iq4_nl},

@@ -1,0 +1,153 @@
+"""The tiled products (cython/quants_tiles.h) against gguf's numpy reference and the dot kernels.
+
+The forward pass sends every batch, decode or prefill, through a type's tile kernel when it has
+one. So on every CPU variant this machine runs:
+- gemm equals a float64 product of gguf-dequantized weights and the dequantized activations,
+  and the per-row dot, to float rounding (random bytes: every quant value and sub-scale occurs;
+  blocks of maximal quants against maximal activations catch int16 saturation in AVX2);
+- a (row, token) result is bit-identical whichever rows and tokens share its panel and tile,
+  so a token's logits do not depend on the batch it came in (ragged edges included).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import quants as gq
+from qpack.runtime import cpu
+
+VARIANTS = cpu.supported_variants()
+MODULES = {name: cpu._import(name) for name in VARIANTS}
+
+TILE_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
+# AVX2's maddubs would saturate on Q8_0's u = q + 128: that build leaves Q8_0 to the dot path.
+NOT_IN = {"avx2": {"Q8_0"}}
+# f16 scale fields (byte offsets in the block) that random bytes must not turn into inf/NaN.
+SCALE_FIELDS = {
+    "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
+    "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
+}  # fmt: skip
+Q8_32 = np.dtype([("d", "<f4"), ("s", "<f4"), ("qs", "i1", 32)])
+Q8_256 = np.dtype([("d", "<f4"), ("qs", "i1", 256), ("bsums", "<i2", 16)])
+# |gemm - exact| <= RTOL * sum |w_i a_i|: integer sums are exact, the f32 rounding is per block.
+RTOL = 1e-5
+
+
+def qtype(name: str) -> GGMLQuantizationType:
+    return GGMLQuantizationType[name]
+
+
+def cases():
+    for variant in VARIANTS:
+        for name in TILE_TYPES:
+            if name not in NOT_IN.get(variant, ()):
+                yield variant, name
+
+
+def random_rows(name: str, rows: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Random blocks with finite f16 scales of both signs; row 0 has every quant bit set."""
+    block_elems, block_bytes = GGML_QUANT_SIZES[qtype(name)]
+    nb = n // block_elems
+    raw = rng.integers(0, 256, size=(rows, nb, block_bytes), dtype=np.uint8)
+    raw[0] = 0xFF
+    for off in SCALE_FIELDS[name]:
+        scales = rng.uniform(-0.02, 0.02, size=(rows, nb, 1)).astype(np.float16)
+        raw[:, :, off : off + 2] = scales.view(np.uint8)
+    return raw.reshape(rows, nb * block_bytes)
+
+
+def dequant_act(mod, act: int, x: np.ndarray) -> np.ndarray:
+    raw = mod.quantize_act(act, np.ascontiguousarray(x, dtype=np.float32))
+    if act == mod.ACT_Q8_32:
+        b = raw.view(Q8_32)
+    else:
+        b = raw.view(Q8_256)
+    return (b["d"][:, None].astype(np.float64) * b["qs"]).ravel()
+
+
+def activations(n_tok: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Gaussian rows, a row of +1 (every quant 127) and a row of -1, skewed magnitudes."""
+    x = rng.standard_normal((n_tok, n)).astype(np.float32) * rng.uniform(0.1, 10, (n_tok, 1))
+    x[0] = 1.0
+    if n_tok > 1:
+        x[1] = -1.0
+    return x.astype(np.float32)
+
+
+def check_against_exact(mod, name: str, w: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
+    act = mod.type_traits(int(qtype(name)))["act"]
+    xa = np.stack([dequant_act(mod, act, row) for row in x])
+    wd = gq.dequantize(w, qtype(name)).astype(np.float64)
+    exact = xa @ wd.T
+    bound = RTOL * (np.abs(xa) @ np.abs(wd).T) + 1e-30
+    assert (np.abs(out - exact) <= bound).all(), np.max(np.abs(out - exact) / bound)
+
+
+def test_tile_kernels_exist_where_documented():
+    for variant, mod in MODULES.items():
+        have = {name for name in TILE_TYPES if mod.has_gemm(int(qtype(name)))}
+        assert have == set(TILE_TYPES) - NOT_IN.get(variant, set()), variant
+        for name in ("F32", "F16", "BF16"):
+            assert not mod.has_gemm(int(qtype(name)))
+
+
+@pytest.mark.parametrize("variant,name", list(cases()))
+@pytest.mark.parametrize("rows,n_tok", [(1, 1), (8, 4), (13, 5), (37, 9)])
+def test_gemm_equals_the_exact_product(variant, name, rows, n_tok):
+    mod = MODULES[variant]
+    rng = np.random.default_rng(rows * 100 + n_tok)
+    n = 512 if GGML_QUANT_SIZES[qtype(name)][0] == 256 else 96
+    w = random_rows(name, rows, n, rng)
+    x = activations(n_tok, n, rng)
+    out = mod.gemm(int(qtype(name)), w, x)
+    assert out.shape == (n_tok, rows)
+    check_against_exact(mod, name, w, x, out)
+
+
+@pytest.mark.parametrize("variant,name", list(cases()))
+def test_gemm_matches_the_dot_kernel(variant, name):
+    mod = MODULES[variant]
+    rng = np.random.default_rng(7)
+    n = 768 if GGML_QUANT_SIZES[qtype(name)][0] == 256 else 576
+    w = random_rows(name, 11, n, rng)
+    x = activations(6, n, rng)
+    out = mod.gemm(int(qtype(name)), w, x)
+    dots = np.array([[mod.dot(int(qtype(name)), wr, xr) for wr in w] for xr in x])
+    act = mod.type_traits(int(qtype(name)))["act"]
+    xa = np.stack([dequant_act(mod, act, row) for row in x])
+    scale = np.abs(xa) @ np.abs(gq.dequantize(w, qtype(name)).astype(np.float64)).T
+    assert (np.abs(out - dots) <= 2 * RTOL * scale + 1e-30).all()
+
+
+@pytest.mark.parametrize("variant,name", list(cases()))
+def test_results_do_not_depend_on_the_batch(variant, name):
+    """Every (row, token) bit-identical whether computed alone, in a ragged panel, or in a
+    full tile of tokens: what makes a sequence's logits independent of who shares the batch."""
+    mod = MODULES[variant]
+    rng = np.random.default_rng(11)
+    n = 256 if GGML_QUANT_SIZES[qtype(name)][0] == 256 else 64
+    w = random_rows(name, 21, n, rng)
+    x = activations(10, n, rng)
+    t = int(qtype(name))
+    whole = mod.gemm(t, w, x)
+    for r0, r1, t0, t1 in [
+        (0, 1, 0, 1),
+        (3, 20, 2, 3),
+        (5, 13, 1, 9),
+        (16, 21, 9, 10),
+        (0, 21, 4, 8),
+    ]:
+        part = mod.gemm(t, np.ascontiguousarray(w[r0:r1]), np.ascontiguousarray(x[t0:t1]))
+        assert np.array_equal(part, whole[t0:t1, r0:r1]), (r0, r1, t0, t1)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gemm_checks_shapes(variant):
+    mod = MODULES[variant]
+    w = gq.quantize(np.ones((4, 64), np.float32), qtype("Q4_0"))
+    with pytest.raises(ValueError):
+        mod.gemm(int(qtype("Q4_0")), w, np.ones((2, 32), np.float32))  # row length differs
+    with pytest.raises(ValueError):
+        mod.gemm(int(qtype("F32")), np.ones((4, 256), np.uint8), np.ones((2, 64), np.float32))
+    assert mod.gemm(int(qtype("Q4_0")), w, np.ones((0, 64), np.float32)).shape == (0, 4)
