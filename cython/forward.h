@@ -3,9 +3,14 @@
  * prompt, or one decode step of many requests: continuous batching).
  *
  * Weights are pointers into the GGUF mapping (never copied); activations are quantized once per
- * row to the format each weight type's dot product wants (quants.h). All threads run the whole
- * pass inside ONE OpenMP parallel region and split each op with orphaned `omp for` loops, whose
- * implicit barriers order the ops: no thread start-up per op, no Python per op.
+ * row to the format each weight type's kernels want (quants.h). Products go through the type's
+ * tile kernel (quants_tiles.h: each unpacked weight panel meets every token of the batch), or
+ * through its per-row dot where it has none; either way a token's result does not depend on
+ * the rest of the batch.
+ *
+ * Threads: the pass is a fixed sequence of ops (per layer: norm, QKV, rope, attention, ...) that
+ * every thread of a small pool walks (workers.h); each op is cut into chunks taken dynamically,
+ * so a thread the OS deschedules holds back nobody. No Python and no allocation per token.
  */
 #ifndef QPACK_FORWARD_H
 #define QPACK_FORWARD_H
@@ -14,15 +19,17 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #include "quants.h"
+#include "workers.h"
 
 typedef _Float16 qk_f16; /* KV cache element: F16C/NEON conversions where the ISA has them */
 
 enum { QK_ACT_FN_SILU = 0, QK_ACT_FN_GELU_TANH = 1 };
+enum { QK_N_ACT_FORMATS = 3 };     /* QK_ACT_F32, QK_ACT_Q8_32, QK_ACT_Q8_256 */
+enum { QK_MAX_ROPE_BASES = 4 };    /* distinct rope bases with precomputed tables */
+#define QK_ATT_KT 64               /* keys per attention tile (absolute positions) */
+#define QK_ATT_ROWS 64             /* query rows (tokens x heads of a group) per attention chunk */
 
 typedef struct {
     const uint8_t *data; /* rows x row_bytes, in the mapping */
@@ -39,6 +46,8 @@ typedef struct {
     float rope_base;
 } qk_layer;
 
+typedef struct qk_runtime qk_runtime;
+
 typedef struct {
     /* hyperparameters */
     int n_layer, n_embd, n_ff, n_head, n_head_kv, head_dim, head_dim_v, n_rot, n_vocab;
@@ -54,12 +63,64 @@ typedef struct {
     /* scratch for up to n_batch tokens */
     float *x, *xn, *q, *k, *v, *attn_out, *tmp, *ff_a, *ff_b, *scores;
     uint8_t *act;
+    qk_runtime *rt; /* threads and the scratch below: qk_model_init / qk_model_free */
 } qk_model;
 
-/* ---------------------------------------------------------------- small ops (per row) */
+/* The arguments of one pass (kept in the runtime, not on a stack: a late worker may read them). */
+typedef struct {
+    int n, n_out;
+    const int32_t *tokens, *pos, *seq, *out_idx;
+    float *logits, *hidden;
+    int n_blocks; /* attention query blocks, below */
+} qk_pass;
 
-static void qk_rmsnorm(float *out, const float *x, const float *restrict w,
-                       int n, float eps) {
+struct qk_runtime {
+    qk_pool *pool;
+    qk_pass pass;
+    uint8_t *act[QK_N_ACT_FORMATS];  /* quantized activations, per format, n_batch rows */
+    size_t act_cap[QK_N_ACT_FORMATS]; /* bytes per row available */
+    void **gemm_scratch;              /* per thread */
+    float **att_scratch;              /* per thread */
+    int32_t *blocks;                  /* attention query blocks: [start, end) batch rows */
+    int n_bases;
+    float rope_bases[QK_MAX_ROPE_BASES];
+    float *rope_freq;                 /* [base][n_rot / 2] */
+    float *rope_cs;                   /* [base][token][n_rot / 2][cos, sin] */
+    int *layer_base;                  /* per layer: index into rope_bases, -1 = compute inline */
+    size_t bytes;                     /* what qk_model_init allocated */
+};
+
+/* ---------------------------------------------------------------- small math (vectorizable) */
+
+/* exp for the softmax and the activations: Cody-Waite reduction and a degree-6 polynomial,
+ * ~1 ulp; plain C so that loops over it vectorize (libm's expf does not). exp(x) = 0 below
+ * -87.3 (where expf reaches the subnormals) and for x = -inf. */
+static inline float qk_exp(float x) {
+    const float big = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
+    const float xc = x < -87.3f ? -87.3f : x > 88.7f ? 88.7f : x;
+    const float n = (xc * 1.44269504088896341f + big) - big;
+    const float r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
+    float p = 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    union { int32_t i; float f; } s;
+    s.i = ((int32_t)n + 127) << 23;
+    return x < -87.3f ? 0.0f : p * s.f;
+}
+
+static inline float qk_silu(float x) { return x / (1.0f + qk_exp(-x)); }
+
+static inline float qk_gelu_tanh(float x) {
+    const float k = 0.7978845608028654f; /* sqrt(2/pi) */
+    const float y = k * (x + 0.044715f * x * x * x);
+    const float t = 1.0f - 2.0f / (qk_exp(2.0f * y) + 1.0f); /* tanh(y) */
+    return 0.5f * x * (1.0f + t);
+}
+
+static void qk_rmsnorm(float *out, const float *x, const float *restrict w, int n, float eps) {
     float ss = 0.0f;
 #pragma omp simd reduction(+ : ss)
     for (int j = 0; j < n; j++) ss += x[j] * x[j];
@@ -68,12 +129,12 @@ static void qk_rmsnorm(float *out, const float *x, const float *restrict w,
     for (int j = 0; j < n; j++) out[j] = x[j] * scale * w[j];
 }
 
-/* Rotary embedding in place on one head. NEOX pairs (j, j + n_rot/2); normal pairs (2j, 2j+1). */
-static void qk_rope(float *restrict h, int n_rot, int neox, int pos, float base) {
+/* Rotary embedding in place on one head, from a token's (cos, sin) table. NEOX pairs
+ * (j, j + n_rot/2); normal pairs (2j, 2j+1). */
+static void qk_rope(float *restrict h, int n_rot, int neox, const float *restrict cs) {
     const int half = n_rot / 2;
     for (int j = 0; j < half; j++) {
-        const float theta = (float)pos * powf(base, -2.0f * (float)j / (float)n_rot);
-        const float c = cosf(theta), s = sinf(theta);
+        const float c = cs[2 * j], s = cs[2 * j + 1];
         const int a = neox ? j : 2 * j, b = neox ? j + half : 2 * j + 1;
         const float x0 = h[a], x1 = h[b];
         h[a] = x0 * c - x1 * s;
@@ -81,86 +142,339 @@ static void qk_rope(float *restrict h, int n_rot, int neox, int pos, float base)
     }
 }
 
-static inline float qk_gelu_tanh(float x) {
-    const float k = 0.7978845608028654f; /* sqrt(2/pi) */
-    return 0.5f * x * (1.0f + tanhf(k * (x + 0.044715f * x * x * x)));
-}
-
-static inline float qk_silu(float x) { return x / (1.0f + expf(-x)); }
-
-/* ---------------------------------------------------------------- matmul (all threads) */
-
-/* out[i][r] = W[r] . x[i] for n tokens. Called by every thread of the parallel region. */
-static void qk_matmul(qk_model *m, const qk_matrix *w, const float *x, int n, float *out) {
-    const int act = w->tr->act;
-    const size_t arb = qk_act_row_bytes(act, w->cols);
-#pragma omp for schedule(static)
-    for (int i = 0; i < n; i++) qk_quantize_act(act, x + (int64_t)i * w->cols, m->act + arb * i, w->cols);
-    /* Chunks of rows: a chunk of weight rows stays in L1 while every token's activation meets it. */
-    const int64_t chunk = 16;
-    const int64_t n_chunks = (w->rows + chunk - 1) / chunk;
-#pragma omp for schedule(static)
-    for (int64_t c = 0; c < n_chunks; c++) {
-        const int64_t r0 = c * chunk, r1 = r0 + chunk < w->rows ? r0 + chunk : w->rows;
-        for (int i = 0; i < n; i++) {
-            const uint8_t *a = m->act + arb * i;
-            float *o = out + (int64_t)i * w->rows;
-            for (int64_t r = r0; r < r1; r++) o[r] = w->tr->dot(w->cols, w->data + w->row_bytes * r, a);
-        }
+static void qk_rope_table(float *restrict cs, const float *restrict freq, int half, int pos) {
+    for (int j = 0; j < half; j++) {
+        const float theta = (float)pos * freq[j];
+        cs[2 * j] = cosf(theta);
+        cs[2 * j + 1] = sinf(theta);
     }
 }
 
-/* ---------------------------------------------------------------- attention */
+/* ---------------------------------------------------------------- activations for products */
 
-static void qk_attention(qk_model *m, int l, int n, const int32_t *pos, const int32_t *seq) {
-    const qk_layer *L = &m->layers[l];
-    const int hd = m->head_dim, hdv = m->head_dim_v;
-    const int kv_dim = m->n_head_kv * hd, kv_dim_v = m->n_head_kv * hdv;
-    const int group = m->n_head / m->n_head_kv;
-    const int64_t seq_k = (int64_t)m->n_ctx * kv_dim, seq_v = (int64_t)m->n_ctx * kv_dim_v;
-    const qk_f16 *kc = m->k_cache + (int64_t)l * m->n_seq * seq_k;
-    const qk_f16 *vc = m->v_cache + (int64_t)l * m->n_seq * seq_v;
-#pragma omp for schedule(dynamic, 1)
-    for (int ih = 0; ih < n * m->n_head; ih++) {
-        const int i = ih / m->n_head, h = ih % m->n_head, kvh = h / group;
-#ifdef _OPENMP
-        float *sc = m->scores + (int64_t)omp_get_thread_num() * m->n_ctx;
-#else
-        float *sc = m->scores;
-#endif
-        const float *q = m->q + (int64_t)i * m->n_head * hd + (int64_t)h * hd;
-        const int p = pos[i];
-        const int t0 = L->window && p >= L->window ? p - L->window + 1 : 0;
-        const qk_f16 *ks = kc + seq[i] * seq_k + kvh * hd;
-        const qk_f16 *vs = vc + seq[i] * seq_v + kvh * hdv;
-        float mx = -INFINITY;
-        for (int t = t0; t <= p; t++) {
-            const qk_f16 *kt = ks + (int64_t)t * kv_dim;
-            float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-            for (int j = 0; j < hd; j++) s += q[j] * (float)kt[j];
-            s *= m->attn_scale;
-            sc[t] = s;
-            mx = s > mx ? s : mx;
+static inline size_t qk_act_stride(const qk_matrix *w) {
+    return w->tr->act == QK_ACT_F32 ? (size_t)w->cols * sizeof(float) : qk_act_row_bytes(w->tr->act, w->cols);
+}
+
+/* The activation rows w reads: x itself for float weights, else the quantized copy. */
+static inline const uint8_t *qk_act_for(qk_model *m, const qk_matrix *w, const float *x) {
+    return w->tr->act == QK_ACT_F32 ? (const uint8_t *)x : m->rt->act[w->tr->act];
+}
+
+/* Quantize row i of x (cols elements) for every distinct format among the matrices. */
+static void qk_prepare_act(qk_model *m, const qk_matrix *const *ws, int nw, const float *xi, int i) {
+    int seen = 0;
+    for (int k = 0; k < nw; k++) {
+        const int f = ws[k]->tr->act;
+        if (f == QK_ACT_F32 || (seen >> f) & 1) continue;
+        seen |= 1 << f;
+        qk_quantize_act(f, xi, m->rt->act[f] + (size_t)i * qk_act_stride(ws[k]), ws[k]->cols);
+    }
+}
+
+/* ---------------------------------------------------------------- products (an op) */
+
+/* Tokens per chunk: a block of activations stays in L2 while a panel of rows meets it. */
+#define QK_MM_TOKENS 64
+
+/* out_k[t][r] = W_k[r] . x[t] for the nw matrices (same input, same cols), t < n. With glu,
+ * W_0 = gate and W_1 = up (same rows): out_0 = act_fn(out_0) * out_1, tile by tile. */
+static int qk_matmul(qk_ctx *c, qk_model *m, const qk_matrix *const *ws, float *const *outs, int nw,
+                     const float *x, int n, int glu) {
+    int64_t rows = 0;
+    for (int k = 0; k < (glu ? 1 : nw); k++) rows += ws[k]->rows;
+    const int64_t n_tb = (n + QK_MM_TOKENS - 1) / QK_MM_TOKENS;
+    /* aim at ~8 chunks per thread, row blocks a multiple of the 8-row panel */
+    int64_t rb = rows * n_tb / (8 * (int64_t)m->n_threads);
+    rb = rb < 16 ? 16 : rb > 256 ? 256 : rb;
+    rb = (rb + 7) / 8 * 8;
+    int64_t n_rb[3], total = 0;
+    for (int k = 0; k < (glu ? 1 : nw); k++) {
+        n_rb[k] = (ws[k]->rows + rb - 1) / rb;
+        total += n_rb[k] * n_tb;
+    }
+    void *scratch = m->rt->gemm_scratch[c->tid];
+    QK_CHUNKS(c, ch, total) {
+        int k = 0;
+        int64_t rem = ch;
+        while (rem >= n_rb[k] * n_tb) rem -= n_rb[k++] * n_tb;
+        const int64_t r0 = (rem / n_tb) * rb, t0 = (rem % n_tb) * QK_MM_TOKENS;
+        const int64_t r1 = r0 + rb < ws[k]->rows ? r0 + rb : ws[k]->rows;
+        const int64_t t1 = t0 + QK_MM_TOKENS < n ? t0 + QK_MM_TOKENS : n;
+        for (int g = k; g <= (glu ? 1 : k); g++) {
+            const qk_matrix *w = ws[g];
+            const size_t stride = qk_act_stride(w);
+            const uint8_t *a = qk_act_for(m, w, x) + (size_t)t0 * stride;
+            float *o = outs[g];
+            if (w->tr->gemm) {
+                w->tr->gemm(w->cols, w->data + (size_t)r0 * w->row_bytes, w->row_bytes, r1 - r0, a, stride,
+                            t1 - t0, o + t0 * w->rows + r0, w->rows, scratch);
+            } else {
+                for (int64_t t = t0; t < t1; t++, a += stride)
+                    for (int64_t r = r0; r < r1; r++)
+                        o[t * w->rows + r] = w->tr->dot(w->cols, w->data + (size_t)r * w->row_bytes, a);
+            }
         }
-        float sum = 0.0f;
-        for (int t = t0; t <= p; t++) {
-            sc[t] = expf(sc[t] - mx);
-            sum += sc[t];
-        }
-        float *o = m->attn_out + (int64_t)i * m->n_head * hdv + (int64_t)h * hdv;
-        for (int j = 0; j < hdv; j++) o[j] = 0.0f;
-        const float inv = 1.0f / sum;
-        for (int t = t0; t <= p; t++) {
-            const qk_f16 *vt = vs + (int64_t)t * kv_dim_v;
-            const float wgt = sc[t] * inv;
+        if (glu) {
+            const int64_t ld = ws[0]->rows;
+            for (int64_t t = t0; t < t1; t++) {
+                float *ga = outs[0] + t * ld, *up = outs[1] + t * ld;
+                if (m->activation == QK_ACT_FN_GELU_TANH) {
 #pragma omp simd
-            for (int j = 0; j < hdv; j++) o[j] += wgt * (float)vt[j];
+                    for (int64_t r = r0; r < r1; r++) ga[r] = qk_gelu_tanh(ga[r]) * up[r];
+                } else {
+#pragma omp simd
+                    for (int64_t r = r0; r < r1; r++) ga[r] = qk_silu(ga[r]) * up[r];
+                }
+            }
         }
+    }
+    return qk_op_end(c, total);
+}
+
+/* ---------------------------------------------------------------- attention (an op) */
+
+/* Query blocks: runs of consecutive batch rows of one sequence, at most rows_per_block long
+ * (tokens of a block share each converted key/value tile). */
+static int qk_plan_blocks(qk_model *m, const qk_pass *p, int32_t *blocks) {
+    const int group = m->n_head / m->n_head_kv;
+    const int per = QK_ATT_ROWS / group > 0 ? QK_ATT_ROWS / group : 1;
+    int nb = 0;
+    for (int i = 0; i < p->n;) {
+        int j = i + 1;
+        while (j < p->n && j - i < per && p->seq[j] == p->seq[i]) j++;
+        blocks[2 * nb] = i;
+        blocks[2 * nb + 1] = j;
+        nb++;
+        i = j;
+    }
+    return nb;
+}
+
+static size_t qk_att_scratch_floats(const qk_model *m) {
+    const int group = m->n_head / m->n_head_kv;
+    const int rows = (QK_ATT_ROWS / group > 0 ? QK_ATT_ROWS / group : 1) * group;
+    return (size_t)m->head_dim * QK_ATT_KT + (size_t)QK_ATT_KT * m->head_dim_v + QK_ATT_KT +
+           (size_t)rows * (m->head_dim_v + 2) + 64;
+}
+
+/* One chunk: a query block x one KV head. Online softmax over key tiles aligned to absolute
+ * positions, so each query sees the same tiles, in the same order, whatever block it is in. */
+static void qk_attention_chunk(qk_model *m, int l, const qk_pass *p, int b, int kvh, float *scratch) {
+    const qk_layer *L = &m->layers[l];
+    const int hd = m->head_dim, hdv = m->head_dim_v, group = m->n_head / m->n_head_kv;
+    const int kv_dim = m->n_head_kv * hd, kv_dim_v = m->n_head_kv * hdv;
+    const int i0 = m->rt->blocks[2 * b], i1 = m->rt->blocks[2 * b + 1], s = p->seq[i0];
+    const int nq = (i1 - i0) * group;
+    const int64_t seq_k = (int64_t)m->n_ctx * kv_dim, seq_v = (int64_t)m->n_ctx * kv_dim_v;
+    const qk_f16 *ks = m->k_cache + (int64_t)l * m->n_seq * seq_k + s * seq_k + kvh * hd;
+    const qk_f16 *vs = m->v_cache + (int64_t)l * m->n_seq * seq_v + s * seq_v + kvh * hdv;
+
+    float *kt = scratch;                          /* [hd][KT] keys, transposed */
+    float *vt = kt + (size_t)hd * QK_ATT_KT;      /* [KT][hdv] */
+    float *sc = vt + (size_t)QK_ATT_KT * hdv;     /* [KT] */
+    float *mx = sc + QK_ATT_KT, *sum = mx + nq;   /* per query row */
+    float *o = sum + nq;                          /* [nq][hdv] */
+    int lo = m->n_ctx, hi = -1;
+    for (int i = i0; i < i1; i++) {
+        const int t0 = L->window && p->pos[i] >= L->window ? p->pos[i] - L->window + 1 : 0;
+        lo = t0 < lo ? t0 : lo;
+        hi = p->pos[i] > hi ? p->pos[i] : hi;
+    }
+    for (int r = 0; r < nq; r++) {
+        mx[r] = -INFINITY;
+        sum[r] = 0.0f;
+    }
+    memset(o, 0, sizeof(float) * (size_t)nq * hdv);
+    for (int ta = lo / QK_ATT_KT * QK_ATT_KT; ta <= hi; ta += QK_ATT_KT) {
+        const int tn = hi + 1 - ta < QK_ATT_KT ? hi + 1 - ta : QK_ATT_KT; /* keys present */
+        for (int t = 0; t < QK_ATT_KT; t++) {
+            const qk_f16 *kr = ks + (int64_t)(ta + t) * kv_dim;
+            if (t < tn) {
+                for (int j = 0; j < hd; j++) kt[j * QK_ATT_KT + t] = (float)kr[j];
+            } else {
+                for (int j = 0; j < hd; j++) kt[j * QK_ATT_KT + t] = 0.0f;
+            }
+        }
+        for (int t = 0; t < tn; t++) {
+            const qk_f16 *vr = vs + (int64_t)(ta + t) * kv_dim_v;
+#pragma omp simd
+            for (int j = 0; j < hdv; j++) vt[t * hdv + j] = (float)vr[j];
+        }
+        for (int r = 0; r < nq; r++) {
+            const int i = i0 + r / group, h = kvh * group + r % group;
+            const int pi = p->pos[i];
+            const int t0 = L->window && pi >= L->window ? pi - L->window + 1 : 0;
+            const int a = t0 > ta ? t0 - ta : 0, e = pi + 1 - ta < tn ? pi + 1 - ta : tn; /* [a, e) */
+            if (a >= e) continue;
+            const float *q = m->q + (int64_t)i * m->n_head * hd + (int64_t)h * hd;
+            for (int t = 0; t < QK_ATT_KT; t++) sc[t] = 0.0f;
+            for (int j = 0; j < hd; j++) {
+                const float qj = q[j];
+                const float *kj = kt + j * QK_ATT_KT;
+#pragma omp simd
+                for (int t = 0; t < QK_ATT_KT; t++) sc[t] += qj * kj[t];
+            }
+            float tmax = -INFINITY;
+            for (int t = a; t < e; t++) {
+                sc[t] *= m->attn_scale;
+                tmax = sc[t] > tmax ? sc[t] : tmax;
+            }
+            const float mnew = tmax > mx[r] ? tmax : mx[r];
+            const float corr = qk_exp(mx[r] - mnew);
+            float tsum = 0.0f;
+#pragma omp simd reduction(+ : tsum)
+            for (int t = a; t < e; t++) {
+                sc[t] = qk_exp(sc[t] - mnew);
+                tsum += sc[t];
+            }
+            mx[r] = mnew;
+            sum[r] = sum[r] * corr + tsum;
+            float *orow = o + (size_t)r * hdv;
+#pragma omp simd
+            for (int j = 0; j < hdv; j++) orow[j] *= corr;
+            for (int t = a; t < e; t++) {
+                const float w = sc[t];
+                const float *vr = vt + t * hdv;
+#pragma omp simd
+                for (int j = 0; j < hdv; j++) orow[j] += w * vr[j];
+            }
+        }
+    }
+    for (int r = 0; r < nq; r++) {
+        const int i = i0 + r / group, h = kvh * group + r % group;
+        float *dst = m->attn_out + (int64_t)i * m->n_head * hdv + (int64_t)h * hdv;
+        const float inv = sum[r] > 0.0f ? 1.0f / sum[r] : 0.0f;
+        for (int j = 0; j < hdv; j++) dst[j] = o[(size_t)r * hdv + j] * inv;
     }
 }
 
 /* ---------------------------------------------------------------- the pass */
+
+static const float *qk_rope_cs(qk_model *m, int l, int i, float *tmp, int pos) {
+    const qk_runtime *rt = m->rt;
+    const int half = m->n_rot / 2, b = rt->layer_base[l];
+    if (b >= 0) return rt->rope_cs + ((size_t)b * m->n_batch + i) * (size_t)m->n_rot;
+    /* a layer with a rare rope base: compute its table here */
+    float freq[512];
+    for (int j = 0; j < half && j < 512; j++)
+        freq[j] = powf(m->layers[l].rope_base, -2.0f * (float)j / (float)m->n_rot);
+    qk_rope_table(tmp, freq, half, pos);
+    return tmp;
+}
+
+/* Per token: q/k biases, q/k norms, rope; k and v into the cache. */
+static void qk_qkv_post(qk_model *m, int l, const qk_pass *p, int i) {
+    const qk_layer *L = &m->layers[l];
+    const int hd = m->head_dim, hdv = m->head_dim_v;
+    const int q_dim = m->n_head * hd, kv_dim = m->n_head_kv * hd, kv_dim_v = m->n_head_kv * hdv;
+    float *q = m->q + (int64_t)i * q_dim, *k = m->k + (int64_t)i * kv_dim, *v = m->v + (int64_t)i * kv_dim_v;
+    float tmp[1024];
+    const float *cs = qk_rope_cs(m, l, i, tmp, p->pos[i]);
+    if (L->bq) for (int j = 0; j < q_dim; j++) q[j] += L->bq[j];
+    if (L->bk) for (int j = 0; j < kv_dim; j++) k[j] += L->bk[j];
+    if (L->bv) for (int j = 0; j < kv_dim_v; j++) v[j] += L->bv[j];
+    for (int h = 0; h < m->n_head; h++) {
+        if (m->qk_norm) qk_rmsnorm(q + h * hd, q + h * hd, L->q_norm, hd, m->norm_eps);
+        qk_rope(q + h * hd, m->n_rot, m->rope_neox, cs);
+    }
+    for (int h = 0; h < m->n_head_kv; h++) {
+        if (m->qk_norm) qk_rmsnorm(k + h * hd, k + h * hd, L->k_norm, hd, m->norm_eps);
+        qk_rope(k + h * hd, m->n_rot, m->rope_neox, cs);
+    }
+    const int64_t layer_k = (int64_t)l * m->n_seq * m->n_ctx * kv_dim;
+    const int64_t layer_v = (int64_t)l * m->n_seq * m->n_ctx * kv_dim_v;
+    qk_f16 *kd = m->k_cache + layer_k + ((int64_t)p->seq[i] * m->n_ctx + p->pos[i]) * kv_dim;
+    qk_f16 *vd = m->v_cache + layer_v + ((int64_t)p->seq[i] * m->n_ctx + p->pos[i]) * kv_dim_v;
+    for (int j = 0; j < kv_dim; j++) kd[j] = (qk_f16)k[j];
+    for (int j = 0; j < kv_dim_v; j++) vd[j] = (qk_f16)v[j];
+}
+
+/* Adds a block's output t (post-normed where the architecture says so) into the residual x. */
+static inline void qk_residual(qk_model *m, float *xi, float *t, const float *post_norm) {
+    const int E = m->n_embd;
+    if (m->post_norms) qk_rmsnorm(t, t, post_norm, E, m->norm_eps);
+#pragma omp simd
+    for (int j = 0; j < E; j++) xi[j] += t[j];
+}
+
+static void qk_forward_job(void *arg, int tid, uint32_t gen) {
+    qk_model *m = (qk_model *)arg;
+    const qk_pass *p = &m->rt->pass;
+    qk_ctx ctx = qk_ctx_start(m->rt->pool, tid, gen), *c = &ctx;
+    const int n = p->n, E = m->n_embd, hdv = m->head_dim_v;
+    const int q_dim = m->n_head * m->head_dim, kv_dim = m->n_head_kv * m->head_dim;
+    const int att_dim = m->n_head * hdv;
+
+    for (int l = 0; l < m->n_layer; l++) {
+        const qk_layer *L = &m->layers[l];
+        const qk_matrix *qkv[3] = {&L->wq, &L->wk, &L->wv};
+        /* residual of the previous layer's FFN (or the embedding), attention norm, quantize */
+        QK_CHUNKS(c, i, n) {
+            float *xi = m->x + (int64_t)i * E;
+            if (l == 0) {
+                m->tok_embd.tr->dequant(m->tok_embd.data + m->tok_embd.row_bytes * p->tokens[i], xi, E);
+                if (m->embd_scale != 1.0f)
+                    for (int j = 0; j < E; j++) xi[j] *= m->embd_scale;
+                const int half = m->n_rot / 2;
+                for (int b = 0; b < m->rt->n_bases; b++)
+                    qk_rope_table(m->rt->rope_cs + ((size_t)b * m->n_batch + i) * (size_t)m->n_rot,
+                                  m->rt->rope_freq + (size_t)b * half, half, p->pos[i]);
+            } else {
+                qk_residual(m, xi, m->tmp + (int64_t)i * E, m->layers[l - 1].post_ffn_norm);
+            }
+            float *xn = m->xn + (int64_t)i * E;
+            qk_rmsnorm(xn, xi, L->attn_norm, E, m->norm_eps);
+            qk_prepare_act(m, qkv, 3, xn, (int)i);
+        }
+        if (!qk_op_end(c, n)) return;
+        float *qkv_out[3] = {m->q, m->k, m->v};
+        if (!qk_matmul(c, m, qkv, qkv_out, 3, m->xn, n, 0)) return;
+        QK_CHUNKS(c, i, n) qk_qkv_post(m, l, p, (int)i);
+        if (!qk_op_end(c, n)) return;
+        const int64_t n_att = (int64_t)p->n_blocks * m->n_head_kv;
+        QK_CHUNKS(c, ch, n_att)
+            qk_attention_chunk(m, l, p, (int)(ch / m->n_head_kv), (int)(ch % m->n_head_kv), m->rt->att_scratch[c->tid]);
+        if (!qk_op_end(c, n_att)) return;
+        const qk_matrix *wo[1] = {&L->wo};
+        QK_CHUNKS(c, i, n) qk_prepare_act(m, wo, 1, m->attn_out + (int64_t)i * att_dim, (int)i);
+        if (!qk_op_end(c, n)) return;
+        float *wo_out[1] = {m->tmp};
+        if (!qk_matmul(c, m, wo, wo_out, 1, m->attn_out, n, 0)) return;
+        const qk_matrix *ffn[2] = {&L->gate, &L->up};
+        QK_CHUNKS(c, i, n) {
+            float *xi = m->x + (int64_t)i * E, *xn = m->xn + (int64_t)i * E;
+            qk_residual(m, xi, m->tmp + (int64_t)i * E, L->post_attn_norm);
+            qk_rmsnorm(xn, xi, L->ffn_norm, E, m->norm_eps);
+            qk_prepare_act(m, ffn, 2, xn, (int)i);
+        }
+        if (!qk_op_end(c, n)) return;
+        float *ffn_out[2] = {m->ff_a, m->ff_b};
+        if (!qk_matmul(c, m, ffn, ffn_out, 2, m->xn, n, 1)) return;
+        const qk_matrix *down[1] = {&L->down};
+        QK_CHUNKS(c, i, n) qk_prepare_act(m, down, 1, m->ff_a + (int64_t)i * m->n_ff, (int)i);
+        if (!qk_op_end(c, n)) return;
+        float *down_out[1] = {m->tmp};
+        if (!qk_matmul(c, m, down, down_out, 1, m->ff_a, n, 0)) return;
+    }
+    /* Only the rows that need an answer: last residual, final norm, output head. */
+    float *dst = p->hidden ? p->hidden : m->xn;
+    const qk_matrix *head[1] = {&m->output};
+    QK_CHUNKS(c, k, p->n_out) {
+        const int i = p->out_idx[k];
+        float *xi = m->x + (int64_t)i * E;
+        qk_residual(m, xi, m->tmp + (int64_t)i * E, m->layers[m->n_layer - 1].post_ffn_norm);
+        qk_rmsnorm(dst + (int64_t)k * E, xi, m->output_norm, E, m->norm_eps);
+        if (!p->hidden) qk_prepare_act(m, head, 1, dst + (int64_t)k * E, (int)k);
+    }
+    if (!qk_op_end(c, p->n_out)) return;
+    if (!p->hidden) {
+        float *logits[1] = {p->logits};
+        qk_matmul(c, m, head, logits, 1, m->xn, p->n_out, 0);
+    }
+    (void)q_dim;
+    (void)kv_dim;
+}
 
 /* Runs n tokens (token ids, positions, sequence slots). Writes logits (n_out x n_vocab) for the
  * batch rows listed in out_idx, or, when hidden is non-NULL, their final normed hidden states
@@ -168,82 +482,113 @@ static void qk_attention(qk_model *m, int l, int n, const int32_t *pos, const in
 static void qk_forward(qk_model *m, int n, const int32_t *tokens, const int32_t *pos,
                        const int32_t *seq, int n_out, const int32_t *out_idx, float *logits,
                        float *hidden) {
-    const int E = m->n_embd, hd = m->head_dim, hdv = m->head_dim_v;
-    const int q_dim = m->n_head * hd, kv_dim = m->n_head_kv * hd, kv_dim_v = m->n_head_kv * hdv;
-#pragma omp parallel num_threads(m->n_threads)
-    {
-#pragma omp for schedule(static)
-        for (int i = 0; i < n; i++) {
-            float *xi = m->x + (int64_t)i * E;
-            m->tok_embd.tr->dequant(m->tok_embd.data + m->tok_embd.row_bytes * tokens[i], xi, E);
-            if (m->embd_scale != 1.0f)
-                for (int j = 0; j < E; j++) xi[j] *= m->embd_scale;
-        }
-        for (int l = 0; l < m->n_layer; l++) {
-            const qk_layer *L = &m->layers[l];
-#pragma omp for schedule(static)
-            for (int i = 0; i < n; i++)
-                qk_rmsnorm(m->xn + (int64_t)i * E, m->x + (int64_t)i * E, L->attn_norm, E, m->norm_eps);
-            qk_matmul(m, &L->wq, m->xn, n, m->q);
-            qk_matmul(m, &L->wk, m->xn, n, m->k);
-            qk_matmul(m, &L->wv, m->xn, n, m->v);
-#pragma omp for schedule(static)
-            for (int i = 0; i < n; i++) {
-                float *q = m->q + (int64_t)i * q_dim, *k = m->k + (int64_t)i * kv_dim;
-                float *v = m->v + (int64_t)i * kv_dim_v;
-                if (L->bq) for (int j = 0; j < q_dim; j++) q[j] += L->bq[j];
-                if (L->bk) for (int j = 0; j < kv_dim; j++) k[j] += L->bk[j];
-                if (L->bv) for (int j = 0; j < kv_dim_v; j++) v[j] += L->bv[j];
-                for (int h = 0; h < m->n_head; h++) {
-                    if (m->qk_norm) qk_rmsnorm(q + h * hd, q + h * hd, L->q_norm, hd, m->norm_eps);
-                    qk_rope(q + h * hd, m->n_rot, m->rope_neox, pos[i], L->rope_base);
-                }
-                for (int h = 0; h < m->n_head_kv; h++) {
-                    if (m->qk_norm) qk_rmsnorm(k + h * hd, k + h * hd, L->k_norm, hd, m->norm_eps);
-                    qk_rope(k + h * hd, m->n_rot, m->rope_neox, pos[i], L->rope_base);
-                }
-                const int64_t layer_k = (int64_t)l * m->n_seq * m->n_ctx * kv_dim;
-                const int64_t layer_v = (int64_t)l * m->n_seq * m->n_ctx * kv_dim_v;
-                qk_f16 *kd = m->k_cache + layer_k + ((int64_t)seq[i] * m->n_ctx + pos[i]) * kv_dim;
-                qk_f16 *vd = m->v_cache + layer_v + ((int64_t)seq[i] * m->n_ctx + pos[i]) * kv_dim_v;
-                for (int j = 0; j < kv_dim; j++) kd[j] = (qk_f16)k[j];
-                for (int j = 0; j < kv_dim_v; j++) vd[j] = (qk_f16)v[j];
-            }
-            qk_attention(m, l, n, pos, seq);
-            qk_matmul(m, &L->wo, m->attn_out, n, m->tmp);
-#pragma omp for schedule(static)
-            for (int i = 0; i < n; i++) {
-                float *t = m->tmp + (int64_t)i * E, *xi = m->x + (int64_t)i * E;
-                if (m->post_norms) qk_rmsnorm(t, t, L->post_attn_norm, E, m->norm_eps);
-                for (int j = 0; j < E; j++) xi[j] += t[j];
-                qk_rmsnorm(m->xn + (int64_t)i * E, xi, L->ffn_norm, E, m->norm_eps);
-            }
-            qk_matmul(m, &L->gate, m->xn, n, m->ff_a);
-            qk_matmul(m, &L->up, m->xn, n, m->ff_b);
-#pragma omp for schedule(static)
-            for (int i = 0; i < n; i++) {
-                float *a = m->ff_a + (int64_t)i * m->n_ff, *b = m->ff_b + (int64_t)i * m->n_ff;
-                if (m->activation == QK_ACT_FN_GELU_TANH)
-                    for (int j = 0; j < m->n_ff; j++) a[j] = qk_gelu_tanh(a[j]) * b[j];
-                else
-                    for (int j = 0; j < m->n_ff; j++) a[j] = qk_silu(a[j]) * b[j];
-            }
-            qk_matmul(m, &L->down, m->ff_a, n, m->tmp);
-#pragma omp for schedule(static)
-            for (int i = 0; i < n; i++) {
-                float *t = m->tmp + (int64_t)i * E, *xi = m->x + (int64_t)i * E;
-                if (m->post_norms) qk_rmsnorm(t, t, L->post_ffn_norm, E, m->norm_eps);
-                for (int j = 0; j < E; j++) xi[j] += t[j];
-            }
-        }
-        /* Only the rows that need an answer go through the final norm and the output head. */
-        float *dst = hidden ? hidden : m->xn;
-#pragma omp for schedule(static)
-        for (int k = 0; k < n_out; k++)
-            qk_rmsnorm(dst + (int64_t)k * E, m->x + (int64_t)out_idx[k] * E, m->output_norm, E, m->norm_eps);
-        if (!hidden) qk_matmul(m, &m->output, m->xn, n_out, logits);
-    }
+    qk_pass *p = &m->rt->pass;
+    p->n = n;
+    p->n_out = n_out;
+    p->tokens = tokens;
+    p->pos = pos;
+    p->seq = seq;
+    p->out_idx = out_idx;
+    p->logits = logits;
+    p->hidden = hidden;
+    p->n_blocks = qk_plan_blocks(m, p, m->rt->blocks);
+    qk_pool_run(m->rt->pool, qk_forward_job, m);
 }
+
+/* ---------------------------------------------------------------- set-up */
+
+static int qk_ops_per_pass(const qk_model *m) { return m->n_layer * 10 + 4; }
+
+static void qk_model_free(qk_model *m) {
+    qk_runtime *rt = m->rt;
+    if (!rt) return;
+    qk_pool_free(rt->pool);
+    for (int k = 0; k < QK_N_ACT_FORMATS; k++) free(rt->act[k]);
+    if (rt->gemm_scratch)
+        for (int t = 0; t < m->n_threads; t++) free(rt->gemm_scratch[t]);
+    if (rt->att_scratch)
+        for (int t = 0; t < m->n_threads; t++) free(rt->att_scratch[t]);
+    free(rt->gemm_scratch);
+    free(rt->att_scratch);
+    free(rt->blocks);
+    free(rt->rope_freq);
+    free(rt->rope_cs);
+    free(rt->layer_base);
+    free(rt);
+    m->rt = NULL;
+}
+
+static void *qk_alloc_aligned(size_t bytes, size_t *total) {
+    void *p = NULL;
+#if defined(_WIN32)
+    p = _aligned_malloc(bytes ? bytes : 1, 64);
+#else
+    if (posix_memalign(&p, 64, bytes ? bytes : 1) != 0) p = NULL;
+#endif
+    if (p) *total += bytes;
+    return p;
+}
+
+/* Threads and scratch, after every other field of m is set. Returns 0, or -1 when out of
+ * memory (m is then left for qk_model_free). */
+static int qk_model_init(qk_model *m) {
+    if (m->n_rot > 1024 || m->n_head_kv < 1 || m->n_head % m->n_head_kv) return -1; /* checked upstream */
+    qk_runtime *rt = (qk_runtime *)calloc(1, sizeof(qk_runtime));
+    if (!rt) return -1;
+    m->rt = rt;
+    size_t total = sizeof(qk_runtime);
+    const size_t B = (size_t)m->n_batch;
+    /* activation buffers: the widest row each format is asked for */
+    int64_t max_cols = m->n_embd;
+    for (int l = 0; l < m->n_layer; l++) {
+        const qk_layer *L = &m->layers[l];
+        const qk_matrix *ws[7] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->gate, &L->up, &L->down};
+        for (int k = 0; k < 7; k++) {
+            const int f = ws[k]->tr->act;
+            if (f < 0 || f >= QK_N_ACT_FORMATS) return -1;
+            const size_t s = qk_act_stride(ws[k]);
+            if (s > rt->act_cap[f]) rt->act_cap[f] = s;
+            if (ws[k]->cols > max_cols) max_cols = ws[k]->cols;
+        }
+    }
+    const int fo = m->output.tr->act;
+    if (fo < 0 || fo >= QK_N_ACT_FORMATS) return -1;
+    if (qk_act_stride(&m->output) > rt->act_cap[fo]) rt->act_cap[fo] = qk_act_stride(&m->output);
+    for (int k = 0; k < QK_N_ACT_FORMATS; k++)
+        if (k != QK_ACT_F32 && rt->act_cap[k] && !(rt->act[k] = (uint8_t *)qk_alloc_aligned(B * rt->act_cap[k], &total)))
+            return -1;
+    rt->gemm_scratch = (void **)calloc((size_t)m->n_threads, sizeof(void *));
+    rt->att_scratch = (float **)calloc((size_t)m->n_threads, sizeof(float *));
+    if (!rt->gemm_scratch || !rt->att_scratch) return -1;
+    for (int t = 0; t < m->n_threads; t++) {
+        if (!(rt->gemm_scratch[t] = qk_alloc_aligned(qk_gemm_scratch_bytes(max_cols), &total))) return -1;
+        if (!(rt->att_scratch[t] = (float *)qk_alloc_aligned(sizeof(float) * qk_att_scratch_floats(m), &total)))
+            return -1;
+    }
+    if (!(rt->blocks = (int32_t *)qk_alloc_aligned(sizeof(int32_t) * 2 * B, &total))) return -1;
+    /* rope tables for the distinct bases */
+    const int half = m->n_rot / 2;
+    if (!(rt->layer_base = (int *)calloc((size_t)m->n_layer, sizeof(int)))) return -1;
+    for (int l = 0; l < m->n_layer; l++) {
+        int b = 0;
+        while (b < rt->n_bases && rt->rope_bases[b] != m->layers[l].rope_base) b++;
+        if (b == rt->n_bases && b < QK_MAX_ROPE_BASES) rt->rope_bases[rt->n_bases++] = m->layers[l].rope_base;
+        rt->layer_base[l] = b < rt->n_bases ? b : -1;
+    }
+    const size_t nb = (size_t)(rt->n_bases ? rt->n_bases : 1);
+    if (!(rt->rope_freq = (float *)qk_alloc_aligned(sizeof(float) * nb * (half ? half : 1), &total))) return -1;
+    if (!(rt->rope_cs = (float *)qk_alloc_aligned(sizeof(float) * nb * B * (m->n_rot ? m->n_rot : 1), &total)))
+        return -1;
+    for (int b = 0; b < rt->n_bases; b++)
+        for (int j = 0; j < half; j++)
+            rt->rope_freq[b * half + j] = powf(rt->rope_bases[b], -2.0f * (float)j / (float)m->n_rot);
+    if (!(rt->pool = qk_pool_new(m->n_threads, qk_ops_per_pass(m)))) return -1;
+    total += (size_t)qk_ops_per_pass(m) * sizeof(qk_op_counter);
+    rt->bytes = total;
+    return 0;
+}
+
+static size_t qk_model_runtime_bytes(const qk_model *m) { return m->rt ? m->rt->bytes : 0; }
 
 /* Copies the first n_pos cached positions of sequence src to dst (a shared prompt prefix). */
 static void qk_copy_seq(qk_model *m, int src, int dst, int n_pos) {

@@ -55,6 +55,9 @@ cdef extern from "forward.h":
                     const int32_t *seq, int n_out, const int32_t *out_idx, float *logits,
                     float *hidden) noexcept nogil
     void qk_copy_seq(qk_model *m, int src, int dst, int n_pos) noexcept nogil
+    int qk_model_init(qk_model *m) noexcept nogil
+    void qk_model_free(qk_model *m) noexcept nogil
+    size_t qk_model_runtime_bytes(const qk_model *m) noexcept nogil
 
 
 cdef void *_alloc(size_t n_items, size_t item_size) except NULL:
@@ -72,7 +75,6 @@ cdef class NativeModel:
     cdef list _keep
     cdef readonly int n_ctx, n_seq, n_batch, n_threads, n_vocab, n_embd
     cdef readonly size_t kv_bytes, scratch_bytes
-    cdef size_t _act_bytes
 
     def __cinit__(self):
         memset(&self.m, 0, sizeof(qk_model))
@@ -94,7 +96,6 @@ cdef class NativeModel:
         E, q_dim = m.n_embd, m.n_head * m.head_dim
         kv_dim, kv_dim_v = m.n_head_kv * m.head_dim, m.n_head_kv * m.head_dim_v
 
-        self._act_bytes = 0
         self._set_matrix(&m.tok_embd, globals_["tok_embd"], "token_embd.weight", E)
         self._set_matrix(&m.output, globals_["output"], "output.weight", E)
         m.n_vocab = <int>m.output.rows
@@ -141,11 +142,12 @@ cdef class NativeModel:
         m.tmp = <float *>_alloc(B * E, sizeof(float))
         m.ff_a = <float *>_alloc(B * m.n_ff, sizeof(float))
         m.ff_b = <float *>_alloc(B * m.n_ff, sizeof(float))
-        m.scores = <float *>_alloc(<size_t>n_threads * n_ctx, sizeof(float))
-        m.act = <uint8_t *>_alloc(B * self._act_bytes, 1)
+        # threads, quantized activations, per-thread tiles (forward.h)
+        if qk_model_init(m) != 0:
+            raise MemoryError("cannot allocate the model's threads and scratch")
         self.scratch_bytes = sizeof(float) * (
             B * (4 * E + q_dim + kv_dim + kv_dim_v + m.n_head * m.head_dim_v + 2 * m.n_ff)
-            + <size_t>n_threads * n_ctx) + B * self._act_bytes
+        ) + qk_model_runtime_bytes(m)
         self.n_ctx, self.n_seq, self.n_batch, self.n_threads = n_ctx, n_seq, n_batch, n_threads
         self.n_vocab, self.n_embd = m.n_vocab, E
 
@@ -173,7 +175,6 @@ cdef class NativeModel:
         mat.rows = n_rows
         mat.cols = n_cols
         mat.row_bytes = row_bytes
-        self._act_bytes = max(self._act_bytes, qk_act_row_bytes(tr.act, n_cols))
 
     cdef const float *_vector(self, data, str name, int64_t n, bint required=True) except? NULL:
         if data is None:
@@ -187,6 +188,7 @@ cdef class NativeModel:
         return &v[0]
 
     def __dealloc__(self):
+        qk_model_free(&self.m)  # first: stops the worker threads
         free(self.m.layers)
         free(self.m.k_cache); free(self.m.v_cache)
         free(self.m.x); free(self.m.xn); free(self.m.q); free(self.m.k); free(self.m.v)
