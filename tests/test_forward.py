@@ -1,0 +1,82 @@
+"""The forward pass's threading and batching (cython/forward.h, cython/workers.h).
+
+The pass cuts every op into chunks that threads take dynamically, and a (row, token) product
+or a query's attention is computed the same way whatever chunk, tile or batch holds it. So, on
+every CPU variant, logits are BIT-identical:
+- whatever the number of threads (including more threads than cores: a thread that is not
+  running holds back nobody);
+- whether a prompt goes in one batch, in chunks, or token by token, and whoever shares the batch.
+(test_model.py holds the same passes to the float64 reference and to llama.cpp.)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from qpack.runtime import cpu
+from qpack.runtime.gguf import open_gguf
+from qpack.runtime.model import Model
+from tiny_models import tiny_model
+
+VARIANTS = cpu.supported_variants()
+
+
+def load(path, variant: str, **kw) -> Model:
+    kw.setdefault("n_ctx", 96)
+    return Model(open_gguf(str(path)), kernels=cpu._import(variant), **kw)
+
+
+def prompt(n: int, seed: int = 5) -> list[int]:
+    return np.random.default_rng(seed).integers(3, 269, n).tolist()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("arch,weights", [("llama", "Q4_1"), ("gemma3", "Q5_0"), ("qwen2", "Q4_K")])
+def test_thread_count_does_not_change_a_bit(tmp_path, variant, arch, weights):
+    path = tiny_model(tmp_path / "m.gguf", arch, weights, n_layers=3)
+    toks = prompt(40)
+    ref = load(path, variant, threads=1).logits(toks, all_rows=True)
+    for threads in (2, 3, 8):  # 8 > the cores of most CI machines: oversubscribed on purpose
+        got = load(path, variant, threads=threads).logits(toks, all_rows=True)
+        assert np.array_equal(got, ref), threads
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("weights", ["Q8_0", "Q6_K", "F16"])
+def test_batching_does_not_change_a_bit(tmp_path, variant, weights):
+    """One batch, chunks of 7, and token-by-token decode give the same logits; so does a
+    batch shared with another sequence."""
+    path = tiny_model(tmp_path / "m.gguf", "gemma3", weights, n_layers=2, window=8)
+    toks = prompt(70)  # past two 64-key attention tiles and the sliding window
+    whole = load(path, variant, n_batch=128, threads=2).logits(toks, all_rows=True)
+    chunked = load(path, variant, n_batch=7, threads=2).logits(toks, all_rows=True)
+    assert np.array_equal(whole, chunked)
+    m = load(path, variant, n_batch=128, threads=2)
+    steps = [m.forward([t], [i], [0], [0])[0] for i, t in enumerate(toks)]
+    assert np.array_equal(np.stack(steps), whole)
+    # the same prompt in slot 1, interleaved with another in slot 0
+    other = prompt(30, seed=9)
+    m2 = load(path, variant, n_seq=2, n_batch=128, threads=2)
+    order = (
+        [(1, i) for i in range(40)] + [(0, i) for i in range(30)] + [(1, i) for i in range(40, 70)]
+    )
+    seqs = {1: toks, 0: other}
+    mixed = m2.forward(
+        [seqs[s][i] for s, i in order],
+        [i for _, i in order],
+        [s for s, _ in order],
+        list(range(100)),
+    )
+    ours = np.array([k for k, (s, _) in enumerate(order) if s == 1])
+    assert np.array_equal(mixed[ours], whole)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_many_small_passes_on_many_threads(tmp_path, variant):
+    """Decode-sized passes in a row on an oversubscribed pool: no hang, no drift."""
+    path = tiny_model(tmp_path / "m.gguf", "llama", "Q4_0", n_layers=2)
+    m1, m8 = load(path, variant, threads=1), load(path, variant, threads=8)
+    for i, t in enumerate(prompt(60)):
+        a = m1.forward([t], [i], [0], [0])
+        b = m8.forward([t], [i], [0], [0])
+        assert np.array_equal(a, b), i
