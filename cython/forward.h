@@ -258,12 +258,97 @@ static int qk_plan_blocks(qk_model *m, const qk_pass *p, int32_t *blocks) {
 static size_t qk_att_scratch_floats(const qk_model *m) {
     const int group = m->n_head / m->n_head_kv;
     const int rows = (QK_ATT_ROWS / group > 0 ? QK_ATT_ROWS / group : 1) * group;
-    return (size_t)m->head_dim * QK_ATT_KT + (size_t)QK_ATT_KT * m->head_dim_v + QK_ATT_KT +
-           (size_t)rows * (m->head_dim_v + 2) + 64;
+    return (size_t)m->head_dim * QK_ATT_KT + (size_t)QK_ATT_KT * m->head_dim_v +
+           (size_t)rows * (QK_ATT_KT + m->head_dim_v + 2) + 64;
+}
+
+/* Keys ta..ta+tn-1 of one head, f16 rows of stride kv_dim, into kt[j][t] (f32, transposed so
+ * that the scores vectorize over keys); columns tn..KT-1 zero. */
+static void qk_load_keys(float *restrict kt, const qk_f16 *ks, int64_t kv_dim, int hd, int tn) {
+    int t = 0;
+#if defined(__AVX2__) && defined(__F16C__)
+    for (; t + 8 <= tn && hd % 8 == 0; t += 8)
+        for (int j = 0; j < hd; j += 8) {
+            __m256 r[8];
+            for (int k = 0; k < 8; k++)
+                r[k] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ks + (int64_t)(t + k) * kv_dim + j)));
+            /* 8x8 transpose: r[k] = key t+k, dims j..j+7  ->  c[d] = dim j+d, keys t..t+7 */
+            const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+            const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+            const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+            const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+            const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+            const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+            const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+            const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+            const __m256 c[8] = {
+                _mm256_permute2f128_ps(s0, s4, 0x20), _mm256_permute2f128_ps(s1, s5, 0x20),
+                _mm256_permute2f128_ps(s2, s6, 0x20), _mm256_permute2f128_ps(s3, s7, 0x20),
+                _mm256_permute2f128_ps(s0, s4, 0x31), _mm256_permute2f128_ps(s1, s5, 0x31),
+                _mm256_permute2f128_ps(s2, s6, 0x31), _mm256_permute2f128_ps(s3, s7, 0x31)};
+            for (int d = 0; d < 8; d++) _mm256_storeu_ps(kt + (j + d) * QK_ATT_KT + t, c[d]);
+        }
+#endif
+    for (; t < tn; t++)
+        for (int j = 0; j < hd; j++) kt[j * QK_ATT_KT + t] = (float)ks[(int64_t)t * kv_dim + j];
+    for (int j = 0; j < hd; j++)
+        for (int u = tn; u < QK_ATT_KT; u++) kt[j * QK_ATT_KT + u] = 0.0f;
+}
+
+/* s[r][t] = q_r . key t for nq rows and all KT keys: 4 rows x 16 keys of accumulators, each
+ * summing over the dimensions in order (the same arithmetic for any rows and blocks). */
+static void qk_att_scores(float *restrict s, const float *const *q, int nq, const float *restrict kt,
+                          int hd) {
+    static const float zero_row[1024];
+    for (int r0 = 0; r0 < nq; r0 += 4) {
+        const float *qr[4];
+        for (int k = 0; k < 4; k++) qr[k] = r0 + k < nq ? q[r0 + k] : zero_row;
+        for (int tb = 0; tb < QK_ATT_KT; tb += 16) {
+            float acc[4][16] = {{0}};
+            for (int j = 0; j < hd; j++) {
+                const float *kj = kt + j * QK_ATT_KT + tb;
+                for (int k = 0; k < 4; k++) {
+                    const float qv = qr[k][j];
+#pragma omp simd
+                    for (int u = 0; u < 16; u++) acc[k][u] += qv * kj[u];
+                }
+            }
+            for (int k = 0; k < 4 && r0 + k < nq; k++) memcpy(s + (size_t)(r0 + k) * QK_ATT_KT + tb, acc[k], sizeof acc[k]);
+        }
+    }
+}
+
+/* o[r][:] += sum over t < tn of p[r][t] v[t][:], t in order; 4 rows x 16 dims at a time. */
+static void qk_att_pv(float *restrict o, const float *restrict p, int nq, const float *restrict v,
+                      int hdv, int tn) {
+    static const float zero_row[QK_ATT_KT];
+    for (int r0 = 0; r0 < nq; r0 += 4) {
+        const float *pr[4];
+        for (int k = 0; k < 4; k++) pr[k] = r0 + k < nq ? p + (size_t)(r0 + k) * QK_ATT_KT : zero_row;
+        int d0 = 0;
+        for (; d0 + 16 <= hdv; d0 += 16) {
+            float acc[4][16];
+            for (int k = 0; k < 4; k++)
+                for (int u = 0; u < 16; u++) acc[k][u] = r0 + k < nq ? o[(size_t)(r0 + k) * hdv + d0 + u] : 0.0f;
+            for (int t = 0; t < tn; t++) {
+                const float *vt = v + (size_t)t * hdv + d0;
+                for (int k = 0; k < 4; k++) {
+                    const float w = pr[k][t];
+#pragma omp simd
+                    for (int u = 0; u < 16; u++) acc[k][u] += w * vt[u];
+                }
+            }
+            for (int k = 0; k < 4 && r0 + k < nq; k++) memcpy(o + (size_t)(r0 + k) * hdv + d0, acc[k], sizeof acc[k]);
+        }
+        for (int k = 0; k < 4 && r0 + k < nq; k++)
+            for (int d = d0; d < hdv; d++)
+                for (int t = 0; t < tn; t++) o[(size_t)(r0 + k) * hdv + d] += pr[k][t] * v[(size_t)t * hdv + d];
+    }
 }
 
 /* One chunk: a query block x one KV head. Online softmax over key tiles aligned to absolute
- * positions, so each query sees the same tiles, in the same order, whatever block it is in. */
+ * positions, so each query sees the same tiles, in the same order, with the same arithmetic,
+ * whatever block it is in; keys outside a query's range weigh exactly 0. */
 static void qk_attention_chunk(qk_model *m, int l, const qk_pass *p, int b, int kvh, float *scratch) {
     const qk_layer *L = &m->layers[l];
     const int hd = m->head_dim, hdv = m->head_dim_v, group = m->n_head / m->n_head_kv;
@@ -276,74 +361,63 @@ static void qk_attention_chunk(qk_model *m, int l, const qk_pass *p, int b, int 
 
     float *kt = scratch;                          /* [hd][KT] keys, transposed */
     float *vt = kt + (size_t)hd * QK_ATT_KT;      /* [KT][hdv] */
-    float *sc = vt + (size_t)QK_ATT_KT * hdv;     /* [KT] */
-    float *mx = sc + QK_ATT_KT, *sum = mx + nq;   /* per query row */
-    float *o = sum + nq;                          /* [nq][hdv] */
+    float *sc = vt + (size_t)QK_ATT_KT * hdv;     /* [nq][KT] scores, then weights */
+    float *o = sc + (size_t)nq * QK_ATT_KT;       /* [nq][hdv] */
+    float *mx = o + (size_t)nq * hdv, *sum = mx + nq;
+    const float *qrow[256]; /* nq <= max(QK_ATT_ROWS, group), group <= 256 */
     int lo = m->n_ctx, hi = -1;
+    for (int r = 0; r < nq; r++) {
+        const int i = i0 + r / group, h = kvh * group + r % group;
+        qrow[r] = m->q + (int64_t)i * m->n_head * hd + (int64_t)h * hd;
+        mx[r] = -INFINITY;
+        sum[r] = 0.0f;
+    }
     for (int i = i0; i < i1; i++) {
         const int t0 = L->window && p->pos[i] >= L->window ? p->pos[i] - L->window + 1 : 0;
         lo = t0 < lo ? t0 : lo;
         hi = p->pos[i] > hi ? p->pos[i] : hi;
     }
-    for (int r = 0; r < nq; r++) {
-        mx[r] = -INFINITY;
-        sum[r] = 0.0f;
-    }
     memset(o, 0, sizeof(float) * (size_t)nq * hdv);
     for (int ta = lo / QK_ATT_KT * QK_ATT_KT; ta <= hi; ta += QK_ATT_KT) {
         const int tn = hi + 1 - ta < QK_ATT_KT ? hi + 1 - ta : QK_ATT_KT; /* keys present */
-        for (int t = 0; t < QK_ATT_KT; t++) {
-            const qk_f16 *kr = ks + (int64_t)(ta + t) * kv_dim;
-            if (t < tn) {
-                for (int j = 0; j < hd; j++) kt[j * QK_ATT_KT + t] = (float)kr[j];
-            } else {
-                for (int j = 0; j < hd; j++) kt[j * QK_ATT_KT + t] = 0.0f;
-            }
-        }
+        qk_load_keys(kt, ks + (int64_t)ta * kv_dim, kv_dim, hd, tn);
         for (int t = 0; t < tn; t++) {
             const qk_f16 *vr = vs + (int64_t)(ta + t) * kv_dim_v;
 #pragma omp simd
             for (int j = 0; j < hdv; j++) vt[t * hdv + j] = (float)vr[j];
         }
+        qk_att_scores(sc, qrow, nq, kt, hd);
         for (int r = 0; r < nq; r++) {
-            const int i = i0 + r / group, h = kvh * group + r % group;
-            const int pi = p->pos[i];
+            const int pi = p->pos[i0 + r / group];
             const int t0 = L->window && pi >= L->window ? pi - L->window + 1 : 0;
             const int a = t0 > ta ? t0 - ta : 0, e = pi + 1 - ta < tn ? pi + 1 - ta : tn; /* [a, e) */
-            if (a >= e) continue;
-            const float *q = m->q + (int64_t)i * m->n_head * hd + (int64_t)h * hd;
-            for (int t = 0; t < QK_ATT_KT; t++) sc[t] = 0.0f;
-            for (int j = 0; j < hd; j++) {
-                const float qj = q[j];
-                const float *kj = kt + j * QK_ATT_KT;
-#pragma omp simd
-                for (int t = 0; t < QK_ATT_KT; t++) sc[t] += qj * kj[t];
+            float *w = sc + (size_t)r * QK_ATT_KT;
+            if (a >= e) { /* no key of this tile for this query: weights 0, state unchanged */
+                memset(w, 0, sizeof(float) * QK_ATT_KT);
+                continue;
             }
             float tmax = -INFINITY;
             for (int t = a; t < e; t++) {
-                sc[t] *= m->attn_scale;
-                tmax = sc[t] > tmax ? sc[t] : tmax;
+                w[t] *= m->attn_scale;
+                tmax = w[t] > tmax ? w[t] : tmax;
             }
             const float mnew = tmax > mx[r] ? tmax : mx[r];
             const float corr = qk_exp(mx[r] - mnew);
             float tsum = 0.0f;
 #pragma omp simd reduction(+ : tsum)
             for (int t = a; t < e; t++) {
-                sc[t] = qk_exp(sc[t] - mnew);
-                tsum += sc[t];
+                w[t] = qk_exp(w[t] - mnew);
+                tsum += w[t];
             }
+            for (int t = 0; t < a; t++) w[t] = 0.0f;
+            for (int t = e; t < QK_ATT_KT; t++) w[t] = 0.0f;
             mx[r] = mnew;
             sum[r] = sum[r] * corr + tsum;
             float *orow = o + (size_t)r * hdv;
 #pragma omp simd
             for (int j = 0; j < hdv; j++) orow[j] *= corr;
-            for (int t = a; t < e; t++) {
-                const float w = sc[t];
-                const float *vr = vt + t * hdv;
-#pragma omp simd
-                for (int j = 0; j < hdv; j++) orow[j] += w * vr[j];
-            }
         }
+        qk_att_pv(o, sc, nq, vt, hdv, tn);
     }
     for (int r = 0; r < nq; r++) {
         const int i = i0 + r / group, h = kvh * group + r % group;
@@ -536,7 +610,9 @@ static void *qk_alloc_aligned(size_t bytes, size_t *total) {
 /* Threads and scratch, after every other field of m is set. Returns 0, or -1 when out of
  * memory (m is then left for qk_model_free). */
 static int qk_model_init(qk_model *m) {
-    if (m->n_rot > 1024 || m->n_head_kv < 1 || m->n_head % m->n_head_kv) return -1; /* checked upstream */
+    if (m->n_rot > 1024 || m->head_dim > 1024 || m->n_head_kv < 1 || m->n_head % m->n_head_kv ||
+        m->n_head / m->n_head_kv > 256)
+        return -1; /* shapes the tables and tiles below do not take */
     qk_runtime *rt = (qk_runtime *)calloc(1, sizeof(qk_runtime));
     if (!rt) return -1;
     m->rt = rt;
