@@ -223,7 +223,7 @@ class SampledToken:
     """
 
     id: int
-    logprob: float
+    logprob: float | None  # None: greedy and not asked for (n_logprobs None)
     top: list[tuple[int, float]]
 
 
@@ -332,13 +332,21 @@ class Sampler:
         the repeat penalty looks at its last repeat_last_n tokens."""
         p = self.params
         x = self.adjusted_logits(logits, history)
-        top_logit = float(x.max())
+        # Greedy with no logprob asked (the common decode): argmax alone, no log-sum-exp over
+        # the vocabulary (~200 us of a ~220 us step with 262144 tokens).
+        greedy_only = p.temperature == 0.0 and p.n_logprobs is None
+        token = int(x.argmax()) if greedy_only else -1
+        top_logit = float(x[token]) if greedy_only else float(x.max())
         if math.isnan(top_logit) or top_logit == math.inf:
             raise QpackError(
                 f"the model produced {top_logit} logits (a broken model file or kernel)"
             )
         if top_logit == -math.inf:
             raise SamplingParamsError("logit_bias", "every token of the vocabulary is banned")
+        if greedy_only:
+            if self._track_counts:
+                self._generated_counts[token] = self._generated_counts.get(token, 0) + 1
+            return SampledToken(token, None, [])
         # log-sum-exp over the whole vocabulary, in a reused buffer (no allocation per token).
         np.subtract(x, np.float32(top_logit), out=self._scratch)
         np.exp(self._scratch, out=self._scratch)
