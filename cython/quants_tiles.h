@@ -73,13 +73,21 @@ static inline void qk_panel_rows(const uint8_t *w, size_t row_bytes, int nr, con
 
 /* ================================================================ unpacking: portable */
 
-/* Element e of a row's block as unsigned u, scattered into the interleaved layout. */
+/* The portable code keeps each row's unsigned bytes in natural order in the same storage
+ * (row i at bytes 32i.. / 256i..): its per-row sums then vectorize with plain SSE2/NEON. The
+ * arithmetic, not the layout, is what every path shares. */
 static inline void qk_panel_put32(qk_panel32 *p, int i, const uint8_t u[32]) {
-    for (int j = 0; j < 8; j++) memcpy(p->q[j][i], u + 4 * j, 4);
+    memcpy((uint8_t *)p->q + 32 * i, u, 32);
 }
 
 static inline void qk_panel_put256(qk_panel256 *p, int i, const uint8_t u[256]) {
-    for (int j = 0; j < 64; j++) memcpy(p->q[j][i], u + 4 * j, 4);
+    memcpy((uint8_t *)p->q + 256 * i, u, 256);
+}
+
+static inline __attribute__((always_inline)) int32_t qk_sum_u8s8(const uint8_t *u, const int8_t *a, int n) {
+    int32_t s = 0;
+    for (int e = 0; e < n; e++) s += (int32_t)u[e] * a[e];
+    return s;
 }
 
 /* ---------------------------------------------------------------- legacy types, portable */
@@ -93,9 +101,17 @@ static inline void qk_u_q4(const uint8_t *qs, uint8_t u[32]) {
 }
 
 static inline void qk_u_q5(const uint8_t *qh, const uint8_t *qs, uint8_t u[32]) {
+    /* bit j of qh by a mask table: vectorizes without variable shifts (SSE2) */
+    static const uint32_t bit[32] = {
+        1u << 0,  1u << 1,  1u << 2,  1u << 3,  1u << 4,  1u << 5,  1u << 6,  1u << 7,
+        1u << 8,  1u << 9,  1u << 10, 1u << 11, 1u << 12, 1u << 13, 1u << 14, 1u << 15,
+        1u << 16, 1u << 17, 1u << 18, 1u << 19, 1u << 20, 1u << 21, 1u << 22, 1u << 23,
+        1u << 24, 1u << 25, 1u << 26, 1u << 27, 1u << 28, 1u << 29, 1u << 30, 1u << 31};
     const uint32_t bits = qk_load_u32(qh);
+    uint8_t h[32];
+    for (int j = 0; j < 32; j++) h[j] = (bits & bit[j]) ? 16 : 0;
     qk_u_q4(qs, u);
-    for (int j = 0; j < 32; j++) u[j] |= (uint8_t)(((bits >> j) & 1u) << 4);
+    for (int j = 0; j < 32; j++) u[j] |= h[j];
 }
 
 /* type: 0 Q4_0, 1 Q4_1, 2 Q5_0, 3 Q5_1, 4 Q8_0 */
@@ -418,13 +434,11 @@ static inline void qk_pack256_x86(int type, int bytes, const uint8_t *w, size_t 
 /* ================================================================ products: portable */
 
 /* Rows of the panel times one token; adds into acc[8] with the fixed per-lane arithmetic. */
-static inline void qk_tile32_token_portable(const qk_panel32 *p, int64_t nb,
+static inline __attribute__((always_inline)) void qk_tile32_token_portable(const qk_panel32 *p, int64_t nb,
                                             const qk_act_q8_32 *a, float acc[8]) {
     for (int64_t b = 0; b < nb; b++) {
-        int32_t isum[8] = {0};
-        for (int j = 0; j < 8; j++)
-            for (int i = 0; i < 8; i++)
-                for (int k = 0; k < 4; k++) isum[i] += p[b].q[j][i][k] * a[b].qs[4 * j + k];
+        int32_t isum[8];
+        for (int i = 0; i < 8; i++) isum[i] = qk_sum_u8s8((const uint8_t *)p[b].q + 32 * i, a[b].qs, 32);
         const float da = a[b].d, sa = a[b].s;
         for (int i = 0; i < 8; i++) {
             const float prod = p[b].d[i] * da;
@@ -435,17 +449,16 @@ static inline void qk_tile32_token_portable(const qk_panel32 *p, int64_t nb,
 }
 
 /* sub: 32 (Q4_K, Q5_K: 8 sub-blocks) or 16 (Q6_K: 16 sub-blocks). */
-static inline void qk_tile256_token_portable(const qk_panel256 *p, int64_t nb, int sub,
+static inline __attribute__((always_inline)) void qk_tile256_token_portable(const qk_panel256 *p, int64_t nb, int sub,
                                              const qk_act_q8_256 *a, float acc[8]) {
-    const int quads = sub / 4, nsub = 256 / sub;
+    const int nsub = 256 / sub;
     for (int64_t b = 0; b < nb; b++) {
         int32_t tot[8] = {0}, mins[8] = {0};
-        for (int s = 0; s < nsub; s++) {
-            int32_t isum[8] = {0};
-            for (int j = s * quads; j < (s + 1) * quads; j++)
-                for (int i = 0; i < 8; i++)
-                    for (int k = 0; k < 4; k++) isum[i] += p[b].q[j][i][k] * a[b].qs[4 * j + k];
-            for (int i = 0; i < 8; i++) tot[i] += isum[i] * p[b].sc[s][i];
+        for (int i = 0; i < 8; i++) {
+            const uint8_t *u = (const uint8_t *)p[b].q + 256 * i;
+            for (int s = 0; s < nsub; s++) /* constant lengths, so that the sums vectorize */
+                tot[i] += (sub == 32 ? qk_sum_u8s8(u + 32 * s, a[b].qs + 32 * s, 32)
+                                     : qk_sum_u8s8(u + 16 * s, a[b].qs + 16 * s, 16)) * p[b].sc[s][i];
         }
         for (int q = 0; q < 8; q++)
             for (int i = 0; i < 8; i++) {
