@@ -58,7 +58,7 @@ typedef struct {
     qk_layer *layers;
     /* sizes of the state below */
     int n_ctx, n_seq, n_batch, n_threads;
-    /* KV cache, [layer][seq][pos][n_head_kv * head_dim(_v)] */
+    /* KV cache, [layer][seq][kv head][pos][head_dim(_v)]: a head's keys are contiguous */
     qk_f16 *k_cache, *v_cache;
     /* scratch for up to n_batch tokens */
     float *x, *xn, *q, *k, *v, *attn_out, *tmp, *ff_a, *ff_b, *scores;
@@ -89,6 +89,15 @@ struct qk_runtime {
     int *layer_base;                  /* per layer: index into rope_bases, -1 = compute inline */
     size_t bytes;                     /* what qk_model_init allocated */
 };
+
+/* Where position pos of sequence s, layer l, KV head h lives in the cache. */
+static inline qk_f16 *qk_k_at(const qk_model *m, int l, int s, int h, int pos) {
+    return m->k_cache + ((((int64_t)l * m->n_seq + s) * m->n_head_kv + h) * m->n_ctx + pos) * m->head_dim;
+}
+
+static inline qk_f16 *qk_v_at(const qk_model *m, int l, int s, int h, int pos) {
+    return m->v_cache + ((((int64_t)l * m->n_seq + s) * m->n_head_kv + h) * m->n_ctx + pos) * m->head_dim_v;
+}
 
 /* ---------------------------------------------------------------- small math (vectorizable) */
 
@@ -262,6 +271,24 @@ static size_t qk_att_scratch_floats(const qk_model *m) {
            (size_t)rows * (QK_ATT_KT + m->head_dim_v + 2) + 64;
 }
 
+/* n f16 values to f32 (gcc 12 does not vectorize _Float16 conversions by itself). */
+static inline void qk_f16_to_f32_row(const qk_f16 *restrict src, float *restrict dst, int n) {
+    int j = 0;
+#if defined(__AVX2__) && defined(__F16C__)
+    for (; j + 8 <= n; j += 8) _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + j))));
+#endif
+    for (; j < n; j++) dst[j] = (float)src[j];
+}
+
+static inline void qk_f32_to_f16_row(const float *restrict src, qk_f16 *restrict dst, int n) {
+    int j = 0;
+#if defined(__AVX2__) && defined(__F16C__)
+    for (; j + 8 <= n; j += 8)
+        _mm_storeu_si128((__m128i *)(dst + j), _mm256_cvtps_ph(_mm256_loadu_ps(src + j), _MM_FROUND_TO_NEAREST_INT));
+#endif
+    for (; j < n; j++) dst[j] = (qk_f16)src[j];
+}
+
 /* Keys ta..ta+tn-1 of one head, f16 rows of stride kv_dim, into kt[j][t] (f32, transposed so
  * that the scores vectorize over keys); columns tn..KT-1 zero. */
 static void qk_load_keys(float *restrict kt, const qk_f16 *ks, int64_t kv_dim, int hd, int tn) {
@@ -352,12 +379,9 @@ static void qk_att_pv(float *restrict o, const float *restrict p, int nq, const 
 static void qk_attention_chunk(qk_model *m, int l, const qk_pass *p, int b, int kvh, float *scratch) {
     const qk_layer *L = &m->layers[l];
     const int hd = m->head_dim, hdv = m->head_dim_v, group = m->n_head / m->n_head_kv;
-    const int kv_dim = m->n_head_kv * hd, kv_dim_v = m->n_head_kv * hdv;
     const int i0 = m->rt->blocks[2 * b], i1 = m->rt->blocks[2 * b + 1], s = p->seq[i0];
     const int nq = (i1 - i0) * group;
-    const int64_t seq_k = (int64_t)m->n_ctx * kv_dim, seq_v = (int64_t)m->n_ctx * kv_dim_v;
-    const qk_f16 *ks = m->k_cache + (int64_t)l * m->n_seq * seq_k + s * seq_k + kvh * hd;
-    const qk_f16 *vs = m->v_cache + (int64_t)l * m->n_seq * seq_v + s * seq_v + kvh * hdv;
+    const qk_f16 *ks = qk_k_at(m, l, s, kvh, 0), *vs = qk_v_at(m, l, s, kvh, 0);
 
     float *kt = scratch;                          /* [hd][KT] keys, transposed */
     float *vt = kt + (size_t)hd * QK_ATT_KT;      /* [KT][hdv] */
@@ -380,12 +404,8 @@ static void qk_attention_chunk(qk_model *m, int l, const qk_pass *p, int b, int 
     memset(o, 0, sizeof(float) * (size_t)nq * hdv);
     for (int ta = lo / QK_ATT_KT * QK_ATT_KT; ta <= hi; ta += QK_ATT_KT) {
         const int tn = hi + 1 - ta < QK_ATT_KT ? hi + 1 - ta : QK_ATT_KT; /* keys present */
-        qk_load_keys(kt, ks + (int64_t)ta * kv_dim, kv_dim, hd, tn);
-        for (int t = 0; t < tn; t++) {
-            const qk_f16 *vr = vs + (int64_t)(ta + t) * kv_dim_v;
-#pragma omp simd
-            for (int j = 0; j < hdv; j++) vt[t * hdv + j] = (float)vr[j];
-        }
+        qk_load_keys(kt, ks + (int64_t)ta * hd, hd, hd, tn);
+        qk_f16_to_f32_row(vs + (int64_t)ta * hdv, vt, tn * hdv);
         qk_att_scores(sc, qrow, nq, kt, hd);
         for (int r = 0; r < nq; r++) {
             const int pi = p->pos[i0 + r / group];
@@ -460,12 +480,10 @@ static void qk_qkv_post(qk_model *m, int l, const qk_pass *p, int i) {
         if (m->qk_norm) qk_rmsnorm(k + h * hd, k + h * hd, L->k_norm, hd, m->norm_eps);
         qk_rope(k + h * hd, m->n_rot, m->rope_neox, cs);
     }
-    const int64_t layer_k = (int64_t)l * m->n_seq * m->n_ctx * kv_dim;
-    const int64_t layer_v = (int64_t)l * m->n_seq * m->n_ctx * kv_dim_v;
-    qk_f16 *kd = m->k_cache + layer_k + ((int64_t)p->seq[i] * m->n_ctx + p->pos[i]) * kv_dim;
-    qk_f16 *vd = m->v_cache + layer_v + ((int64_t)p->seq[i] * m->n_ctx + p->pos[i]) * kv_dim_v;
-    for (int j = 0; j < kv_dim; j++) kd[j] = (qk_f16)k[j];
-    for (int j = 0; j < kv_dim_v; j++) vd[j] = (qk_f16)v[j];
+    for (int h = 0; h < m->n_head_kv; h++) {
+        qk_f32_to_f16_row(k + h * hd, qk_k_at(m, l, p->seq[i], h, p->pos[i]), hd);
+        qk_f32_to_f16_row(v + h * hdv, qk_v_at(m, l, p->seq[i], h, p->pos[i]), hdv);
+    }
 }
 
 /* Adds a block's output t (post-normed where the architecture says so) into the residual x. */
@@ -672,13 +690,11 @@ static size_t qk_model_runtime_bytes(const qk_model *m) { return m->rt ? m->rt->
 
 /* Copies the first n_pos cached positions of sequence src to dst (a shared prompt prefix). */
 static void qk_copy_seq(qk_model *m, int src, int dst, int n_pos) {
-    const int64_t kv_dim = (int64_t)m->n_head_kv * m->head_dim, kv_dim_v = (int64_t)m->n_head_kv * m->head_dim_v;
-    for (int l = 0; l < m->n_layer; l++) {
-        qk_f16 *kl = m->k_cache + (int64_t)l * m->n_seq * m->n_ctx * kv_dim;
-        qk_f16 *vl = m->v_cache + (int64_t)l * m->n_seq * m->n_ctx * kv_dim_v;
-        memcpy(kl + dst * m->n_ctx * kv_dim, kl + src * m->n_ctx * kv_dim, sizeof(qk_f16) * n_pos * kv_dim);
-        memcpy(vl + dst * m->n_ctx * kv_dim_v, vl + src * m->n_ctx * kv_dim_v, sizeof(qk_f16) * n_pos * kv_dim_v);
-    }
+    for (int l = 0; l < m->n_layer; l++)
+        for (int h = 0; h < m->n_head_kv; h++) {
+            memcpy(qk_k_at(m, l, dst, h, 0), qk_k_at(m, l, src, h, 0), sizeof(qk_f16) * n_pos * m->head_dim);
+            memcpy(qk_v_at(m, l, dst, h, 0), qk_v_at(m, l, src, h, 0), sizeof(qk_f16) * n_pos * m->head_dim_v);
+        }
 }
 
 #endif

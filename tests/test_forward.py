@@ -80,3 +80,18 @@ def test_many_small_passes_on_many_threads(tmp_path, variant):
         a = m1.forward([t], [i], [0], [0])
         b = m8.forward([t], [i], [0], [0])
         assert np.array_equal(a, b), i
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_copied_sequence_continues_like_the_original(tmp_path, variant):
+    """copy_sequence (a shared prompt prefix): slot 1 continues exactly as slot 0 would."""
+    path = tiny_model(tmp_path / "m.gguf", "qwen2", "Q8_0", n_layers=2, n_kv_heads=2)
+    toks = prompt(20)
+    m = load(path, variant, n_seq=3, threads=2)
+    m.forward(toks, list(range(20)), [0] * 20, [])
+    m.native.copy_sequence(0, 1, 20)
+    a = m.forward([7], [20], [0], [0])
+    b = m.forward([7], [20], [1], [0])
+    c = m.forward([7], [20], [2], [0])  # slot 2 holds nothing: must differ
+    assert np.array_equal(a, b)
+    assert not np.allclose(a, c)
