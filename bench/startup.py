@@ -1,14 +1,20 @@
 """Start-up and build costs of a qpack executable, as a user meets them.
 
-    python bench/startup.py [MODEL.gguf] [--runs 5]
+    python bench/startup.py [MODEL.gguf] [--runs 5] [--big-gib 2] [--build-only]
 
 Prints, for MODEL (default: SmolLM2-135M-Instruct Q4_1):
-- build time of `qpack build` with the stub already cached, against `cp` of the model;
+- build time of `qpack build` with the stub already cached, against `cp` of the model to the
+  same disk, page cache warm and cold (model and stub evicted with POSIX_FADV_DONTNEED), and
+  the same for a synthetic GGUF of --big-gib GiB (a real GGUF header, one large tensor of
+  incompressible bytes, no holes), written once to /tmp;
 - time to `--version` (start-up: the bootloader unpacks the runtime, Python starts);
 - time to the first generated token of `-p` (start-up + mapping + prompt + one token);
 - peak RSS of those runs (the model is mapped, so RSS grows only with the pages touched);
 - bytes read at start-up (rchar of the whole process tree) against the model's size.
-Times are medians of --runs runs with a warm page cache.
+Times are medians of --runs runs with a warm page cache (unless said cold). Before every timed
+build or cp the previous output is deleted and dirty pages are written back (`sync`), so no run
+pays for another's writeback; neither cp nor the build waits for its own data to reach the disk.
+qpack runs from the console script beside this Python, with its bytecode cached.
 """
 
 from __future__ import annotations
@@ -67,6 +73,82 @@ def time_to_first_token(exe: Path) -> float:
     return first if first is not None else time.perf_counter() - start
 
 
+def evict(*paths: Path) -> None:
+    """Drop the files' pages from the page cache (clean pages only: sync first)."""
+    os.sync()
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def synthetic_gguf(path: Path, n_bytes: int) -> Path:
+    """A GGUF the builder accepts (llama metadata, a SentencePiece vocabulary) whose one F32
+    tensor is `n_bytes` of incompressible bytes: a large model for timing the copy. Written
+    once; reused while its size matches."""
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(path) + ".part", "llama")
+    for key, value in {
+        "block_count": 1, "context_length": 64, "embedding_length": 64,
+        "feed_forward_length": 128, "attention.head_count": 4,
+    }.items():  # fmt: skip
+        w.add_uint32(f"llama.{key}", value)
+    w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + ["\u2581the"]
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * len(tokens))
+    w.add_token_types([2, 3, 3] + [6] * 256 + [1])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    n_bytes -= n_bytes % 4
+    w.add_tensor_info("huge.weight", (n_bytes // 4,), np.dtype(np.float32), n_bytes)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    w.close()
+    rng = np.random.default_rng(0)
+    with open(str(path) + ".part", "ab") as f:
+        f.write(bytes(-f.tell() % 32))
+        for done in range(0, n_bytes, 64 << 20):
+            f.write(rng.bytes(min(64 << 20, n_bytes - done)))
+    os.replace(str(path) + ".part", path)
+    return path
+
+
+def build_against_cp(qpack: list[str], model: Path, tmp: Path, runs: int, cold: bool):
+    """Median seconds of `qpack build MODEL` (cached stub) and of `cp MODEL` on the same disk."""
+    from qpack.builder import stub
+
+    exe, copy = tmp / "build.bin", tmp / "copy.gguf"
+    # As an installed qpack runs: with its bytecode cached (an environment that sets
+    # PYTHONDONTWRITEBYTECODE would make every run compile qpack's sources, ~0.1 s).
+    env = dict(os.environ, PYTHONPYCACHEPREFIX=str(tmp / "pycache"))
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    builds, copies = [], []
+    for _ in range(runs + 1):  # the first round only warms up
+        for kind in ("cp", "build"):
+            stub_path = stub.get_stub()  # rebuilt here, untimed, if the runtime changed
+            exe.unlink(missing_ok=True)
+            copy.unlink(missing_ok=True)
+            if cold:
+                evict(model, stub_path)
+            else:
+                os.sync()
+            if kind == "cp":
+                copies.append(timed(["cp", str(model), str(copy)]))
+            else:
+                builds.append(timed([*qpack, "build", str(model), "-o", str(exe)], env=env))
+    exe.unlink(missing_ok=True)
+    copy.unlink(missing_ok=True)
+    os.sync()
+    return statistics.median(builds[1:]), statistics.median(copies[1:])
+
+
 def peak_rss_mib(cmd: list[str]) -> float:
     """Peak RSS of the largest process the command starts (the one-file bootloader's child)."""
     script = (
@@ -85,6 +167,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", nargs="?", type=Path)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument(
+        "--big-gib",
+        type=float,
+        default=2.0,
+        help="size of the synthetic GGUF for the build timing (0: skip it)",
+    )
+    parser.add_argument("--big-path", type=Path, default=Path("/tmp/qpack-bench-big.gguf"))
+    parser.add_argument("--build-only", action="store_true", help="time the builds only")
     args = parser.parse_args()
 
     from qpack.builder import models, stub
@@ -92,13 +182,37 @@ def main() -> None:
     model = args.model or models.default_model_path()
     stub.get_stub()  # cached before anything is timed
     size_mib = model.stat().st_size / 2**20
-    qpack = shutil.which("qpack") or sys.exit("qpack is not on PATH (pip install -e .)")
+    # The console script beside this Python: a version manager's shim (pyenv's costs ~50 ms)
+    # is not qpack's time.
+    script = Path(sys.executable).with_name("qpack")
+    qpack = [str(script)] if script.is_file() else [shutil.which("qpack") or ""]
+    if not qpack[0]:
+        sys.exit("qpack is not on PATH (pip install -e .)")
 
     with tempfile.TemporaryDirectory(prefix="qpack-bench-", dir=os.getcwd()) as tmp:
         tmp = Path(tmp)
+        models_timed = [model]
+        if args.big_gib > 0:
+            big_size = int(args.big_gib * 2**30)
+            big = args.big_path
+            if not big.is_file() or abs(big.stat().st_size - big_size) > 1 << 20:
+                print(f"writing {big} ({args.big_gib:g} GiB, once)", file=sys.stderr)
+                synthetic_gguf(big, big_size)
+            models_timed.append(big)
+        print(f"{'build (stub cached) vs cp':28} {'model':>10} {'cache':>5} {'build':>8} "
+              f"{'cp':>8} {'ratio':>6}")  # fmt: skip
+        for m in models_timed:
+            for cold in (False, True):
+                build, copy = build_against_cp(qpack, m, tmp, args.runs, cold)
+                print(f"{m.name[:28]:28} {m.stat().st_size / 2**20:6.0f} MiB "
+                      f"{'cold' if cold else 'warm':>5} {build:6.2f} s {copy:6.2f} s "
+                      f"{build / copy:5.1f}x", flush=True)  # fmt: skip
+        if args.build_only:
+            return
+
         exe = tmp / "model.bin"
-        build = median_time([qpack, "build", str(model), "-o", str(exe)], args.runs)
-        copy = median_time(["cp", str(model), str(tmp / "copy.gguf")], args.runs)
+        subprocess.run([*qpack, "build", str(model), "-o", str(exe)], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         version = median_time([str(exe), "--version"], args.runs)
         before = rchar()
         subprocess.run([str(exe), "--version"], stdout=subprocess.DEVNULL, check=True)
@@ -114,8 +228,6 @@ def main() -> None:
         exe_mib = exe.stat().st_size / 2**20
 
     print(f"model {model.name}: {size_mib:.1f} MiB; executable {exe_mib:.1f} MiB")
-    print(f"{'build (stub cached)':28} {build:7.2f} s   cp of the model {copy:6.2f} s   "
-          f"ratio {build / copy:5.1f}x")  # fmt: skip
     print(f"{'exec to --version':28} {version:7.2f} s   peak RSS {rss_version:6.1f} MiB")
     print(f"{'exec to first token (-p)':28} {ttft:7.2f} s   peak RSS {rss_token:6.1f} MiB")
     print(f"{'read at start (--version)':28} {read_mib:7.1f} MiB (model {size_mib:.1f} MiB)")

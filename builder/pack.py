@@ -18,19 +18,21 @@ Same inputs give the same bytes: fixed timestamps, fixed member order, sorted JS
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import mmap
 import os
 import re
 import shutil
 import struct
 import sys
 import tempfile
+import threading
 import zipfile
 import zlib
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +59,6 @@ from qpack.runtime.embedded import (
 )
 from qpack.runtime.errors import QpackError
 
-COPY_CHUNK = 4 << 20
 # Extra-field id of the alignment padding ("qp"; unregistered ids are skipped by every reader).
 PADDING_EXTRA_ID = 0x7071
 # The stub tail moves by a multiple of this, so every shifted ELF offset keeps its alignment.
@@ -79,13 +80,14 @@ class StubLayout:
 
     kind: str  # "elf", "pe" or "append"
     insert_at: int
-    # Called with the whole stub (a mutable copy) and the number of bytes inserted.
-    patch: Callable[[bytearray, int], None] = field(repr=False, default=lambda stub, shift: None)
+    # Called with the number of bytes inserted; returns the header fields to rewrite, as
+    # (offset in the stub, new bytes). Each lies wholly before or wholly after `insert_at`.
+    edits: Callable[[int], list[tuple[int, bytes]]] = field(repr=False, default=lambda shift: [])
     warning: str | None = None
     checksum_at: int | None = None  # PE: where the image checksum lives (recomputed at the end)
 
 
-def plan_stub(stub: bytes, stub_name: str = "stub") -> StubLayout:
+def plan_stub(stub: bytes | mmap.mmap, stub_name: str = "stub") -> StubLayout:
     """Find where the PyInstaller archive starts in an ELF or PE stub; fall back to appending."""
     if stub[:4] == b"\x7fELF":
         return _plan_elf(stub, stub_name)
@@ -162,18 +164,20 @@ def _plan_elf(stub: bytes, stub_name: str) -> StubLayout:
             )
     limit = 0xFFFFFFFFFFFFFFFF if is64 else 0xFFFFFFFF
 
-    def patch(image: bytearray, shift: int) -> None:
+    if shoff < insert_at < shoff + shnum * shdr.size:
+        raise QpackError(f"{stub_name}: the ELF section header table straddles the pydata section")
+
+    def edits(shift: int) -> list[tuple[int, bytes]]:
         if shoff + shift > limit:
             raise QpackError(f"{stub_name}: a 32-bit ELF cannot hold a model this large")
-        if shoff >= insert_at:
-            struct.pack_into(f"{end}{word}", image, shoff_field, shoff + shift)
+        offset = struct.Struct(f"{end}{word}")
+        fields = [(shoff_field, offset.pack(shoff + shift))] if shoff >= insert_at else []
         for i, sh in enumerate(sections):
             if sh[4] >= insert_at and sh[1] != 8:  # SHT_NOBITS occupies no file bytes
-                struct.pack_into(
-                    f"{end}{word}", image, shoff + i * shdr.size + sh_offset_field, sh[4] + shift
-                )
+                fields.append((shoff + i * shdr.size + sh_offset_field, offset.pack(sh[4] + shift)))
+        return fields
 
-    return StubLayout("elf", insert_at, patch)
+    return StubLayout("elf", insert_at, edits)
 
 
 def _plan_pe(stub: bytes, stub_name: str) -> StubLayout:
@@ -413,6 +417,22 @@ def end_records(n_members: int, cd_offset: int, cd_size: int) -> bytes:
 
 # ---------------------------------------------------------------------------------------------
 # Writing
+#
+# The model's bytes go from the source to the output in the kernel (copy_file_range: no trip
+# through Python's memory, and a reflink where the filesystem has them), on one thread. Two
+# more threads hash the copied bytes in the output, mapped, while they are still in the page
+# cache: one the SHA-256, one the CRC-32 (hashlib and zlib release the GIL). So the digests
+# describe exactly what was written, and the source is read once. The SHA-256 (~1.8 GB/s
+# with SHA-NI) is the slowest part: with three free cores everything else overlaps with it
+# (bench/startup.py; on 2 busy vCPUs the parts mostly add up).
+
+COPY_CHUNK = 32 << 20  # bytes per copy_file_range call: cancellation and progress granularity
+# Bytes per digest update: large enough that a digest thread, which needs the GIL back after
+# each, is not held up by the main thread's Python (validating the model meanwhile).
+DIGEST_CHUNK = 8 << 20
+DIGEST_WINDOW = 64 << 20  # mapped at a time: the digests' memory stays bounded
+# copy_file_range errors that mean "not between these files": copy through a buffer instead.
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM}
 
 
 @dataclass
@@ -426,139 +446,345 @@ class WriteResult:
 
 def write_executable(
     out: BinaryIO,
-    stub: bytes,
+    stub: Path,
     source: ModelSource,
     args: Sequence[str],
     manifest: dict | Callable[[int], dict],
     show_progress: bool = False,
-    stub_name: str = "stub",
+    while_copying: Callable[[], None] | None = None,
 ) -> WriteResult:
-    """Write the executable into `out` (an empty, seekable file).
+    """Write the executable into `out` (an empty, unbuffered file).
 
-    `manifest` is stored as qpack.json with the model's size and SHA-256 (computed while
-    copying) added; a callable is called with the model data's offset once the model is in
-    `out` (to validate the copied bytes first, for a model that arrived zipped)."""
-    layout = plan_stub(stub, stub_name)
-    if layout.warning:
-        click.echo(f"qpack: warning: {layout.warning}", err=True)
-    head_len = layout.insert_at
-    out.write(memoryview(stub)[:head_len])
+    `manifest` is stored as qpack.json with the model's size and SHA-256 and the stub's
+    SHA-256 added; a callable is called with the model data's offset once the model is in
+    `out` (to validate the copied bytes first, for a model that arrived zipped).
+    `while_copying` runs on this thread while other threads copy and hash the model (to
+    validate a plain GGUF meanwhile); an exception from it stops the copy."""
+    try:
+        stub_file = open(stub, "rb", buffering=0)
+    except OSError as e:
+        raise QpackError(f"{stub}: cannot read the runtime stub: {e.strerror}") from None
+    with stub_file:
+        stub_size = os.fstat(stub_file.fileno()).st_size
+        if stub_size == 0:
+            raise QpackError(f"{stub}: the runtime stub is empty; rebuild it (--rebuild-stub)")
+        with mmap.mmap(stub_file.fileno(), 0, access=mmap.ACCESS_READ) as image:
+            layout = plan_stub(image, str(stub))
+        if layout.warning:
+            click.echo(f"qpack: warning: {layout.warning}", err=True)
+        fd = out.fileno()
+        head_len = layout.insert_at
+        _copy_bytes(stub_file.fileno(), fd, 0, 0, head_len, str(stub))
 
-    # model.gguf: local header padded so that the data starts on DATA_ALIGNMENT.
-    name = MODEL_MEMBER.encode()
-    zip64 = source.size >= ZIP32_LIMIT
-    zip64_extra = (
-        EXTRA_HEADER.pack(ZIP64_EXTRA_ID, 16) + struct.pack("<QQ", source.size, source.size)
-        if zip64
-        else b""
-    )
-    header_at = head_len
-    while True:
-        base = header_at + LOCAL_HEADER.size + len(name) + len(zip64_extra)
-        try:
-            extra = zip64_extra + _padding_field(base, len(zip64_extra))
-            break
-        except ValueError:
-            header_at += 16  # a few filler bytes before the header make a padding length fit
-    out.write(bytes(header_at - head_len))
-    out.write(local_header(name, 0, source.size, extra, zip64))
-    data_offset = out.tell()
-    assert data_offset % DATA_ALIGNMENT == 0
-    crc, sha = _copy_model(out, source, show_progress)
-    end_of_data = out.tell()
-    out.seek(header_at + 14)  # the CRC-32 field, known only now
-    out.write(struct.pack("<I", crc))
-    out.seek(end_of_data)
-    members = [ZipMember(name, crc, source.size, header_at)]
+        # model.gguf: local header padded so that the data starts on DATA_ALIGNMENT.
+        name = MODEL_MEMBER.encode()
+        zip64 = source.size >= ZIP32_LIMIT
+        zip64_extra = (
+            EXTRA_HEADER.pack(ZIP64_EXTRA_ID, 16) + struct.pack("<QQ", source.size, source.size)
+            if zip64
+            else b""
+        )
+        header_at = head_len
+        while True:
+            base = header_at + LOCAL_HEADER.size + len(name) + len(zip64_extra)
+            try:
+                extra = zip64_extra + _padding_field(base, len(zip64_extra))
+                break
+            except ValueError:
+                header_at += 16  # a few filler bytes before the header make a padding length fit
+        header = local_header(name, 0, source.size, extra, zip64)  # CRC-32 filled in below
+        _write_at(fd, bytes(header_at - head_len) + header, head_len)
+        data_offset = header_at + len(header)
+        assert data_offset % DATA_ALIGNMENT == 0
+        end_of_data = data_offset + source.size
+        os.ftruncate(fd, end_of_data)  # the model's place; holes in the model stay holes here
+        crc, sha, stub_sha = _copy_model(
+            fd, data_offset, source, stub_file.fileno(), stub_size, show_progress, while_copying
+        )
+        _write_at(fd, struct.pack("<I", crc), header_at + 14)
+        members = [ZipMember(name, crc, source.size, header_at)]
 
-    out.flush()
-    manifest = dict(manifest(data_offset) if callable(manifest) else manifest)
-    manifest["model"] = {**manifest.get("model", {}), "size": source.size, "sha256": sha}
-    small = [
-        (ARGS_MEMBER, "".join(f"{a}\n" for a in args).encode("utf-8")),
-        (MANIFEST_MEMBER, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()),
-    ]
-    for member_name, data in small:
-        at = out.tell()
-        crc_small = zlib.crc32(data)
-        out.write(local_header(member_name.encode(), crc_small, len(data), b"", False))
-        out.write(data)
-        members.append(ZipMember(member_name.encode(), crc_small, len(data), at))
+        manifest = dict(manifest(data_offset) if callable(manifest) else manifest)
+        manifest["model"] = {**manifest.get("model", {}), "size": source.size, "sha256": sha}
+        manifest["stub"] = {"sha256": stub_sha, "size": stub_size}
+        small = [
+            (ARGS_MEMBER, "".join(f"{a}\n" for a in args).encode("utf-8")),
+            (MANIFEST_MEMBER, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()),
+        ]
+        at = end_of_data
+        for member_name, data in small:
+            crc_small = zlib.crc32(data)
+            record = local_header(member_name.encode(), crc_small, len(data), b"", False) + data
+            _write_at(fd, record, at)
+            members.append(ZipMember(member_name.encode(), crc_small, len(data), at))
+            at += len(record)
 
-    # The stub's tail (PyInstaller archive, ELF section headers) follows, shifted.
-    if head_len < len(stub):
-        out.write(bytes(-(out.tell() - head_len) % SHIFT_ALIGNMENT))
-        shift = out.tell() - head_len
-        image = bytearray(stub)
-        layout.patch(image, shift)
-        out.seek(0)
-        out.write(memoryview(image)[:head_len])
-        out.seek(head_len + shift)
-        out.write(memoryview(image)[head_len:])
+        # The stub's tail (PyInstaller archive, ELF section headers) follows, shifted.
+        if head_len < stub_size:
+            filler = bytes(-(at - head_len) % SHIFT_ALIGNMENT)
+            _write_at(fd, filler, at)
+            at += len(filler)
+            shift = at - head_len
+            _copy_bytes(stub_file.fileno(), fd, head_len, at, stub_size - head_len, str(stub))
+            at += stub_size - head_len
+            for offset, data in layout.edits(shift):
+                _write_at(fd, data, offset if offset < head_len else offset + shift)
 
-    cd_offset = out.tell()
+    cd_offset = at
     directory = central_directory(members)
-    out.write(directory)
-    out.write(end_records(len(members), cd_offset, len(directory)))
-    size = out.tell()
+    tail = directory + end_records(len(members), cd_offset, len(directory))
+    _write_at(fd, tail, at)
+    size = at + len(tail)
     if layout.checksum_at is not None:
-        out.flush()
         checksum = pe_checksum(out, layout.checksum_at)
-        out.seek(layout.checksum_at)
-        out.write(struct.pack("<I", checksum))
-        out.seek(size)
+        _write_at(fd, struct.pack("<I", checksum), layout.checksum_at)
     return WriteResult(data_offset, size, sha, crc, layout.kind)
 
 
-def _copy_model(out: BinaryIO, source: ModelSource, show_progress: bool) -> tuple[int, str]:
-    """Stream the GGUF into `out`, returning its CRC-32 and SHA-256 (never all in memory).
+def _write_at(fd: int, data: bytes, position: int) -> None:
+    view = memoryview(data)
+    os.lseek(fd, position, os.SEEK_SET)
+    while view:
+        view = view[os.write(fd, view) :]
 
-    The SHA-256 runs in a second thread (hashlib and zlib release the GIL on large buffers):
-    hashing, not I/O, is what makes a build slower than `cp`."""
-    crc = 0
-    digest = hashlib.sha256()
-    copied = 0
-    pending: deque[Future] = deque()
-    with (
-        ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256") as hasher,
-        source.open() as f,
-        click.progressbar(
-            length=source.size,
-            label=f"writing {MODEL_MEMBER}",
-            file=sys.stderr if show_progress else _NullFile(),
-            show_pos=False,
-        ) as bar,
-    ):
+
+def _copy_bytes(
+    src: int,
+    dst: int,
+    src_at: int,
+    dst_at: int,
+    length: int,
+    src_name: str,
+    progress: _Progress | None = None,
+) -> None:
+    """Copy `length` bytes between two file descriptors, in the kernel where it can."""
+    kernel = hasattr(os, "copy_file_range")
+    done = 0
+    while done < length:
+        if progress:
+            progress.check()
+        n = min(COPY_CHUNK, length - done)
+        if kernel:
+            try:
+                copied = os.copy_file_range(src, dst, n, src_at + done, dst_at + done)
+            except OSError as e:
+                if e.errno not in _NO_KERNEL_COPY:
+                    raise
+                kernel = False
+                continue
+        else:
+            os.lseek(src, src_at + done, os.SEEK_SET)
+            chunk = os.read(src, n)
+            _write_at(dst, chunk, dst_at + done)
+            copied = len(chunk)
+        if copied == 0:
+            raise QpackError(
+                f"{src_name}: ended at byte {src_at + done} of {src_at + length}: the file "
+                "changed or was truncated while it was copied"
+            )
+        done += copied
+        if progress:
+            progress.advance(copied)
+
+
+def _data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """(start, length) of each stretch of data in the first `size` bytes of a file, leaving out
+    the holes of a sparse file (they read as zeros) where the system tells where they are."""
+    position = 0
+    while position < size:
         try:
-            while True:
-                chunk = f.read(COPY_CHUNK)
-                if not chunk:
+            start = os.lseek(fd, position, os.SEEK_DATA)
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+        except AttributeError:  # no SEEK_DATA here (Windows)
+            start, end = position, size
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # nothing but a hole from `position` on
+                return
+            start, end = position, size  # the filesystem cannot tell
+        if start >= size:
+            return
+        end = min(end, size)
+        yield start, end - start
+        position = end
+
+
+class _Cancelled(Exception):
+    """Another part of the copy failed, or the user pressed Ctrl-C: stop."""
+
+
+class _Progress:
+    """How many of the model's bytes are in the output so far. The digest threads wait on it;
+    cancel() stops every thread at its next chunk."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self.copied = 0
+        self.cancelled = False
+
+    def advance(self, n: int) -> None:
+        with self._changed:
+            self.copied += n
+            self._changed.notify_all()
+
+    def wait_for(self, position: int) -> None:
+        with self._changed:
+            while self.copied < position and not self.cancelled:
+                self._changed.wait()
+        self.check()
+
+    def check(self) -> None:
+        if self.cancelled:
+            raise _Cancelled
+
+    def cancel(self) -> None:
+        with self._changed:
+            self.cancelled = True
+            self._changed.notify_all()
+
+
+class _Crc32:
+    """zlib.crc32 behind hashlib's update()."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def update(self, data: memoryview) -> None:
+        self.value = zlib.crc32(data, self.value)
+
+
+class _Digest:
+    """Feeds a range of a file to a digest, each chunk once `progress` says the copy has put it
+    there (when the range is the model in the output). The file is mapped, a window at a time:
+    the page cache is hashed in place. Only files that nothing else truncates are mapped (the
+    output being written, the cached stub, which is only ever replaced by a rename): reading a
+    mapping past a truncated end is a SIGBUS."""
+
+    def __init__(self, digest) -> None:
+        self.digest = digest
+        self.done = 0
+
+    def feed(self, fd: int, start: int, length: int, progress: _Progress, trail_copy: bool) -> None:
+        assert start % mmap.ALLOCATIONGRANULARITY == 0
+        for window in range(0, length, DIGEST_WINDOW):
+            size = min(DIGEST_WINDOW, length - window)
+            with (
+                mmap.mmap(fd, size, offset=start + window, access=mmap.ACCESS_READ) as mapping,
+                memoryview(mapping) as view,
+            ):
+                if not trail_copy and hasattr(mmap, "MADV_WILLNEED"):
+                    mapping.madvise(mmap.MADV_WILLNEED)  # read ahead, for a cold page cache
+                for at in range(0, size, DIGEST_CHUNK):
+                    end = min(at + DIGEST_CHUNK, size)
+                    if trail_copy:
+                        progress.wait_for(window + end)
+                    else:
+                        progress.check()
+                    self.digest.update(view[at:end])
+                    self.done = window + end
+
+
+def _copy_model(
+    out: int,
+    data_offset: int,
+    source: ModelSource,
+    stub: int,
+    stub_size: int,
+    show_progress: bool,
+    while_copying: Callable[[], None] | None,
+) -> tuple[int, str, str]:
+    """Copy the model into the output `out` at `data_offset` (the file is already that long)
+    while hashing it; returns its CRC-32 and SHA-256, and the SHA-256 of the stub `stub`
+    (hashed meanwhile)."""
+    progress = _Progress()
+    sha = _Digest(hashlib.sha256())
+    crc = _Digest(_Crc32())
+    stub_sha = _Digest(hashlib.sha256())
+
+    def copy() -> None:
+        if source.member is None:
+            _copy_plain(source, out, data_offset, progress)
+        else:
+            _copy_zipped(source, out, data_offset, progress)
+
+    def hash_sha() -> None:
+        sha.feed(out, data_offset, source.size, progress, trail_copy=True)
+
+    def hash_stub_and_crc() -> None:  # the CRC-32 is fast: this thread has time for the stub
+        stub_sha.feed(stub, 0, stub_size, progress, trail_copy=False)
+        crc.feed(out, data_offset, source.size, progress, trail_copy=True)
+
+    with ThreadPoolExecutor(max_workers=3, thread_name_prefix="qpack-copy") as pool:
+        try:
+            jobs = [pool.submit(copy), pool.submit(hash_sha), pool.submit(hash_stub_and_crc)]
+            if while_copying is not None:
+                while_copying()
+            with click.progressbar(  # only now: a model refused by while_copying shows none
+                length=source.size,
+                label=f"writing {MODEL_MEMBER}",
+                file=sys.stderr if show_progress else _NullFile(),
+                show_pos=False,
+            ) as bar:
+                shown = 0
+                while True:
+                    _, running = wait(jobs, timeout=0.1, return_when=FIRST_EXCEPTION)
+                    for job in jobs:  # the copy first: its error explains the others'
+                        if job.done() and job.exception() is not None:
+                            raise job.exception()
+                    now = min(sha.done, crc.done)
+                    bar.update(now - shown)
+                    shown = now
+                    if not running:
+                        break
+        except BaseException:
+            progress.cancel()  # the pool's exit then waits for threads that stop at once
+            raise
+    return crc.digest.value, sha.digest.hexdigest(), stub_sha.digest.hexdigest()
+
+
+def _copy_plain(source: ModelSource, out: int, data_offset: int, progress: _Progress) -> None:
+    name = source.describe()
+    with open(source.path, "rb", buffering=0) as f:
+        before = os.fstat(f.fileno())
+        if before.st_size == source.size:
+            if hasattr(os, "posix_fadvise"):  # a larger readahead, as cp asks for
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            copied = 0
+            for start, length in _data_extents(f.fileno(), source.size):
+                progress.advance(start - copied)  # a hole: nothing to copy
+                _copy_bytes(f.fileno(), out, start, data_offset + start, length, name, progress)
+                copied = start + length
+            progress.advance(source.size - copied)
+        after = os.fstat(f.fileno())
+    if (after.st_size, after.st_mtime_ns) != (source.size, before.st_mtime_ns):
+        raise QpackError(
+            f"{name}: the file changed or was truncated while it was copied (expected "
+            f"{source.size} bytes, now {after.st_size}); build again once it is complete"
+        )
+
+
+def _copy_zipped(source: ModelSource, out: int, data_offset: int, progress: _Progress) -> None:
+    """Stream a zip member out (decompressed by zipfile); a chunk of zeros is left as a hole."""
+    zeros = bytes(COPY_CHUNK)
+    copied = 0
+    with source.open() as f:
+        try:
+            while chunk := f.read(COPY_CHUNK):
+                progress.check()
+                if copied + len(chunk) > source.size:
                     break
-                if len(chunk) == COPY_CHUNK and chunk == _ZEROS:
-                    out.seek(COPY_CHUNK, os.SEEK_CUR)  # leave a hole: sparse stays sparse
-                else:
-                    out.write(chunk)
-                if len(pending) >= 2:  # bounds memory to a few chunks in flight
-                    pending.popleft().result()
-                pending.append(hasher.submit(digest.update, chunk))  # in order: one worker
-                crc = zlib.crc32(chunk, crc)
+                if chunk != zeros:
+                    _write_at(out, chunk, data_offset + copied)
                 copied += len(chunk)
-                bar.update(len(chunk))
+                progress.advance(len(chunk))
         except zipfile.BadZipFile as e:
             raise QpackError(f"{source.describe()}: the zipped model is corrupt ({e})") from None
         except (zlib.error, EOFError) as e:
             raise QpackError(f"{source.describe()}: cannot decompress the model ({e})") from None
-        for done in pending:
-            done.result()
     if copied != source.size:
         raise QpackError(
-            f"{source.describe()}: expected {source.size} bytes, read {copied}: "
+            f"{source.describe()}: expected {source.size} bytes, read {copied} or more: "
             "the file changed or is truncated"
         )
-    return crc, digest.hexdigest()
-
-
-_ZEROS = bytes(COPY_CHUNK)
 
 
 class _NullFile:
@@ -574,8 +800,14 @@ class _NullFile:
 
 @contextmanager
 def atomic_output(path: Path, expected_size: int) -> Iterator[tuple[BinaryIO, str]]:
-    """A temporary file next to `path` (yielded with its name), renamed onto `path` only when
-    the block succeeds (Ctrl-C or any error removes it), after checking that the disk has room."""
+    """A temporary file next to `path` (yielded unbuffered, with its name), renamed onto `path`
+    only when the block succeeds (Ctrl-C or any error removes it), after checking that the disk
+    has room.
+
+    No fsync before the rename, as with cp, compilers and PyInstaller: it would wait for the
+    whole model to reach the disk (~0.3 s per GiB here). The rename still means no reader ever
+    sees a partial file under `path`; only a power cut right after a build could leave zeros
+    in it, which `--verify` reports."""
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
         raise QpackError(f"{directory}: the output directory does not exist")
@@ -590,10 +822,8 @@ def atomic_output(path: Path, expected_size: int) -> Iterator[tuple[BinaryIO, st
     except OSError as e:
         raise QpackError(f"{directory}: cannot write the output there: {e.strerror}") from None
     try:
-        with os.fdopen(fd, "w+b") as f:
+        with os.fdopen(fd, "w+b", buffering=0) as f:
             yield f, tmp
-            f.flush()
-            os.fsync(f.fileno())
         os.chmod(tmp, 0o755)
         os.replace(tmp, path)
     except BaseException:
@@ -697,25 +927,27 @@ def build_executable(
     args: Sequence[str] = (),
     show_progress: bool = True,
 ) -> BuildReport:
-    """Validate the model, then write stub + model + .args + qpack.json to `output`
+    """Validate the model and write stub + model + .args + qpack.json to `output`
     (atomically: an error or Ctrl-C leaves no file there)."""
     from qpack.runtime.version import __version__
 
     source = open_model_source(model)
-    # A plain GGUF is checked before anything is written; a zipped one once it is copied out
-    # (stored, in the temporary output), before the output is renamed into place.
-    summary = check_model(model) if source.member is None else None
     try:
-        stub_bytes = stub.read_bytes()
+        stub_size = stub.stat().st_size
     except OSError as e:
         raise QpackError(f"{stub}: cannot read the runtime stub: {e.strerror}") from None
-    expected = len(stub_bytes) + source.size + 2 * DATA_ALIGNMENT + (1 << 20)
+    expected = stub_size + source.size + 2 * DATA_ALIGNMENT + (1 << 20)
+    summary: ModelSummary | None = None
+
+    def check_plain() -> None:  # a plain GGUF: checked while it is being copied
+        nonlocal summary
+        summary = check_model(model)
 
     with atomic_output(output, expected) as (out, tmp_path):
 
         def manifest(data_offset: int) -> dict:
             nonlocal summary
-            if summary is None:
+            if summary is None:  # a zipped GGUF: checked once copied out, in the output
                 summary = check_model(tmp_path, data_offset, source.size, source.describe())
             return {
                 "format": 1,
@@ -731,15 +963,21 @@ def build_executable(
                     "parameters": summary.n_parameters,
                     "quant_mix": summary.quant_mix,
                 },
-                "stub": {
-                    "sha256": hashlib.sha256(stub_bytes).hexdigest(),
-                    "size": len(stub_bytes),
-                },
             }
 
-        result = write_executable(
-            out, stub_bytes, source, args, manifest, show_progress, stub_name=str(stub)
-        )
+        try:
+            result = write_executable(
+                out,
+                stub,
+                source,
+                args,
+                manifest,
+                show_progress,
+                while_copying=check_plain if source.member is None else None,
+            )
+        except OSError as e:  # a full disk, an I/O error
+            where = e.filename or f"{source.describe()} -> {output}"
+            raise QpackError(f"{where}: {e.strerror or e}") from None
     assert summary is not None
     return BuildReport(
         output, result.size, result.data_offset, result.layout, summary, result.model_sha256

@@ -7,11 +7,13 @@ judge the result independently of our code; a synthetic PE image is judged by `p
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import shutil
 import struct
 import subprocess
+import threading
 import zipfile
 import zlib
 from pathlib import Path
@@ -367,15 +369,131 @@ def test_not_enough_disk_space(model, elf_stub, tmp_path, monkeypatch):
     assert leftovers(tmp_path) == []
 
 
+def copy_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("qpack-copy")]
+
+
 def test_interrupted_copy_leaves_nothing(model, elf_stub, tmp_path, monkeypatch):
-    def interrupted(out, source, show_progress):
-        out.write(b"partial")
+    """Ctrl-C on the main thread while the copy and digest threads run (small chunks keep
+    them busy): no output, and no thread left behind."""
+    monkeypatch.setattr(pack, "COPY_CHUNK", 4096)
+    monkeypatch.setattr(pack, "DIGEST_CHUNK", 4096)
+
+    def interrupted(path, *args, **kw):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pack, "_copy_model", interrupted)
+    monkeypatch.setattr(pack, "check_model", interrupted)
     with pytest.raises(KeyboardInterrupt):
         build(model, elf_stub, tmp_path / "x.bin")
     assert leftovers(tmp_path) == []
+    assert copy_threads() == []
+
+
+def test_model_changing_during_the_copy_is_an_error(model, elf_stub, tmp_path, monkeypatch):
+    """The size seen when the build started no longer matches the file (it was cut short)."""
+    real = pack.open_model_source
+
+    def grown(path):
+        source = real(path)
+        source.size += 1000
+        return source
+
+    monkeypatch.setattr(pack, "open_model_source", grown)
+    with pytest.raises(QpackError, match="truncated"):
+        build(model, elf_stub, tmp_path / "x.bin")
+    assert leftovers(tmp_path) == []
+    assert copy_threads() == []
+
+
+def test_model_cut_short_during_the_copy_is_an_error(model, elf_stub, tmp_path, monkeypatch):
+    """The source ends before its size (copy_file_range finds its end early)."""
+    monkeypatch.setattr(pack.os, "copy_file_range", lambda *args: 0, raising=False)
+    monkeypatch.delattr(pack.os, "SEEK_DATA", raising=False)  # the buffer copy then sees EOF too
+    with pytest.raises(QpackError, match="ended at byte 0 .*truncated"):
+        build(model, elf_stub, tmp_path / "x.bin")
+    assert leftovers(tmp_path) == []
+
+
+def test_full_disk_is_one_clear_error(model, elf_stub, tmp_path, monkeypatch):
+    """An OSError on a copy thread (here ENOSPC) reaches the user as a QpackError."""
+    real = pack.os.copy_file_range
+
+    def full(src, dst, count, src_at=None, dst_at=None):
+        if count > 100_000:  # the model, not the stub's small head
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(src, dst, count, src_at, dst_at)
+
+    monkeypatch.setattr(pack.os, "copy_file_range", full)
+    with pytest.raises(QpackError, match="No space left on device"):
+        build(model, elf_stub, tmp_path / "x.bin")
+    assert leftovers(tmp_path) == []
+    assert copy_threads() == []
+
+
+@needs_binutils
+def test_copy_through_a_buffer_gives_the_same_bytes(model, elf_stub, tmp_path, monkeypatch):
+    """Where copy_file_range and SEEK_DATA are missing (macOS, Windows) or refused (across
+    filesystems), the copy goes through a buffer: same output, byte for byte."""
+    kernel = tmp_path / "kernel.bin"
+    build(model, elf_stub, kernel, args=["-c", "64"])
+
+    def refused(*args):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(pack.os, "copy_file_range", refused, raising=False)
+    monkeypatch.delattr(pack.os, "SEEK_DATA", raising=False)
+    monkeypatch.setattr(pack, "COPY_CHUNK", 1000)  # many chunks, and a short last one
+    buffered = tmp_path / "buffered.bin"
+    build(model, elf_stub, buffered, args=["-c", "64"])
+    assert buffered.read_bytes() == kernel.read_bytes()
+
+
+def test_holes_in_the_model_stay_holes(elf_stub, tmp_path):
+    """A sparse GGUF (a large tensor of zeros never written) is copied without filling the
+    hole, and its digests still cover the zeros."""
+    import gguf
+    import numpy as np
+    from gguf_fixtures import tiny_llama_vocab
+
+    path = tmp_path / "sparse.gguf"
+    hole = 64 << 20
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, value in {
+        "block_count": 1, "context_length": 64, "embedding_length": 64,
+        "feed_forward_length": 128, "attention.head_count": 4,
+    }.items():  # fmt: skip
+        w.add_uint32(f"llama.{key}", value)
+    w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+    tokens, scores, types = tiny_llama_vocab()
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_tensor_info("huge.weight", (hole // 4,), np.dtype(np.float32), hole)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    w.close()
+    header = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.truncate(header + (-header % 32) + hole)
+    if path.stat().st_blocks * 512 > hole // 2:
+        pytest.skip("this filesystem does not keep holes")
+    out = tmp_path / "sparse.bin"
+    build(path, elf_stub, out)
+    assert out.stat().st_blocks * 512 < out.stat().st_size - hole // 2  # the hole is still one
+    with zipfile.ZipFile(out) as zf:
+        assert zf.testzip() is None  # the CRC-32 covers the zeros
+        manifest = json.loads(zf.read("qpack.json"))
+    assert manifest["model"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_progress_bar_on_stderr(model, elf_stub, tmp_path, capsys):
+    pack.build_executable(
+        model, tmp_path / "x.bin", elf_stub, name="tiny", target="linux-x86_64",
+        show_progress=True,
+    )  # fmt: skip
+    assert "writing model.gguf" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
