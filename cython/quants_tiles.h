@@ -527,19 +527,27 @@ qk_tile256_x86(const qk_panel256 *p, int64_t nb, int sub, const uint8_t *const *
                int group, __m256 *acc) {
     const int quads = sub / 4, nsub = 256 / sub;
     for (int64_t b = 0; b < nb; b++) {
+        /* sub-block by sub-block, each sub-block's weights meeting all T tokens (integer sums:
+         * the order does not change them) */
+        __m256i tot[4];
+        for (int t = 0; t < T; t++) tot[t] = _mm256_setzero_si256();
+        for (int s = 0; s < nsub; s++) {
+            const __m256i sc = _mm256_load_si256((const __m256i *)p[b].sc[s]);
+            for (int t = 0; t < T; t++) {
+                const qk_act_q8_256 *x = (const qk_act_q8_256 *)a[t] + b;
+                const __m256i isum = qk_quads_dot(p[b].q + s * quads, x->qs + 4 * s * quads, quads, group);
+                tot[t] = _mm256_add_epi32(tot[t], _mm256_mullo_epi32(isum, sc));
+            }
+        }
         for (int t = 0; t < T; t++) {
             const qk_act_q8_256 *x = (const qk_act_q8_256 *)a[t] + b;
-            __m256i tot = _mm256_setzero_si256(), mins = _mm256_setzero_si256();
-            for (int s = 0; s < nsub; s++) {
-                const __m256i isum = qk_quads_dot(p[b].q + s * quads, x->qs + 4 * s * quads, quads, group);
-                tot = _mm256_add_epi32(tot, _mm256_mullo_epi32(isum, _mm256_load_si256((const __m256i *)p[b].sc[s])));
-            }
+            __m256i mins = _mm256_setzero_si256();
             for (int q = 0; q < 8; q++)
                 mins = _mm256_add_epi32(mins, _mm256_madd_epi16(
                                                   _mm256_load_si256((const __m256i *)p[b].mn[q]),
                                                   _mm256_set1_epi32((int)qk_load_u32((const uint8_t *)&x->bsums[2 * q]))));
             const __m256 da = _mm256_set1_ps(x->d);
-            acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_load_ps(p[b].d), da), _mm256_cvtepi32_ps(tot), acc[t]);
+            acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_load_ps(p[b].d), da), _mm256_cvtepi32_ps(tot[t]), acc[t]);
             acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_load_ps(p[b].nd), da), _mm256_cvtepi32_ps(mins), acc[t]);
         }
     }
