@@ -31,10 +31,10 @@ static const qk_traits qk_traits_table[] = {
     {QK_TYPE_Q5_1, "Q5_1", 32, QK_Q5_1_BYTES, QK_ACT_Q8_32, qk_dequant_q5_1, qk_dot_q5_1, qk_gemm_q5_1},
     {QK_TYPE_Q8_0, "Q8_0", 32, QK_Q8_0_BYTES, QK_ACT_Q8_32, qk_dequant_q8_0, qk_dot_q8_0, QK_GEMM_Q8_0},
 #if defined(QK_HAVE_Q2_K) && defined(QK_HAVE_Q8_256)
-    {QK_TYPE_Q2_K, "Q2_K", 256, 84, QK_ACT_Q8_256, qk_dequant_q2_k, qk_dot_q2_k},
+    {QK_TYPE_Q2_K, "Q2_K", 256, 84, QK_ACT_Q8_256, qk_dequant_q2_k, qk_dot_q2_k, qk_gemm_q2_k},
 #endif
 #if defined(QK_HAVE_Q3_K) && defined(QK_HAVE_Q8_256)
-    {QK_TYPE_Q3_K, "Q3_K", 256, 110, QK_ACT_Q8_256, qk_dequant_q3_k, qk_dot_q3_k},
+    {QK_TYPE_Q3_K, "Q3_K", 256, 110, QK_ACT_Q8_256, qk_dequant_q3_k, qk_dot_q3_k, qk_gemm_q3_k},
 #endif
 #if defined(QK_HAVE_Q4_K) && defined(QK_HAVE_Q8_256)
     {QK_TYPE_Q4_K, "Q4_K", 256, 144, QK_ACT_Q8_256, qk_dequant_q4_k, qk_dot_q4_k, qk_gemm_q4_k},
@@ -46,10 +46,10 @@ static const qk_traits qk_traits_table[] = {
     {QK_TYPE_Q6_K, "Q6_K", 256, 210, QK_ACT_Q8_256, qk_dequant_q6_k, qk_dot_q6_k, qk_gemm_q6_k},
 #endif
 #if defined(QK_HAVE_IQ4_NL)
-    {QK_TYPE_IQ4_NL, "IQ4_NL", 32, 18, QK_ACT_Q8_32, qk_dequant_iq4_nl, qk_dot_iq4_nl},
+    {QK_TYPE_IQ4_NL, "IQ4_NL", 32, 18, QK_ACT_Q8_32, qk_dequant_iq4_nl, qk_dot_iq4_nl, QK_GEMM_IQ4_NL},
 #endif
 #if defined(QK_HAVE_IQ4_XS) && defined(QK_HAVE_Q8_256)
-    {QK_TYPE_IQ4_XS, "IQ4_XS", 256, 136, QK_ACT_Q8_256, qk_dequant_iq4_xs, qk_dot_iq4_xs},
+    {QK_TYPE_IQ4_XS, "IQ4_XS", 256, 136, QK_ACT_Q8_256, qk_dequant_iq4_xs, qk_dot_iq4_xs, QK_GEMM_IQ4_XS},
 #endif
 };
 

@@ -21,10 +21,10 @@
  * The results match the per-row dot products (quants_legacy.h, quants_k.h) to float rounding;
  * tests/test_quants_tiles.py holds them to that and to exact batch invariance.
  *
- * Types: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (Q8_32 activations), Q4_K, Q5_K, Q6_K (Q8_256). Others
- * have no tile kernel (traits.gemm = NULL) and the forward pass uses their dot for every batch.
- * Q8_0's u = q + 128 reaches 255, which AVX2's maddubs cannot take without saturating: the AVX2
- * build leaves Q8_0 to the dot path.
+ * Types: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL (Q8_32 activations), Q2_K..Q6_K, IQ4_XS (Q8_256).
+ * Float weights have no tile kernel (traits.gemm = NULL): the forward pass uses their dot for
+ * every batch. Q8_0's u = q + 128 and IQ4's u = value + 128 pass 127, which AVX2's maddubs cannot
+ * take without saturating: the AVX2 build leaves those three to the dot path.
  */
 #ifndef QPACK_QUANTS_TILES_H
 #define QPACK_QUANTS_TILES_H
@@ -114,7 +114,19 @@ static inline void qk_u_q5(const uint8_t *qh, const uint8_t *qs, uint8_t u[32]) 
     for (int j = 0; j < 32; j++) u[j] |= h[j];
 }
 
-/* type: 0 Q4_0, 1 Q4_1, 2 Q5_0, 3 Q5_1, 4 Q8_0 */
+/* IQ4 values + 128 (unsigned; the -128 goes to the min term). */
+static const uint8_t qk_iq4_u[16] = {1, 24, 45, 63, 79, 93, 106, 118, 129, 141, 153, 166, 181, 197, 217, 241};
+
+/* Q3_K's 16 six-bit scales, offset removed (-32..31). */
+static inline void qk_q3_k_scales(const uint8_t *p, int sc[16]) {
+    for (int i = 0; i < 16; i++) {
+        const int lo = i < 8 ? p[i] & 0xf : p[i - 8] >> 4;
+        const int hi = (p[8 + i % 4] >> (2 * (i / 4))) & 3;
+        sc[i] = (lo | hi << 4) - 32;
+    }
+}
+
+/* type: 0 Q4_0, 1 Q4_1, 2 Q5_0, 3 Q5_1, 4 Q8_0, 5 IQ4_NL */
 static inline void qk_pack32_portable(int type, int bytes, const uint8_t *w, size_t row_bytes,
                                       int nr, int64_t nb, qk_panel32 *p) {
     const uint8_t *rp[8];
@@ -130,8 +142,13 @@ static inline void qk_pack32_portable(int type, int bytes, const uint8_t *w, siz
             case 1: qk_u_q4(x + 4, u); m = qk_fp16_to_fp32(qk_load_u16(x + 2)); break;
             case 2: qk_u_q5(x + 2, x + 6, u); m = -16.0f * d; break;
             case 3: qk_u_q5(x + 4, x + 8, u); m = qk_fp16_to_fp32(qk_load_u16(x + 2)); break;
-            default:
+            case 4:
                 for (int j = 0; j < 32; j++) u[j] = (uint8_t)(x[2 + j] ^ 0x80); /* q + 128 */
+                m = -128.0f * d;
+                break;
+            default:
+                qk_u_q4(x + 2, u);
+                for (int j = 0; j < 32; j++) u[j] = qk_iq4_u[u[j]];
                 m = -128.0f * d;
                 break;
             }
@@ -178,7 +195,7 @@ static inline void qk_q6_k_panel_scales(qk_panel256 *p, int i, const uint8_t *x)
     p->nd[i] = -d; /* x = d*sc*(q - 32) = d*sc*q - d*(32 sc) */
 }
 
-/* type: 0 Q4_K, 1 Q5_K, 2 Q6_K */
+/* type: 0 Q4_K, 1 Q5_K, 2 Q6_K, 3 Q2_K, 4 Q3_K, 5 IQ4_XS */
 static inline void qk_pack256_portable(int type, int bytes, const uint8_t *w, size_t row_bytes,
                                        int nr, int64_t nb, qk_panel256 *p) {
     const uint8_t *rp[8];
@@ -199,6 +216,44 @@ static inline void qk_pack256_portable(int type, int bytes, const uint8_t *w, si
                     }
                 }
                 qk_q6_k_panel_scales(&p[b], i, x);
+            } else if (type == 3 || type == 4) { /* Q2_K: qs at 16; Q3_K: hmask at 0, qs at 32 */
+                const uint8_t *qs = x + (type == 3 ? 16 : 32);
+                for (int h = 0; h < 2; h++)
+                    for (int j = 0; j < 4; j++)
+                        for (int l = 0; l < 32; l++) {
+                            uint8_t q = (uint8_t)((qs[32 * h + l] >> (2 * j)) & 3);
+                            if (type == 4) q |= (uint8_t)(((x[l] >> (4 * h + j)) & 1) << 2); /* q + 4 */
+                            u[128 * h + 32 * j + l] = q;
+                        }
+                qk_panel256 *pb = &p[b];
+                if (type == 3) {
+                    for (int g = 0; g < 16; g++) pb->sc[g][i] = x[g] & 0xf;
+                    for (int q = 0; q < 8; q++) pb->mn[q][i] = qk_pair16(x[2 * q] >> 4, x[2 * q + 1] >> 4);
+                    pb->d[i] = qk_fp16_to_fp32(qk_load_u16(x + 80));
+                    pb->nd[i] = -qk_fp16_to_fp32(qk_load_u16(x + 82));
+                } else {
+                    int sc[16];
+                    qk_q3_k_scales(x + 96, sc);
+                    for (int g = 0; g < 16; g++) pb->sc[g][i] = sc[g];
+                    for (int q = 0; q < 8; q++) pb->mn[q][i] = qk_pair16(4 * sc[2 * q], 4 * sc[2 * q + 1]);
+                    const float d = qk_fp16_to_fp32(qk_load_u16(x + 108));
+                    pb->d[i] = d;
+                    pb->nd[i] = -d; /* x = d*sc*(u - 4) */
+                }
+            } else if (type == 5) { /* IQ4_XS: d, scales_h, scales_l[4], qs[128] */
+                const uint16_t sh = qk_load_u16(x + 2);
+                for (int ib = 0; ib < 8; ib++) {
+                    for (int j = 0; j < 16; j++) {
+                        u[32 * ib + j] = qk_iq4_u[x[8 + 16 * ib + j] & 0xf];
+                        u[32 * ib + 16 + j] = qk_iq4_u[x[8 + 16 * ib + j] >> 4];
+                    }
+                    const int ls = (((x[4 + ib / 2] >> (4 * (ib % 2))) & 0xf) | (((sh >> (2 * ib)) & 3) << 4)) - 32;
+                    p[b].sc[ib][i] = ls;
+                    p[b].mn[ib][i] = qk_pair16(128 * ls, 128 * ls);
+                }
+                const float d = qk_fp16_to_fp32(qk_load_u16(x));
+                p[b].d[i] = d;
+                p[b].nd[i] = -d; /* x = d*ls*(u - 128) */
             } else {
                 const uint8_t *qs = x + (type == 0 ? 16 : 48), *qh = x + 16;
                 for (int c = 0; c < 4; c++)
@@ -288,7 +343,7 @@ static inline void qk_pack32_x86(int type, int bytes, const uint8_t *w, size_t r
     const uint8_t *rp[8];
     qk_panel_rows(w, row_bytes, nr, rp);
     const __m256i lo4 = _mm256_set1_epi8(0x0f);
-    const size_t qs_off = type == 0 ? 2 : type == 1 ? 4 : type == 2 ? 6 : type == 3 ? 8 : 2;
+    const size_t qs_off = type == 1 ? 4 : type == 2 ? 6 : type == 3 ? 8 : 2; /* Q4_0, Q8_0, IQ4_NL: 2 */
     for (int64_t b = 0; b < nb; b++, p++) {
         const size_t o = (size_t)b * bytes;
         qk_prefetch_next_panel(rp, row_bytes, o);
@@ -310,6 +365,13 @@ static inline void qk_pack32_x86(int type, int bytes, const uint8_t *w, size_t r
         for (int k = 0; k < 4; k++) {
             q[k] = _mm256_and_si256(g[k], lo4);
             q[k + 4] = _mm256_and_si256(_mm256_srli_epi16(g[k], 4), lo4);
+        }
+        if (type == 5) { /* IQ4_NL: values + 128 by table */
+            const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)qk_iq4_u));
+            for (int k = 0; k < 8; k++) qk_store_q(p->q[k][0], _mm256_shuffle_epi8(lut, q[k]));
+            _mm256_store_ps(p->d, d);
+            _mm256_store_ps(p->m, _mm256_mul_ps(d, _mm256_set1_ps(-128.0f)));
+            continue;
         }
         if (type == 2 || type == 3) {
             const __m256i qh = qk_gather_u32(rp, o + qs_off - 4);
@@ -375,6 +437,73 @@ static inline void qk_q6_k_scales_x86(const uint8_t *rp[8], size_t o, qk_panel25
     }
 }
 
+/* Q2_K: 16 bytes of scales at 0 (low nibble scale, high nibble min), f16 d, dmin at 80. */
+static inline void qk_q2_k_scales_x86(const uint8_t *rp[8], size_t o, qk_panel256 *p) {
+    __m256i g[4];
+    qk_groups4(rp, o, g);
+    const __m256i m4 = _mm256_set1_epi32(0xf);
+    for (int k = 0; k < 4; k++) {
+        __m256i mins[4];
+        for (int b = 0; b < 4; b++) {
+            _mm256_store_si256((__m256i *)p->sc[4 * k + b], _mm256_and_si256(_mm256_srli_epi32(g[k], 8 * b), m4));
+            mins[b] = _mm256_and_si256(_mm256_srli_epi32(g[k], 8 * b + 4), m4);
+        }
+        _mm256_store_si256((__m256i *)p->mn[2 * k], _mm256_or_si256(mins[0], _mm256_slli_epi32(mins[1], 16)));
+        _mm256_store_si256((__m256i *)p->mn[2 * k + 1], _mm256_or_si256(mins[2], _mm256_slli_epi32(mins[3], 16)));
+    }
+    __m256 d, dmin;
+    qk_split_f16x2(qk_gather_u32(rp, o + 80), &d, &dmin);
+    _mm256_store_ps(p->d, d);
+    _mm256_store_ps(p->nd, _mm256_sub_ps(_mm256_setzero_ps(), dmin));
+}
+
+/* Q3_K: 12 bytes of 6-bit scales at 96 (see qk_q3_k_scales), f16 d at 108. */
+static inline void qk_q3_k_scales_x86(const uint8_t *rp[8], size_t o, qk_panel256 *p) {
+    const __m256i a0 = qk_gather_u32(rp, o + 96), a1 = qk_gather_u32(rp, o + 100), a2 = qk_gather_u32(rp, o + 104);
+    const __m256i m4 = _mm256_set1_epi8(0x0f), m2 = _mm256_set1_epi8(0x03);
+    const __m256i w[4] = {
+        _mm256_or_si256(_mm256_and_si256(a0, m4), _mm256_slli_epi32(_mm256_and_si256(a2, m2), 4)),
+        _mm256_or_si256(_mm256_and_si256(a1, m4), _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(a2, 2), m2), 4)),
+        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(a0, 4), m4),
+                        _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(a2, 4), m2), 4)),
+        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(a1, 4), m4),
+                        _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(a2, 6), m2), 4))};
+    const __m256i byte = _mm256_set1_epi32(0xff), off = _mm256_set1_epi32(32), lo16 = _mm256_set1_epi32(0xffff);
+    for (int k = 0; k < 4; k++) {
+        __m256i sc[4];
+        for (int b = 0; b < 4; b++) {
+            sc[b] = _mm256_sub_epi32(_mm256_and_si256(_mm256_srli_epi32(w[k], 8 * b), byte), off);
+            _mm256_store_si256((__m256i *)p->sc[4 * k + b], sc[b]);
+        }
+        for (int q = 0; q < 2; q++) { /* pair 2k + q: 4 * scales 4k + 2q, 4k + 2q + 1 */
+            const __m256i lo = _mm256_and_si256(_mm256_slli_epi32(sc[2 * q], 2), lo16);
+            _mm256_store_si256((__m256i *)p->mn[2 * k + q], _mm256_or_si256(lo, _mm256_slli_epi32(sc[2 * q + 1], 18)));
+        }
+    }
+    __m256 junk, d;
+    qk_split_f16x2(qk_gather_u32(rp, o + 106), &junk, &d);
+    _mm256_store_ps(p->d, d);
+    _mm256_store_ps(p->nd, _mm256_sub_ps(_mm256_setzero_ps(), d));
+}
+
+/* IQ4_XS: f16 d at 0, u16 scales_h at 2, scales_l[4] at 4. */
+static inline void qk_iq4_xs_scales_x86(const uint8_t *rp[8], size_t o, qk_panel256 *p) {
+    const __m256i dh = qk_gather_u32(rp, o), sl = qk_gather_u32(rp, o + 4);
+    const __m256i sh = _mm256_srli_epi32(dh, 16), off = _mm256_set1_epi32(32);
+    for (int ib = 0; ib < 8; ib++) {
+        const __m256i lo = _mm256_and_si256(_mm256_srli_epi32(sl, 4 * ib), _mm256_set1_epi32(0xf));
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi32(sh, 2 * ib), _mm256_set1_epi32(3));
+        const __m256i ls = _mm256_sub_epi32(_mm256_or_si256(lo, _mm256_slli_epi32(hi, 4)), off);
+        const __m256i m = _mm256_and_si256(_mm256_slli_epi32(ls, 7), _mm256_set1_epi32(0xffff)); /* 128 ls */
+        _mm256_store_si256((__m256i *)p->sc[ib], ls);
+        _mm256_store_si256((__m256i *)p->mn[ib], _mm256_or_si256(m, _mm256_slli_epi32(m, 16)));
+    }
+    __m256 d, junk;
+    qk_split_f16x2(dh, &d, &junk);
+    _mm256_store_ps(p->d, d);
+    _mm256_store_ps(p->nd, _mm256_sub_ps(_mm256_setzero_ps(), d));
+}
+
 static inline void qk_pack256_x86(int type, int bytes, const uint8_t *w, size_t row_bytes, int nr,
                                   int64_t nb, qk_panel256 *p) {
     const uint8_t *rp[8];
@@ -406,6 +535,40 @@ static inline void qk_pack256_x86(int type, int bytes, const uint8_t *w, size_t 
                 }
             }
             qk_q6_k_scales_x86(rp, o, p);
+            continue;
+        }
+        if (type == 3 || type == 4) { /* Q2_K / Q3_K: 2-bit quants (+ Q3_K's high bit: q + 4) */
+            const __m256i m3 = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1);
+            if (type == 4) qk_groups8(rp, o, h);
+            for (int half = 0; half < 2; half++) {
+                qk_groups8(rp, o + (type == 3 ? 16 : 32) + 32 * half, x);
+                for (int j = 0; j < 4; j++)
+                    for (int k = 0; k < 8; k++) {
+                        __m256i q = _mm256_and_si256(_mm256_srli_epi16(x[k], 2 * j), m3);
+                        if (type == 4)
+                            q = _mm256_or_si256(q, _mm256_slli_epi16(
+                                                       _mm256_and_si256(_mm256_srli_epi16(h[k], 4 * half + j), one), 2));
+                        qk_store_q(p->q[32 * half + 8 * j + k][0], q);
+                    }
+            }
+            if (type == 3)
+                qk_q2_k_scales_x86(rp, o, p);
+            else
+                qk_q3_k_scales_x86(rp, o, p);
+            continue;
+        }
+        if (type == 5) { /* IQ4_XS */
+            const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)qk_iq4_u));
+            for (int ib = 0; ib < 8; ib++) {
+                __m256i g[4];
+                qk_groups4(rp, o + 8 + 16 * ib, g);
+                for (int k = 0; k < 4; k++) {
+                    qk_store_q(p->q[8 * ib + k][0], _mm256_shuffle_epi8(lut, _mm256_and_si256(g[k], lo4)));
+                    qk_store_q(p->q[8 * ib + 4 + k][0],
+                               _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(g[k], 4), lo4)));
+                }
+            }
+            qk_iq4_xs_scales_x86(rp, o, p);
             continue;
         }
         const size_t qs_off = type == 0 ? 16 : 48;
@@ -661,5 +824,17 @@ QK_GEMM32(q8_0, 4, 34, 1)
 QK_GEMM256(q4_k, 0, 144, 32, 8)
 QK_GEMM256(q5_k, 1, 176, 32, 4)
 QK_GEMM256(q6_k, 2, 210, 16, 2)
+QK_GEMM256(q2_k, 3, 84, 16, 4)
+QK_GEMM256(q3_k, 4, 110, 16, 4)
+/* IQ4's u = value + 128 reaches 241: like Q8_0, not for AVX2's maddubs. */
+#if QK_TILES_X86 != 1
+QK_GEMM32(iq4_nl, 5, 18, 1)
+QK_GEMM256(iq4_xs, 5, 136, 32, 1)
+#define QK_GEMM_IQ4_NL qk_gemm_iq4_nl
+#define QK_GEMM_IQ4_XS qk_gemm_iq4_xs
+#else
+#define QK_GEMM_IQ4_NL NULL
+#define QK_GEMM_IQ4_XS NULL
+#endif
 
 #endif

@@ -20,13 +20,15 @@ from qpack.runtime import cpu
 VARIANTS = cpu.supported_variants()
 MODULES = {name: cpu._import(name) for name in VARIANTS}
 
-TILE_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
-# AVX2's maddubs would saturate on Q8_0's u = q + 128: that build leaves Q8_0 to the dot path.
-NOT_IN = {"avx2": {"Q8_0"}}
+TILE_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+              "IQ4_XS"]  # fmt: skip
+# AVX2's maddubs would saturate on u = q + 128 (Q8_0, IQ4): that build leaves them to the dot path.
+NOT_IN = {"avx2": {"Q8_0", "IQ4_NL", "IQ4_XS"}}
 # f16 scale fields (byte offsets in the block) that random bytes must not turn into inf/NaN.
 SCALE_FIELDS = {
-    "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
-    "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
+    "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "IQ4_NL": (0,),
+    "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
+    "IQ4_XS": (0,),
 }  # fmt: skip
 Q8_32 = np.dtype([("d", "<f4"), ("s", "<f4"), ("qs", "i1", 32)])
 Q8_256 = np.dtype([("d", "<f4"), ("qs", "i1", 256), ("bsums", "<i2", 16)])
