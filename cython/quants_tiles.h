@@ -375,7 +375,23 @@ static inline void qk_pack32_x86(int type, int bytes, const uint8_t *w, size_t r
         }
         if (type == 2 || type == 3) {
             const __m256i qh = qk_gather_u32(rp, o + qs_off - 4);
+#if QK_TILES_X86 == 2
+            /* AVX-512BW: byte k/2 of each lane's qh to its four bytes, test one bit each, set 16 */
+            const __m256i sixteen = _mm256_set1_epi8(0x10);
+            for (int k = 0; k < 8; k++) {
+                const char c = (char)(k / 2), bl = (char)(1 << (4 * (k % 2)));
+                const __m256i ctrl = _mm256_setr_epi8(c, c, c, c, c + 4, c + 4, c + 4, c + 4, c + 8, c + 8, c + 8, c + 8,
+                                                      c + 12, c + 12, c + 12, c + 12, c, c, c, c, c + 4, c + 4, c + 4,
+                                                      c + 4, c + 8, c + 8, c + 8, c + 8, c + 12, c + 12, c + 12, c + 12);
+                const __m256i bits = _mm256_set1_epi32((int)((uint32_t)(uint8_t)bl | (uint32_t)(uint8_t)(bl << 1) << 8 |
+                                                             (uint32_t)(uint8_t)(bl << 2) << 16 |
+                                                             (uint32_t)(uint8_t)(bl << 3) << 24));
+                const __mmask32 set = _mm256_test_epi8_mask(_mm256_shuffle_epi8(qh, ctrl), bits);
+                q[k] = _mm256_mask_add_epi8(q[k], set, q[k], sixteen); /* q <= 15: + 16 = | 16 */
+            }
+#else
             for (int k = 0; k < 8; k++) q[k] = _mm256_or_si256(q[k], qk_qh_quad(qh, 4 * k));
+#endif
         }
         for (int k = 0; k < 8; k++) qk_store_q(p->q[k][0], q[k]);
         _mm256_store_ps(p->d, d);
