@@ -570,6 +570,8 @@ def _copy_bytes(
             except OSError as e:
                 if e.errno not in _NO_KERNEL_COPY:
                     raise
+                copied = 0
+            if copied == 0:  # refused, or 0 from a filesystem that cannot: read() will tell
                 kernel = False
                 continue
         else:

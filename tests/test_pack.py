@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -405,13 +406,30 @@ def test_model_changing_during_the_copy_is_an_error(model, elf_stub, tmp_path, m
     assert copy_threads() == []
 
 
-def test_model_cut_short_during_the_copy_is_an_error(model, elf_stub, tmp_path, monkeypatch):
-    """The source ends before its size (copy_file_range finds its end early)."""
-    monkeypatch.setattr(pack.os, "copy_file_range", lambda *args: 0, raising=False)
-    monkeypatch.delattr(pack.os, "SEEK_DATA", raising=False)  # the buffer copy then sees EOF too
-    with pytest.raises(QpackError, match="ended at byte 0 .*truncated"):
-        build(model, elf_stub, tmp_path / "x.bin")
-    assert leftovers(tmp_path) == []
+@pytest.mark.parametrize("kernel_copy", [True, False])
+def test_model_cut_short_during_the_copy_is_an_error(
+    model, elf_stub, tmp_path, monkeypatch, kernel_copy
+):
+    """The source loses its second half once the copy has begun."""
+    source = tmp_path / "model" / "tiny.gguf"
+    source.parent.mkdir()
+    shutil.copy(model, source)
+    half = source.stat().st_size // 2
+    summary = pack.check_model(source)  # validated whole, before the cut
+    monkeypatch.setattr(pack, "check_model", lambda *args, **kw: summary)
+    real = getattr(pack.os, "copy_file_range", None)
+
+    def cut_then_copy(src, dst, count, src_at=None, dst_at=None):
+        if count > 100_000:  # the model, not the stub's small head
+            os.truncate(source, half)
+            if not kernel_copy:
+                raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real(src, dst, count, src_at, dst_at)
+
+    monkeypatch.setattr(pack.os, "copy_file_range", cut_then_copy, raising=False)
+    with pytest.raises(QpackError, match=f"tiny.gguf: ended at byte {half} .*truncated"):
+        build(source, elf_stub, tmp_path / "x.bin")
+    assert leftovers(tmp_path) == ["model"]
 
 
 def test_full_disk_is_one_clear_error(model, elf_stub, tmp_path, monkeypatch):
