@@ -293,7 +293,8 @@ static inline void qk_f32_to_f16_row(const float *restrict src, qk_f16 *restrict
 }
 
 /* Keys ta..ta+tn-1 of one head, f16 rows of stride kv_dim, into kt[j][t] (f32, transposed so
- * that the scores vectorize over keys); columns tn..KT-1 zero. */
+ * that the scores vectorize over keys); columns tn up to the next multiple of 16 zero (the
+ * scores stop there). */
 static void qk_load_keys(float *restrict kt, const qk_f16 *ks, int64_t kv_dim, int hd, int tn) {
     int t = 0;
 #if defined(__AVX2__) && defined(__F16C__)
@@ -322,18 +323,19 @@ static void qk_load_keys(float *restrict kt, const qk_f16 *ks, int64_t kv_dim, i
     for (; t < tn; t++)
         for (int j = 0; j < hd; j++) kt[j * QK_ATT_KT + t] = (float)ks[(int64_t)t * kv_dim + j];
     for (int j = 0; j < hd; j++)
-        for (int u = tn; u < QK_ATT_KT; u++) kt[j * QK_ATT_KT + u] = 0.0f;
+        for (int u = tn; u < (tn + 15) / 16 * 16; u++) kt[j * QK_ATT_KT + u] = 0.0f;
 }
 
-/* s[r][t] = q_r . key t for nq rows and all KT keys: 4 rows x 16 keys of accumulators, each
- * summing over the dimensions in order (the same arithmetic for any rows and blocks). */
+/* s[r][t] = q_r . key t for nq rows and the keys t < tn (rounded up to 16): 4 rows x 16 keys
+ * of accumulators, each summing over the dimensions in order (the same arithmetic for any rows
+ * and blocks). */
 static void qk_att_scores(float *restrict s, const float *const *q, int nq, const float *restrict kt,
-                          int hd) {
+                          int hd, int tn) {
     static const float zero_row[1024];
     for (int r0 = 0; r0 < nq; r0 += 4) {
         const float *qr[4];
         for (int k = 0; k < 4; k++) qr[k] = r0 + k < nq ? q[r0 + k] : zero_row;
-        for (int tb = 0; tb < QK_ATT_KT; tb += 16) {
+        for (int tb = 0; tb < tn; tb += 16) {
             float acc[4][16] = {{0}};
             for (int j = 0; j < hd; j++) {
                 const float *kj = kt + j * QK_ATT_KT + tb;
@@ -409,14 +411,14 @@ static void qk_attention_chunk(qk_model *m, int l, const qk_pass *p, int b, int 
         const int tn = hi + 1 - ta < QK_ATT_KT ? hi + 1 - ta : QK_ATT_KT; /* keys present */
         qk_load_keys(kt, ks + (int64_t)ta * hd, hd, hd, tn);
         qk_f16_to_f32_row(vs + (int64_t)ta * hdv, vt, tn * hdv);
-        qk_att_scores(sc, qrow, nq, kt, hd);
+        qk_att_scores(sc, qrow, nq, kt, hd, tn);
         for (int r = 0; r < nq; r++) {
             const int pi = p->pos[i0 + r / group];
             const int t0 = L->window && pi >= L->window ? pi - L->window + 1 : 0;
             const int a = t0 > ta ? t0 - ta : 0, e = pi + 1 - ta < tn ? pi + 1 - ta : tn; /* [a, e) */
             float *w = sc + (size_t)r * QK_ATT_KT;
             if (a >= e) { /* no key of this tile for this query: weights 0, state unchanged */
-                memset(w, 0, sizeof(float) * QK_ATT_KT);
+                memset(w, 0, sizeof(float) * tn);
                 continue;
             }
             float tmax = -INFINITY;
@@ -433,7 +435,7 @@ static void qk_attention_chunk(qk_model *m, int l, const qk_pass *p, int b, int 
                 tsum += w[t];
             }
             for (int t = 0; t < a; t++) w[t] = 0.0f;
-            for (int t = e; t < QK_ATT_KT; t++) w[t] = 0.0f;
+            for (int t = e; t < tn; t++) w[t] = 0.0f;
             mx[r] = mnew;
             sum[r] = sum[r] * corr + tsum;
             float *orow = o + (size_t)r * hdv;
