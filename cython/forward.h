@@ -600,25 +600,34 @@ static void qk_forward(qk_model *m, int n, const int32_t *tokens, const int32_t 
 
 static int qk_ops_per_pass(const qk_model *m) { return m->n_layer * 10 + 4; }
 
+static void qk_free_aligned(void *p) {
+#if defined(_WIN32)
+    _aligned_free(p);
+#else
+    free(p);
+#endif
+}
+
 static void qk_model_free(qk_model *m) {
     qk_runtime *rt = m->rt;
     if (!rt) return;
     qk_pool_free(rt->pool);
-    for (int k = 0; k < QK_N_ACT_FORMATS; k++) free(rt->act[k]);
+    for (int k = 0; k < QK_N_ACT_FORMATS; k++) qk_free_aligned(rt->act[k]);
     if (rt->gemm_scratch)
-        for (int t = 0; t < m->n_threads; t++) free(rt->gemm_scratch[t]);
+        for (int t = 0; t < m->n_threads; t++) qk_free_aligned(rt->gemm_scratch[t]);
     if (rt->att_scratch)
-        for (int t = 0; t < m->n_threads; t++) free(rt->att_scratch[t]);
+        for (int t = 0; t < m->n_threads; t++) qk_free_aligned(rt->att_scratch[t]);
     free(rt->gemm_scratch);
     free(rt->att_scratch);
-    free(rt->blocks);
-    free(rt->rope_freq);
-    free(rt->rope_cs);
+    qk_free_aligned(rt->blocks);
+    qk_free_aligned(rt->rope_freq);
+    qk_free_aligned(rt->rope_cs);
     free(rt->layer_base);
     free(rt);
     m->rt = NULL;
 }
 
+/* 64-byte aligned (the tile panels use aligned loads); counted into *total. */
 static void *qk_alloc_aligned(size_t bytes, size_t *total) {
     void *p = NULL;
 #if defined(_WIN32)

@@ -33,6 +33,13 @@
 
 #define QK_PANEL_ROWS 8
 
+/* Inlined into each caller, so that constant arguments (token count, sub-block size) unroll. */
+#if defined(__GNUC__) || defined(__clang__)
+#define QK_TILE_INLINE static inline __attribute__((always_inline))
+#else
+#define QK_TILE_INLINE static __forceinline
+#endif
+
 #if defined(__AVX512F__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
 #define QK_TILES_X86 2 /* vpdpbusd */
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -84,7 +91,7 @@ static inline void qk_panel_put256(qk_panel256 *p, int i, const uint8_t u[256]) 
     memcpy((uint8_t *)p->q + 256 * i, u, 256);
 }
 
-static inline __attribute__((always_inline)) int32_t qk_sum_u8s8(const uint8_t *u, const int8_t *a, int n) {
+QK_TILE_INLINE int32_t qk_sum_u8s8(const uint8_t *u, const int8_t *a, int n) {
     int32_t s = 0;
     for (int e = 0; e < n; e++) s += (int32_t)u[e] * a[e];
     return s;
@@ -613,7 +620,7 @@ static inline void qk_pack256_x86(int type, int bytes, const uint8_t *w, size_t 
 /* ================================================================ products: portable */
 
 /* Rows of the panel times one token; adds into acc[8] with the fixed per-lane arithmetic. */
-static inline __attribute__((always_inline)) void qk_tile32_token_portable(const qk_panel32 *p, int64_t nb,
+QK_TILE_INLINE void qk_tile32_token_portable(const qk_panel32 *p, int64_t nb,
                                             const qk_act_q8_32 *a, float acc[8]) {
     for (int64_t b = 0; b < nb; b++) {
         int32_t isum[8];
@@ -628,7 +635,7 @@ static inline __attribute__((always_inline)) void qk_tile32_token_portable(const
 }
 
 /* sub: 32 (Q4_K, Q5_K: 8 sub-blocks) or 16 (Q6_K: 16 sub-blocks). */
-static inline __attribute__((always_inline)) void qk_tile256_token_portable(const qk_panel256 *p, int64_t nb, int sub,
+QK_TILE_INLINE void qk_tile256_token_portable(const qk_panel256 *p, int64_t nb, int sub,
                                              const qk_act_q8_256 *a, float acc[8]) {
     const int nsub = 256 / sub;
     for (int64_t b = 0; b < nb; b++) {
@@ -659,7 +666,7 @@ static inline __attribute__((always_inline)) void qk_tile256_token_portable(cons
 /* Sum over the 4-byte groups j0..j0+nq-1 of u (panel) times the token's bytes, per row lane.
  * AVX2 sums up to `group` maddubs results in int16 before widening (group * 2 * umax * 127 must
  * stay below 32768). */
-static inline __attribute__((always_inline)) __m256i
+QK_TILE_INLINE __m256i
 qk_quads_dot(const uint8_t (*q)[QK_PANEL_ROWS][4], const int8_t *aq, int nq, int group) {
 #if QK_TILES_X86 == 2
     (void)group;
@@ -687,7 +694,7 @@ qk_quads_dot(const uint8_t (*q)[QK_PANEL_ROWS][4], const int8_t *aq, int nq, int
 }
 
 /* T tokens (a[t] = their activation rows) times the panel: acc[t] lanes = rows. */
-static inline __attribute__((always_inline)) void
+QK_TILE_INLINE void
 qk_tile32_x86(const qk_panel32 *p, int64_t nb, const uint8_t *const *a, int T, int group,
               __m256 *acc) {
     for (int64_t b = 0; b < nb; b++) {
@@ -701,7 +708,7 @@ qk_tile32_x86(const qk_panel32 *p, int64_t nb, const uint8_t *const *a, int T, i
     }
 }
 
-static inline __attribute__((always_inline)) void
+QK_TILE_INLINE void
 qk_tile256_x86(const qk_panel256 *p, int64_t nb, int sub, const uint8_t *const *a, int T,
                int group, __m256 *acc) {
     const int quads = sub / 4, nsub = 256 / sub;
@@ -741,7 +748,7 @@ static inline void qk_tile_store(float *out, int64_t ldo, int64_t t, int nr, con
 }
 
 /* fam: 32 or 256 (panel kind); sub: sub-block size for 256; group: AVX2 int16 grouping. */
-static inline __attribute__((always_inline)) void
+QK_TILE_INLINE void
 qk_panel_mul(const void *panel, int fam, int sub, int group, int64_t nb, int nr,
              const uint8_t *act, size_t act_stride, int64_t nt, float *out, int64_t ldo) {
     int64_t t = 0;

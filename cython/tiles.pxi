@@ -1,11 +1,8 @@
 # Python-facing wrapper of the tiled products (quants_tiles.h), for tests and benchmarks; the
 # forward pass calls them from C (forward.h). Every shape is checked before C touches a buffer.
 
-from libc.stdlib cimport free
 from libc.stdint cimport uintptr_t
-
-cdef extern from "stdlib.h":
-    int posix_memalign(void **memptr, size_t alignment, size_t size) nogil
+from libc.stdlib cimport free, malloc
 
 
 def has_gemm(int ggml_type) -> bool:
@@ -32,14 +29,15 @@ def gemm(int ggml_type, const uint8_t[:, ::1] w, const float[:, ::1] x):
     act = np.empty((nt, arb), dtype=np.uint8)
     cdef uint8_t[:, ::1] a = act
     cdef float[:, ::1] o = out
-    cdef void *scratch = NULL
-    if posix_memalign(&scratch, 64, qk_gemm_scratch_bytes(n)) != 0:
+    cdef void *raw = malloc(qk_gemm_scratch_bytes(n) + 63)
+    if raw == NULL:
         raise MemoryError("no memory for the tile scratch")
+    cdef void *scratch = <void *>((<uintptr_t>raw + 63) & ~(<uintptr_t>63))  # panels: aligned loads
     try:
         with nogil:
             for i in range(nt):
                 qk_quantize_act(t.act, &x[i, 0], &a[i, 0], n)
             t.gemm(n, &w[0, 0], rb, nr, &a[0, 0], arb, nt, &o[0, 0], nr, scratch)
     finally:
-        free(scratch)
+        free(raw)
     return out
