@@ -11,8 +11,9 @@ batch, from an empty cache, logits of the last token) and tg128 (128 single-toke
 from position 0, logits every step), several repetitions after a warm-up; plus, for qpack, tg128
 through the engine (greedy sampling and detokenization included, what `qpack run` does).
 Printed: tokens/s (median over all repetitions), peak RSS, the qpack/llama.cpp ratios, the
-CPU's flags and the load average before and after. Other engineers share the machine: measure
-with --wait-idle when `uptime` says the load is low.
+CPU's flags, the load average before, and how many cores other processes used during the run
+(from /proc/stat minus our own CPU time). Other engineers share the machine: measure with
+--wait-idle when `uptime` says the load is low.
 """
 
 from __future__ import annotations
@@ -149,7 +150,9 @@ def llama_worker(a: argparse.Namespace) -> dict:
 # ------------------------------------------------------------------ the driver
 
 
-def run_worker(python: str, kind: str, a: argparse.Namespace, model: str, cpu: str = "auto") -> dict:
+def run_worker(
+    python: str, kind: str, a: argparse.Namespace, model: str, cpu: str = "auto"
+) -> dict:
     cmd = [python, os.path.abspath(__file__), "--worker", kind, "--cpu", cpu, "-t", str(a.threads),
            "-c", str(a.ctx), "--reps", str(a.reps), model]  # fmt: skip
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS=str(a.threads))
@@ -172,6 +175,24 @@ def cpu_facts() -> tuple[str, list[str]]:
     except OSError:
         pass
     return name, flags
+
+
+def busy_cpu_seconds() -> float | None:
+    """CPU time all processes of the machine have used since boot (Linux /proc/stat)."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            vals = [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    return (sum(vals) - vals[3] - vals[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+
+
+def our_cpu_seconds() -> float:
+    me, kids = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def wait_idle(limit_s: float, threshold: float = 0.5) -> None:
@@ -213,7 +234,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="fresh processes per engine, alternating")
     ap.add_argument("--llama-python", default="/opt/refenv/bin/python")
     ap.add_argument("--no-generic", action="store_true", help="skip the baseline kernels")
-    ap.add_argument("--wait-idle", type=float, default=0, help="wait up to S seconds for load < 0.5")
+    ap.add_argument(
+        "--wait-idle", type=float, default=0, help="wait up to S seconds for load < 0.5"
+    )
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--worker", choices=["qpack", "llama"], help=argparse.SUPPRESS)
     ap.add_argument("--cpu", default="auto", help=argparse.SUPPRESS)
@@ -231,6 +254,7 @@ def main() -> None:
         wait_idle(a.wait_idle)
     name, flags = cpu_facts()
     load_before = os.getloadavg()
+    busy0, ours0, t0 = busy_cpu_seconds(), our_cpu_seconds(), time.time()
     results = {}
     for model in a.models:
         runs: dict[str, list[dict]] = {"qpack": [], "llama.cpp": [], "qpack generic": []}
@@ -242,17 +266,25 @@ def main() -> None:
             runs["qpack generic"].append(run_worker(sys.executable, "qpack", a, model, "generic"))
         results[model] = {k: merge(v) for k, v in runs.items() if v}
     load_after = os.getloadavg()
+    busy1, ours1, elapsed = busy_cpu_seconds(), our_cpu_seconds(), time.time() - t0
+    # what the benchmark's neighbours used meanwhile (the load average counts our own threads)
+    others = (
+        None
+        if busy0 is None or busy1 is None
+        else max(0.0, (busy1 - busy0) - (ours1 - ours0)) / elapsed
+    )
     print(f"CPU: {name}, {os.cpu_count()} logical CPUs; flags: {' '.join(flags)}")
     print(f"threads {a.threads}, context {a.ctx}, {a.rounds} rounds x {a.reps} repetitions (median); "
-          f"load average before {load_before[0]:.2f} / {load_before[1]:.2f}, "
-          f"after {load_after[0]:.2f} / {load_after[1]:.2f} (1 / 5 min)\n")  # fmt: skip
+          f"load average before {load_before[0]:.2f} / {load_before[1]:.2f} (1 / 5 min); "
+          f"other processes used {others if others is not None else float('nan'):.2f} cores on average "
+          f"during the {elapsed:.0f} s run\n")  # fmt: skip
     for model, rows in results.items():
         print(table(model, rows) + "\n")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"cpu": name, "flags": flags, "threads": a.threads, "ctx": a.ctx,
-                       "load_before": load_before, "load_after": load_after,
-                       "results": results}, f, indent=1)  # fmt: skip
+                       "load_before": load_before, "load_after": load_after, "other_cores": others,
+                       "seconds": elapsed, "results": results}, f, indent=1)  # fmt: skip
 
 
 if __name__ == "__main__":
