@@ -197,8 +197,8 @@ static int qk_matmul(qk_ctx *c, qk_model *m, const qk_matrix *const *ws, float *
     for (int k = 0; k < (glu ? 1 : nw); k++) rows += ws[k]->rows;
     const int64_t n_tb = (n + QK_MM_TOKENS - 1) / QK_MM_TOKENS;
     /* ~8 chunks per thread, row blocks a multiple of the 8-row panel and of at most ~1 MiB of
-     * weights: each chunk start is a cold stream from DRAM, so not too many (a 262144-row head
-     * in 256-row chunks lost ~15% of decode), yet enough for a late thread to share the work */
+     * weights: a chunk start is a cold stream from DRAM, so not thousands of them (a 262144-row
+     * head), yet enough for a late thread to share the work (1 to 16 MiB measured the same) */
     int64_t rb = rows * n_tb / (8 * (int64_t)m->n_threads);
     const int64_t rb_max = (int64_t)((1u << 20) / ws[0]->row_bytes);
     rb = rb > rb_max ? rb_max : rb;
