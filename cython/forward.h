@@ -61,8 +61,7 @@ typedef struct {
     /* KV cache, [layer][seq][kv head][pos][head_dim(_v)]: a head's keys are contiguous */
     qk_f16 *k_cache, *v_cache;
     /* scratch for up to n_batch tokens */
-    float *x, *xn, *q, *k, *v, *attn_out, *tmp, *ff_a, *ff_b, *scores;
-    uint8_t *act;
+    float *x, *xn, *q, *k, *v, *attn_out, *tmp, *ff_a, *ff_b;
     qk_runtime *rt; /* threads and the scratch below: qk_model_init / qk_model_free */
 } qk_model;
 

@@ -49,8 +49,6 @@ cdef extern from "forward.h":
         float *tmp
         float *ff_a
         float *ff_b
-        float *scores
-        uint8_t *act
     void qk_forward(qk_model *m, int n, const int32_t *tokens, const int32_t *pos,
                     const int32_t *seq, int n_out, const int32_t *out_idx, float *logits,
                     float *hidden) noexcept nogil
@@ -193,7 +191,6 @@ cdef class NativeModel:
         free(self.m.k_cache); free(self.m.v_cache)
         free(self.m.x); free(self.m.xn); free(self.m.q); free(self.m.k); free(self.m.v)
         free(self.m.attn_out); free(self.m.tmp); free(self.m.ff_a); free(self.m.ff_b)
-        free(self.m.scores); free(self.m.act)
 
     def forward(self, tokens, pos, seq, out_idx, bint hidden=False):
         """Run a batch; return logits (or final hidden states) for the rows in out_idx.
