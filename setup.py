@@ -53,13 +53,6 @@ def variants() -> dict[str, list[str]]:
     return {k: v for k, v in found.items() if not only or k in only}
 
 
-def openmp_flags() -> list[str]:
-    # Apple's clang ships no OpenMP runtime: those builds run single-threaded over the same code.
-    if sys.platform == "darwin" or sys.platform == "win32":
-        return []
-    return ["-fopenmp"]
-
-
 def extensions() -> list[Extension]:
     GENERATED.mkdir(exist_ok=True)
     exts = []
@@ -91,8 +84,9 @@ def extensions() -> list[Extension]:
                     ("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"),
                     ("QPACK_VARIANT", f'"{name}"'),
                 ],
-                extra_compile_args=common + flags + openmp_flags(),
-                extra_link_args=openmp_flags(),
+                extra_compile_args=common + flags + ([] if sys.platform == "win32" else ["-pthread"]),
+                # the forward pass has its own pthread pool (cython/workers.h): no OpenMP runtime
+                extra_link_args=[] if sys.platform == "win32" else ["-pthread"],
                 # headers and included .pxi files: a change to any of them rebuilds every variant
                 depends=sorted(str(p.relative_to(HERE)) for p in CYTHON_DIR.glob("*.[hp]*")),
             )
