@@ -190,6 +190,33 @@ def tiny_llama(path: str | Path, config: TinyLlamaConfig | None = None) -> Path:
     return write_gguf(path, md, t, arch="llama")
 
 
+def sparse_gguf(path: Path, n_bytes: int) -> Path:
+    """A valid llama-metadata GGUF whose one F32 tensor is `n_bytes` of zeros, left as a hole."""
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, value in {
+        "block_count": 1, "context_length": 64, "embedding_length": 64,
+        "feed_forward_length": 128, "attention.head_count": 4,
+    }.items():  # fmt: skip
+        w.add_uint32(f"llama.{key}", value)
+    w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+    tokens, scores, types = tiny_llama_vocab()
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_tensor_info("huge.weight", (n_bytes // 4,), np.dtype(np.float32), n_bytes)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    w.close()
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.truncate(size + (-size % 32) + n_bytes)
+    return path
+
+
 # --- files assembled byte by byte -----------------------------------------------------------
 
 _FMT = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<B", 10: "<Q",

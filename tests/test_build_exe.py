@@ -12,8 +12,8 @@ import sys
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import pytest
+from gguf_fixtures import sparse_gguf
 from qpack.builder import pack, stub
 from qpack.runtime import embedded
 
@@ -177,35 +177,6 @@ def test_corrupted_executables_fail_clearly(tiny_exe, tmp_path):
     assert result.returncode not in (0, -11, -6)
 
 
-def sparse_gguf(path: Path, n_bytes: int) -> Path:
-    """A valid llama-metadata GGUF whose one F32 tensor is `n_bytes` of zeros, left as a hole."""
-    import gguf
-
-    w = gguf.GGUFWriter(str(path), "llama")
-    for key, value in {
-        "block_count": 1, "context_length": 64, "embedding_length": 64,
-        "feed_forward_length": 128, "attention.head_count": 4,
-    }.items():  # fmt: skip
-        w.add_uint32(f"llama.{key}", value)
-    w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
-    from gguf_fixtures import tiny_llama_vocab
-
-    tokens, scores, types = tiny_llama_vocab()
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_tensor_info("huge.weight", (n_bytes // 4,), np.dtype(np.float32), n_bytes)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    w.close()
-    size = path.stat().st_size
-    with open(path, "r+b") as f:
-        f.truncate(size + (-size % 32) + n_bytes)
-    return path
 
 
 def test_multi_gib_model_starts_as_fast_as_a_tiny_one(tiny_exe, runtime_stub, tmp_path):

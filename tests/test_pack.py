@@ -469,32 +469,10 @@ def test_copy_through_a_buffer_gives_the_same_bytes(model, elf_stub, tmp_path, m
 def test_holes_in_the_model_stay_holes(elf_stub, tmp_path):
     """A sparse GGUF (a large tensor of zeros never written) is copied without filling the
     hole, and its digests still cover the zeros."""
-    import gguf
-    import numpy as np
-    from gguf_fixtures import tiny_llama_vocab
+    from gguf_fixtures import sparse_gguf
 
-    path = tmp_path / "sparse.gguf"
     hole = 64 << 20
-    w = gguf.GGUFWriter(str(path), "llama")
-    for key, value in {
-        "block_count": 1, "context_length": 64, "embedding_length": 64,
-        "feed_forward_length": 128, "attention.head_count": 4,
-    }.items():  # fmt: skip
-        w.add_uint32(f"llama.{key}", value)
-    w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
-    tokens, scores, types = tiny_llama_vocab()
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_tensor_info("huge.weight", (hole // 4,), np.dtype(np.float32), hole)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    w.close()
-    header = path.stat().st_size
-    with open(path, "r+b") as f:
-        f.truncate(header + (-header % 32) + hole)
+    path = sparse_gguf(tmp_path / "sparse.gguf", hole)
     if path.stat().st_blocks * 512 > hole // 2:
         pytest.skip("this filesystem does not keep holes")
     out = tmp_path / "sparse.bin"
