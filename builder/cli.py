@@ -58,6 +58,7 @@ def build(model, output, name, default_args, target, stub_path, rebuild_stub) ->
     import shlex
 
     from qpack.builder import models, pack, stub
+    from qpack.builder.digests import DigestCache
 
     model = model or models.default_model_path()
     source = pack.open_model_source(model)
@@ -74,7 +75,14 @@ def build(model, output, name, default_args, target, stub_path, rebuild_stub) ->
     except ValueError as e:
         raise QpackError(f"--args {default_args!r}: {e}") from None
     report = pack.build_executable(
-        model, output, stub_path, name=name, target=target, args=args, show_progress=True
+        model,
+        output,
+        stub_path,
+        name=name,
+        target=target,
+        args=args,
+        show_progress=True,
+        digest_cache=DigestCache(stub.cache_dir()),
     )
     mix = ", ".join(f"{t} x{v['tensors']}" for t, v in report.model.quant_mix.items())
     click.echo(

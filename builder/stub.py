@@ -52,6 +52,7 @@ EXCLUDES = [
     "numpy.testing",
     "numpy.random._examples",
     "zipfile_deflate64",
+    "isal",
     "llama_cpp",
     "yaml",  # numpy.__config__ uses it only to pretty-print show_config()
     "ssl",  # the server speaks plain HTTP on localhost; hashlib keeps its own libcrypto

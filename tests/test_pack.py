@@ -22,8 +22,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from gguf_fixtures import TinyLlamaConfig, tiny_llama, write_gguf
-from qpack.builder import pack
+from qpack.builder import digests, pack
 from qpack.builder.cli import main as qpack_cli
+from qpack.builder.digests import DigestCache, Digests, file_key
 from qpack.runtime import embedded
 from qpack.runtime.errors import EmbeddedModelError, GGUFError, QpackError, UnsupportedModel
 
@@ -511,7 +512,8 @@ def test_default_name(file_name, name):
 
 
 @needs_binutils
-def test_cli_build(model, elf_stub, tmp_path):
+def test_cli_build(model, elf_stub, tmp_path, monkeypatch):
+    monkeypatch.setenv("QPACK_CACHE_DIR", str(tmp_path / "cache"))
     result = CliRunner().invoke(
         qpack_cli,
         ["build", str(model), "--stub", str(elf_stub), "-o", str(tmp_path),
@@ -523,6 +525,8 @@ def test_cli_build(model, elf_stub, tmp_path):
     member = embedded.locate_model(str(out))
     assert member.args() == ["-c", "2048", "--port", "9000"]
     assert member.manifest()["name"] == "tiny-llama"
+    remembered = DigestCache(tmp_path / "cache").get(file_key(os.stat(model)))
+    assert remembered.sha256 == member.manifest()["model"]["sha256"]
 
 
 def test_cli_build_error_is_one_line(elf_stub, tmp_path):
@@ -531,6 +535,70 @@ def test_cli_build_error_is_one_line(elf_stub, tmp_path):
     result = CliRunner().invoke(qpack_cli, ["build", str(bogus), "--stub", str(elf_stub)])
     assert result.exit_code == 1
     assert result.output.startswith("qpack: error: ") and "Traceback" not in result.output
+
+
+# --- remembered digests -----------------------------------------------------------------------
+
+
+def test_second_build_takes_the_digests_from_the_cache(model, elf_stub, tmp_path):
+    cache = DigestCache(tmp_path / "cache")
+    first = build(model, elf_stub, tmp_path / "a.bin", digest_cache=cache)
+    model_key = file_key(os.stat(model))
+    sha = hashlib.sha256(model.read_bytes()).hexdigest()
+    assert cache.get(model_key) == Digests(sha, zlib.crc32(model.read_bytes()))
+    assert cache.get(file_key(os.stat(elf_stub))).sha256 == (
+        hashlib.sha256(elf_stub.read_bytes()).hexdigest()
+    )
+    assert first.model_sha256 == sha
+    # A remembered digest is used as it is, not computed again (the cache's whole point):
+    # planted wrong values show up in the manifest and the zip directory.
+    cache.put(model_key, Digests("ab" * 32, 0x12345678))
+    planted = build(model, elf_stub, tmp_path / "b.bin", digest_cache=cache)
+    member = embedded.locate_model(str(tmp_path / "b.bin"))
+    assert planted.model_sha256 == member.manifest()["model"]["sha256"] == "ab" * 32
+    assert member.crc32 == 0x12345678
+    # With the right values back, the output is byte-identical to the first build's.
+    cache.put(model_key, Digests(sha, zlib.crc32(model.read_bytes())))
+    build(model, elf_stub, tmp_path / "c.bin", digest_cache=cache)
+    assert (tmp_path / "c.bin").read_bytes() == (tmp_path / "a.bin").read_bytes()
+
+
+def test_a_changed_model_is_hashed_again(model, elf_stub, tmp_path):
+    cache = DigestCache(tmp_path / "cache")
+    copy = tmp_path / "model.gguf"
+    shutil.copy(model, copy)
+    build(copy, elf_stub, tmp_path / "a.bin", digest_cache=cache)
+    stat = os.stat(copy)
+    data = bytearray(copy.read_bytes())
+    data[-1] ^= 1  # a tensor byte: the model stays valid
+    copy.write_bytes(data)
+    os.utime(copy, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same size and mtime: ctime moved
+    report = build(copy, elf_stub, tmp_path / "b.bin", digest_cache=cache)
+    assert report.model_sha256 == hashlib.sha256(data).hexdigest()
+    assert embedded.verify(embedded.locate_model(str(tmp_path / "b.bin"))).sha256 == (
+        report.model_sha256
+    )
+
+
+@pytest.mark.parametrize(
+    "content", ["", "not json", "[1, 2]", '{"k": {"sha256": "x", "crc32": 1}}', '{"k": 5}']
+)
+def test_a_broken_cache_file_is_ignored(tmp_path, content):
+    (tmp_path / "digests.json").write_text(content)
+    cache = DigestCache(tmp_path)
+    assert cache.get("k") is None
+    cache.put("k", Digests("0" * 64, 7))
+    assert cache.get("k") == Digests("0" * 64, 7)
+
+
+def test_the_cache_keeps_only_the_newest_entries(tmp_path):
+    cache = DigestCache(tmp_path)
+    for i in range(digests.MAX_ENTRIES + 3):
+        cache.put(str(i), Digests(f"{i:064x}", i))
+    assert cache.get("0") is None and cache.get("2") is None
+    assert cache.get("3") == Digests(f"{3:064x}", 3)
+    last = digests.MAX_ENTRIES + 2
+    assert cache.get(str(last)) == Digests(f"{last:064x}", last)
 
 
 # --- the reader's errors -----------------------------------------------------------------------
