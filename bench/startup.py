@@ -6,9 +6,13 @@ Prints, for MODEL (default: SmolLM2-135M-Instruct Q4_1):
 - build time of `qpack build` with the stub already cached, against `cp` of the model to the
   same disk, page cache warm and cold (model and stub evicted with POSIX_FADV_DONTNEED), and
   the same for a synthetic GGUF of --big-gib GiB (a real GGUF header, one large tensor of
-  incompressible bytes, no holes), written once to /tmp;
+  incompressible bytes, no holes), written once to /tmp. "first" builds a model qpack has not
+  seen (its remembered digests are forgotten before each run: SHA-256 and CRC-32 computed),
+  "again" rebuilds it (digests remembered from the first build: a copy);
 - time to `--version` (start-up: the bootloader unpacks the runtime, Python starts);
 - time to the first generated token of `-p` (start-up + mapping + prompt + one token);
+- time until the server's `GET /health` answers 200 (listening, model loaded), and the
+  server's RSS at that moment against the model's size (the model is mapped, not read);
 - peak RSS of those runs (the model is mapped, so RSS grows only with the pages touched);
 - bytes read at start-up (rchar of the whole process tree) against the model's size.
 Times are medians (and the fastest) of --runs runs with a warm page cache (unless said cold).
@@ -121,10 +125,10 @@ def synthetic_gguf(path: Path, n_bytes: int) -> Path:
     return path
 
 
-def build_against_cp(qpack: list[str], model: Path, tmp: Path, runs: int, cold: bool):
-    """Seconds of each `qpack build MODEL` (cached stub) and each `cp MODEL` on the same disk,
-    taken in turns."""
-    from qpack.builder import stub
+def build_against_cp(qpack: list[str], model: Path, tmp: Path, runs: int, cold: bool, first: bool):
+    """Seconds of each `qpack build MODEL` (cached stub; with the model's digests forgotten if
+    `first`) and each `cp MODEL` on the same disk, taken in turns."""
+    from qpack.builder import digests, stub
 
     exe, copy = tmp / "build.bin", tmp / "copy.gguf"
     # As an installed qpack runs: with its bytecode cached (an environment that sets
@@ -137,6 +141,8 @@ def build_against_cp(qpack: list[str], model: Path, tmp: Path, runs: int, cold: 
             stub_path = stub.get_stub()  # rebuilt here, untimed, if the runtime changed
             exe.unlink(missing_ok=True)
             copy.unlink(missing_ok=True)
+            if first:
+                (stub.cache_dir() / digests.CACHE_FILE).unlink(missing_ok=True)
             if cold:
                 evict(model, stub_path)
             else:
@@ -149,6 +155,59 @@ def build_against_cp(qpack: list[str], model: Path, tmp: Path, runs: int, cold: 
     copy.unlink(missing_ok=True)
     os.sync()
     return builds[1:], copies[1:]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tree_rss_mib(pid: int) -> float:
+    """RSS of a process and its descendants (the one-file bootloader runs Python as a child)."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/status") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except (OSError, StopIteration):
+            pass
+    return total / 1024
+
+
+def time_to_health(exe: Path) -> tuple[float, float]:
+    """Seconds from exec until GET /health answers 200, and the server's RSS (MiB) then."""
+    import urllib.error
+    import urllib.request
+
+    port = free_port()
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        [str(exe), "--port", str(port), "--nobrowser"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError):
+                pass  # not listening yet (URLError) or still loading (503)
+            if proc.poll() is not None or time.perf_counter() - start > 60:
+                raise SystemExit(f"{exe} did not become ready (exit {proc.returncode})")
+            time.sleep(0.005)
+        ready = time.perf_counter() - start
+        return ready, tree_rss_mib(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait()
 
 
 def peak_rss_mib(cmd: list[str]) -> float:
@@ -201,16 +260,18 @@ def main() -> None:
                 print(f"writing {big} ({args.big_gib:g} GiB, once)", file=sys.stderr)
                 synthetic_gguf(big, big_size)
             models_timed.append(big)
-        print(f"{'build (stub cached) vs cp':28} {'model':>10} {'cache':>5} {'build':>8} "
-              f"{'cp':>8} {'ratio':>6}   fastest: build, cp, ratio")  # fmt: skip
+        print(f"{'build (stub cached) vs cp':28} {'model':>10} {'cache':>5} {'build':>5} "
+              f"{'build':>8} {'cp':>8} {'ratio':>6}   fastest: build, cp, ratio")  # fmt: skip
         for m in models_timed:
-            for cold in (False, True):
-                builds, copies = build_against_cp(qpack, m, tmp, args.runs, cold)
-                build, copy = statistics.median(builds), statistics.median(copies)
-                print(f"{m.name[:28]:28} {m.stat().st_size / 2**20:6.0f} MiB "
-                      f"{'cold' if cold else 'warm':>5} {build:6.2f} s {copy:6.2f} s "
-                      f"{build / copy:5.1f}x   {min(builds):5.2f} s {min(copies):5.2f} s "
-                      f"{min(builds) / min(copies):5.1f}x", flush=True)  # fmt: skip
+            for first in (True, False):
+                for cold in (False, True):
+                    builds, copies = build_against_cp(qpack, m, tmp, args.runs, cold, first)
+                    build, copy = statistics.median(builds), statistics.median(copies)
+                    print(f"{m.name[:28]:28} {m.stat().st_size / 2**20:6.0f} MiB "
+                          f"{'cold' if cold else 'warm':>5} {'first' if first else 'again':>5} "
+                          f"{build:6.2f} s {copy:6.2f} s {build / copy:5.2f}x   "
+                          f"{min(builds):5.2f} s {min(copies):5.2f} s "
+                          f"{min(builds) / min(copies):5.2f}x", flush=True)  # fmt: skip
         if args.build_only:
             return
 
@@ -229,11 +290,17 @@ def main() -> None:
             print(f"(first token not measured: {e})")
             ttft = rss_token = float("nan")
         rss_version = peak_rss_mib([str(exe), "--version"])
+        time_to_health(exe)  # warm
+        health_runs = [time_to_health(exe) for _ in range(args.runs)]
+        health = statistics.median(t for t, _ in health_runs)
+        rss_ready = statistics.median(r for _, r in health_runs)
         exe_mib = exe.stat().st_size / 2**20
 
     print(f"model {model.name}: {size_mib:.1f} MiB; executable {exe_mib:.1f} MiB")
     print(f"{'exec to --version':28} {version:7.2f} s   peak RSS {rss_version:6.1f} MiB")
     print(f"{'exec to first token (-p)':28} {ttft:7.2f} s   peak RSS {rss_token:6.1f} MiB")
+    print(f"{'exec to /health ready':28} {health:7.2f} s   RSS then {rss_ready:6.1f} MiB "
+          f"(model {size_mib:.1f} MiB)")  # fmt: skip
     print(f"{'read at start (--version)':28} {read_mib:7.1f} MiB (model {size_mib:.1f} MiB)")
 
 
