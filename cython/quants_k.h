@@ -395,7 +395,7 @@ static float qk_dot_q2_k(int64_t n, const void *restrict w, const void *restrict
         const __m256i sc = _mm256_cvtepu8_epi16(_mm_and_si128(sc8, m4));
         __m256i sumi = _mm256_setzero_si256();
         for (int h = 0; h < 2; h++) {
-            const __m256i scb = _mm256_permute2x128_si256(sc, sc, h ? 0x11 : 0x00);
+            const __m256i scb = h ? _mm256_permute2x128_si256(sc, sc, 0x11) : _mm256_permute2x128_si256(sc, sc, 0x00);
             const __m256i qb = qk_k_ld256(x[i].qs + 32 * h);
 #pragma GCC unroll 4
             for (int j = 0; j < 4; j++) {
@@ -485,7 +485,7 @@ static float qk_dot_q3_k(int64_t n, const void *restrict w, const void *restrict
         const __m256i hm = qk_k_ld256(x[i].hmask);
         __m256i sumi = _mm256_setzero_si256();
         for (int h = 0; h < 2; h++) {
-            const __m256i scb = _mm256_permute2x128_si256(sc, sc, h ? 0x11 : 0x00);
+            const __m256i scb = h ? _mm256_permute2x128_si256(sc, sc, 0x11) : _mm256_permute2x128_si256(sc, sc, 0x00);
             const __m256i qb = qk_k_ld256(x[i].qs + 32 * h);
 #pragma GCC unroll 4
             for (int j = 0; j < 4; j++) {
@@ -740,7 +740,7 @@ static float qk_dot_q6_k(int64_t n, const void *restrict w, const void *restrict
         __m256i sumi = _mm256_setzero_si256();
 #pragma GCC unroll 2
         for (int h = 0; h < 2; h++) {
-            const __m256i scb = _mm256_permute2x128_si256(sc, sc, h ? 0x11 : 0x00);
+            const __m256i scb = h ? _mm256_permute2x128_si256(sc, sc, 0x11) : _mm256_permute2x128_si256(sc, sc, 0x00);
             const __m256i ql0 = qk_k_ld256(x[i].ql + 64 * h);
             const __m256i ql1 = qk_k_ld256(x[i].ql + 64 * h + 32);
             const __m256i qh = qk_k_ld256(x[i].qh + 32 * h);
