@@ -19,11 +19,39 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(_WIN32)
+#include <malloc.h> /* _aligned_malloc */
+#endif
 
 #include "quants.h"
 #include "workers.h"
 
-typedef _Float16 qk_f16; /* KV cache element: F16C/NEON conversions where the ISA has them */
+/* KV cache element, an IEEE half: _Float16 where the compiler has it (gcc >= 12 and clang on
+ * x86-64 and aarch64), else (MSVC) its bits in a uint16_t, converted by F16C or by exact bit
+ * arithmetic (quants_common.h). The cache and the logits are bit-identical either way
+ * (-DQK_HAVE_FLOAT16=0 forces the uint16_t path, to test it where _Float16 exists). */
+#ifndef QK_HAVE_FLOAT16
+#if defined(__FLT16_MAX__) && !defined(_MSC_VER) && (defined(__x86_64__) || defined(__aarch64__))
+#define QK_HAVE_FLOAT16 1
+#else
+#define QK_HAVE_FLOAT16 0
+#endif
+#endif
+#if QK_HAVE_FLOAT16
+typedef _Float16 qk_f16;
+static inline float qk_f16_to_f32(qk_f16 h) { return (float)h; }
+static inline qk_f16 qk_f32_to_f16(float f) { return (qk_f16)f; }
+#else
+typedef uint16_t qk_f16;
+static inline float qk_f16_to_f32(qk_f16 h) {
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else /* like F16C and _Float16, a signalling NaN comes out quiet */
+    return qk_fp16_to_fp32_portable((uint16_t)(h | (((h & 0x7fff) > 0x7c00) << 9)));
+#endif
+}
+static inline qk_f16 qk_f32_to_f16(float f) { return qk_fp32_to_fp16(f); }
+#endif
 
 enum { QK_ACT_FN_SILU = 0, QK_ACT_FN_GELU_TANH = 1 };
 enum { QK_N_ACT_FORMATS = 3 };     /* QK_ACT_F32, QK_ACT_Q8_32, QK_ACT_Q8_256 */
@@ -279,7 +307,7 @@ static inline void qk_f16_to_f32_row(const qk_f16 *restrict src, float *restrict
 #if defined(__AVX2__) && defined(__F16C__)
     for (; j + 8 <= n; j += 8) _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + j))));
 #endif
-    for (; j < n; j++) dst[j] = (float)src[j];
+    for (; j < n; j++) dst[j] = qk_f16_to_f32(src[j]);
 }
 
 static inline void qk_f32_to_f16_row(const float *restrict src, qk_f16 *restrict dst, int n) {
@@ -288,7 +316,7 @@ static inline void qk_f32_to_f16_row(const float *restrict src, qk_f16 *restrict
     for (; j + 8 <= n; j += 8)
         _mm_storeu_si128((__m128i *)(dst + j), _mm256_cvtps_ph(_mm256_loadu_ps(src + j), _MM_FROUND_TO_NEAREST_INT));
 #endif
-    for (; j < n; j++) dst[j] = (qk_f16)src[j];
+    for (; j < n; j++) dst[j] = qk_f32_to_f16(src[j]);
 }
 
 /* Keys ta..ta+tn-1 of one head, f16 rows of stride kv_dim, into kt[j][t] (f32, transposed so
@@ -320,7 +348,7 @@ static void qk_load_keys(float *restrict kt, const qk_f16 *ks, int64_t kv_dim, i
         }
 #endif
     for (; t < tn; t++)
-        for (int j = 0; j < hd; j++) kt[j * QK_ATT_KT + t] = (float)ks[(int64_t)t * kv_dim + j];
+        for (int j = 0; j < hd; j++) kt[j * QK_ATT_KT + t] = qk_f16_to_f32(ks[(int64_t)t * kv_dim + j]);
     for (int j = 0; j < hd; j++)
         for (int u = tn; u < (tn + 15) / 16 * 16; u++) kt[j * QK_ATT_KT + u] = 0.0f;
 }

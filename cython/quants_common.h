@@ -47,6 +47,26 @@
 #include <string.h>
 #include <math.h>
 
+/* MSVC's /arch:AVX2 and /arch:AVX512 define __AVX2__ and __AVX512F/BW/CD/DQ/VL__ but not the
+ * macros of what those levels also bring, which the kernels test: defined here, once, for every
+ * header. setup.py's MSVC variants are the gcc ones: /arch:AVX2 = x86-64-v3 (FMA, F16C),
+ * /arch:AVX512 = x86-64-v4 plus VNNI (runtime/cpu.py checks all of them before the import; cl
+ * emits any intrinsic whatever /arch says). x64 always has SSE2. */
+#if defined(_MSC_VER) && !defined(__clang__) && defined(_M_X64)
+#ifndef __SSE2__
+#define __SSE2__ 1
+#endif
+#if defined(__AVX2__) && !defined(__FMA__)
+#define __FMA__ 1
+#endif
+#if defined(__AVX2__) && !defined(__F16C__)
+#define __F16C__ 1
+#endif
+#if defined(__AVX512F__) && !defined(__AVX512VNNI__)
+#define __AVX512VNNI__ 1
+#endif
+#endif
+
 #if defined(__AVX2__) || defined(__AVX512F__) || defined(__F16C__) || defined(__SSE2__)
 #include <immintrin.h>
 #endif
@@ -128,6 +148,35 @@ static inline float qk_fp16_to_fp32(uint16_t h) {
     return (float)v;
 #else
     return qk_fp16_to_fp32_portable(h);
+#endif
+}
+
+/* Float -> IEEE half, rounded to nearest even, exactly as F16C's vcvtps2ph and a _Float16
+ * cast do: subnormal halves, overflow to inf, NaN kept quiet with its top payload bits. */
+static inline uint16_t qk_fp32_to_fp16_portable(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    const uint16_t sign = (uint16_t)((x >> 16) & 0x8000);
+    const uint32_t a = x & 0x7fffffffu;
+    if (a >= 0x7f800000u) /* inf, NaN */
+        return sign | 0x7c00 | (a > 0x7f800000u ? 0x0200 | (uint16_t)((a >> 13) & 0x3ff) : 0);
+    if (a >= 0x477ff000u) return sign | 0x7c00; /* rounds to >= 65520: inf */
+    if (a >= 0x38800000u) {                     /* normal half: drop 13 bits, round half to even */
+        const uint32_t r = a + 0xfffu + ((a >> 13) & 1);
+        return sign | (uint16_t)((r - 0x38000000u) >> 13);
+    }
+    if (a < 0x33000000u) return sign; /* below half the smallest subnormal (ties round to 0) */
+    /* subnormal half: the 24-bit significand shifted right by 126 - e, rounded to even */
+    const uint32_t e = a >> 23, m = (a & 0x7fffffu) | 0x800000u, sh = 126 - e;
+    const uint32_t q = m >> sh, rest = m & ((1u << sh) - 1), half = 1u << (sh - 1);
+    return sign | (uint16_t)(q + (rest > half || (rest == half && (q & 1))));
+}
+
+static inline uint16_t qk_fp32_to_fp16(float f) {
+#if defined(__F16C__)
+    return (uint16_t)_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT);
+#else
+    return qk_fp32_to_fp16_portable(f);
 #endif
 }
 
