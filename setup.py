@@ -21,7 +21,7 @@ HERE = Path(__file__).resolve().parent
 CYTHON_DIR = HERE / "cython"
 GENERATED = CYTHON_DIR / "generated"
 
-# The one list that drives the build: variant name -> compiler flags, per machine.
+# The one list that drives the build: variant name -> compiler flags, per machine and compiler.
 VARIANTS_BY_MACHINE = {
     "x86_64": {
         "generic": ["-march=x86-64", "-mtune=generic"],
@@ -32,7 +32,34 @@ VARIANTS_BY_MACHINE = {
         "generic": ["-march=armv8-a"],
         "dotprod": ["-march=armv8.2-a+dotprod+fp16"],
     },
+    # MSVC (Windows): the same levels; cl defines no __FMA__, __F16C__, __AVX512VNNI__, which
+    # cython/quants_common.h adds for /arch:AVX2 and /arch:AVX512.
+    "x86_64-msvc": {
+        "generic": [],
+        "avx2": ["/arch:AVX2"],
+        "avx512": ["/arch:AVX512"],
+    },
 }
+
+# Flags of every variant, per compiler. Both keep IEEE semantics (no fast-math: gcc's would set
+# flush-to-zero for the whole process when it reaches the link line; MSVC's /fp:precise is its
+# default and, since VS 2022, no longer fuses a*b+c into an FMA, which the dequantizers forbid).
+COMMON_GCC = [
+    "-O3",
+    "-std=gnu11",
+    # vectorized float reductions without -ffast-math
+    "-fno-math-errno",
+    "-fno-trapping-math",
+    "-fopenmp-simd",
+    "-Wno-unused-function",
+    "-pthread",  # the forward pass has its own thread pool (cython/workers.h), no OpenMP runtime
+]
+COMMON_MSVC = [
+    "/O2",
+    "/std:c17",
+    "/fp:precise",
+    "/wd4068",  # unknown pragma: the omp simd / GCC unroll hints are for gcc and clang
+]
 
 
 def machine() -> str:
@@ -44,10 +71,13 @@ def machine() -> str:
     return "other"
 
 
+def msvc() -> bool:
+    return sys.platform == "win32"  # setuptools' compiler there
+
+
 def variants() -> dict[str, list[str]]:
-    if sys.platform == "win32":
-        return {"generic": []}  # MSVC: one portable build (the workflow covers it)
-    found = VARIANTS_BY_MACHINE.get(machine(), {"generic": []})
+    key = machine() + ("-msvc" if msvc() else "")
+    found = VARIANTS_BY_MACHINE.get(key, {"generic": []})
     # QPACK_VARIANTS=generic,avx512 builds a subset, for quick iteration on the kernels.
     only = [v for v in os.environ.get("QPACK_VARIANTS", "").split(",") if v]
     return {k: v for k, v in found.items() if not only or k in only}
@@ -56,16 +86,7 @@ def variants() -> dict[str, list[str]]:
 def extensions() -> list[Extension]:
     GENERATED.mkdir(exist_ok=True)
     exts = []
-    common = [
-        "-O3",
-        "-std=gnu11",
-        # Vectorized float reductions without -ffast-math (which would set flush-to-zero for
-        # the whole process when it reaches the link line).
-        "-fno-math-errno",
-        "-fno-trapping-math",
-        "-fopenmp-simd",
-        "-Wno-unused-function",
-    ]
+    common = COMMON_MSVC if msvc() else COMMON_GCC
     for name, flags in variants().items():
         pyx = GENERATED / f"_native_{name}.pyx"
         text = (
@@ -84,9 +105,8 @@ def extensions() -> list[Extension]:
                     ("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"),
                     ("QPACK_VARIANT", f'"{name}"'),
                 ],
-                extra_compile_args=common + flags + ([] if sys.platform == "win32" else ["-pthread"]),
-                # the forward pass has its own pthread pool (cython/workers.h): no OpenMP runtime
-                extra_link_args=[] if sys.platform == "win32" else ["-pthread"],
+                extra_compile_args=common + flags,
+                extra_link_args=[] if msvc() else ["-pthread"],
                 # headers and included .pxi files: a change to any of them rebuilds every variant
                 depends=sorted(str(p.relative_to(HERE)) for p in CYTHON_DIR.glob("*.[hp]*")),
             )
