@@ -10,8 +10,9 @@ PyInstaller archive and only the zip's central directory after it:
 On ELF the archive is the `pydata` section near the end, followed by the section header table;
 inserting bytes before it and shifting `e_shoff` and the later sections' `sh_offset` keeps the
 ELF valid. On PE the archive is overlay data after the image; inserting there needs no header
-change (only the checksum). Any other stub gets the zip appended, with a warning: it works, but
-every start then reads the whole model.
+change (only the checksum). On Mach-O the members go after a fresh ad-hoc code signature and
+before the archive, all inside __LINKEDIT (builder/macho.py says why there). Any other stub gets
+the zip appended, with a warning: it works, but every start then reads the whole model.
 
 Same inputs give the same bytes: fixed timestamps, fixed member order, sorted JSON.
 """
@@ -39,6 +40,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import click
+from qpack.builder import macho
 from qpack.builder.digests import DigestCache, Digests, file_key
 from qpack.runtime.embedded import (
     ARGS_MEMBER,
@@ -79,13 +81,19 @@ VERSION_MADE_BY_UNIX = 3 << 8
 class StubLayout:
     """Where the zip members are inserted into the stub, and how to fix its headers."""
 
-    kind: str  # "elf", "pe" or "append"
+    kind: str  # "elf", "pe", "macho" or "append"
     insert_at: int
     # Called with the number of bytes inserted; returns the header fields to rewrite, as
     # (offset in the stub, new bytes). Each lies wholly before or wholly after `insert_at`.
     edits: Callable[[int], list[tuple[int, bytes]]] = field(repr=False, default=lambda shift: [])
     warning: str | None = None
     checksum_at: int | None = None  # PE: where the image checksum lives (recomputed at the end)
+    # Mach-O: zero bytes left after `insert_at` (for the new signature), the stub's byte range
+    # that follows the members (default: from `insert_at` to its end), and what completes the
+    # file (fd, size) once written, returning a warning or None.
+    reserve: int = 0
+    tail: tuple[int, int] | None = None
+    finish: Callable[[int, int], str | None] | None = field(repr=False, default=None)
 
 
 def plan_stub(stub: bytes | mmap.mmap, stub_name: str = "stub") -> StubLayout:
@@ -94,17 +102,8 @@ def plan_stub(stub: bytes | mmap.mmap, stub_name: str = "stub") -> StubLayout:
         return _plan_elf(stub, stub_name)
     if stub[:2] == b"MZ":
         return _plan_pe(stub, stub_name)
-    if stub[:4] in (b"\xcf\xfa\xed\xfe", b"\xca\xfe\xba\xbe"):  # Mach-O 64, universal
-        return StubLayout(
-            "append",
-            len(stub),
-            warning=(
-                f"{stub_name} is Mach-O: inserting the model would mean moving __LINKEDIT and "
-                "re-signing, which qpack does not do yet, so the model is appended. The program "
-                "runs, but every start reads the whole model, and `codesign --verify` rejects it; "
-                "for large models on macOS run the plain stub with -m FILE.gguf"
-            ),
-        )
+    if stub[:4] in macho.MAGICS:
+        return _plan_macho(stub, stub_name)
     return StubLayout(
         "append",
         len(stub),
@@ -210,6 +209,17 @@ def _plan_pe(stub: bytes, stub_name: str) -> StubLayout:
         raise QpackError(f"{stub_name}: PE with a COFF symbol table in its overlay")
     # Nothing in the headers points past the image: only the checksum changes.
     return StubLayout("pe", end_of_image, checksum_at=opt_at + 64)
+
+
+def _plan_macho(stub: bytes, stub_name: str) -> StubLayout:
+    plan = macho.plan_macho(stub, stub_name)
+    return StubLayout(
+        "macho",
+        plan.pkg_start,
+        reserve=plan.reserve,
+        tail=(plan.pkg_start, plan.pkg_end),  # the old signature after the archive is dropped
+        finish=plan.finish,
+    )
 
 
 def pe_checksum(f: BinaryIO, checksum_at: int) -> int:
@@ -489,7 +499,7 @@ def write_executable(
             if zip64
             else b""
         )
-        header_at = head_len
+        header_at = head_len + layout.reserve
         while True:
             base = header_at + LOCAL_HEADER.size + len(name) + len(zip64_extra)
             try:
@@ -534,13 +544,14 @@ def write_executable(
             at += len(record)
 
         # The stub's tail (PyInstaller archive, ELF section headers) follows, shifted.
-        if head_len < stub_size:
-            filler = bytes(-(at - head_len) % SHIFT_ALIGNMENT)
+        tail_from, tail_to = layout.tail or (head_len, stub_size)
+        if tail_from < tail_to:
+            filler = bytes(-(at - tail_from) % SHIFT_ALIGNMENT)
             _write_at(fd, filler, at)
             at += len(filler)
-            shift = at - head_len
-            _copy_bytes(stub_file.fileno(), fd, head_len, at, stub_size - head_len, str(stub))
-            at += stub_size - head_len
+            shift = at - tail_from
+            _copy_bytes(stub_file.fileno(), fd, tail_from, at, tail_to - tail_from, str(stub))
+            at += tail_to - tail_from
             for offset, data in layout.edits(shift):
                 _write_at(fd, data, offset if offset < head_len else offset + shift)
 
@@ -552,6 +563,8 @@ def write_executable(
     if layout.checksum_at is not None:
         checksum = pe_checksum(out, layout.checksum_at)
         _write_at(fd, struct.pack("<I", checksum), layout.checksum_at)
+    if layout.finish is not None and (warning := layout.finish(fd, size)):
+        click.echo(f"qpack: warning: {warning}", err=True)
     return WriteResult(data_offset, size, sha, crc, stub_sha, layout.kind)
 
 

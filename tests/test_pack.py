@@ -152,12 +152,12 @@ def test_unknown_stub_falls_back_to_append_with_a_warning(model, tmp_path, capsy
     assert embedded.locate_model(str(out)).offset % 65536 == 0
 
 
-def test_macho_stub_is_appended_with_its_own_warning(model, tmp_path, capsys):
+def test_unreadable_macho_stub_is_refused(model, tmp_path):
+    """Mach-O stubs have their own tests (test_macho.py); a bogus one is refused, not appended to."""
     stub = tmp_path / "stub"
     stub.write_bytes(b"\xcf\xfa\xed\xfe" + bytes(60) + ARCHIVE)
-    report = build(model, stub, tmp_path / "tiny.bin")
-    assert report.layout == "append"
-    assert "Mach-O" in capsys.readouterr().err
+    with pytest.raises(QpackError, match="not a 64-bit x86_64 or arm64 Mach-O"):
+        build(model, stub, tmp_path / "tiny.bin")
 
 
 # --- the PE layout -----------------------------------------------------------------------------
