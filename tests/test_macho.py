@@ -370,3 +370,29 @@ def test_no_archive_is_refused(model, tmp_path):
     sign_adhoc(path, "arm64")
     with pytest.raises(QpackError, match="no PyInstaller archive"):
         build(model, path, tmp_path / "tiny.bin")
+
+
+@pytest.mark.skipif(
+    not (os.uname().sysname == "Darwin" and Path("/usr/bin/codesign").exists()),
+    reason="Apple's codesign and kernel are the judges only on macOS",
+)
+def test_macos_verifies_and_starts_it(model, stub, tmp_path):
+    """codesign's strict check, then the kernel: it kills a binary whose signature it rejects
+    (SIGKILL); accepted, the bootloader starts and fails on the test archive, which holds no
+    Python, with an exit status of its own."""
+    arch, path = stub
+    # arm64 Macs run x86_64 code under Rosetta (when installed); Intel Macs no arm64 code.
+    runs = arch == os.uname().machine or Path("/Library/Apple/usr/libexec/oah").exists()
+    out = tmp_path / "tiny.bin"
+    build(model, path, out, arch)
+    for binary in (path, out):  # the stub first: the fixture itself must pass
+        verify = subprocess.run(
+            ["/usr/bin/codesign", "--verify", "--strict", "--verbose=2", str(binary)],
+            capture_output=True,
+            text=True,
+        )
+        assert verify.returncode == 0, verify.stderr
+        if not runs:
+            continue
+        started = subprocess.run([str(binary)], capture_output=True, timeout=60)
+        assert started.returncode >= 0, (started.returncode, started.stderr)
