@@ -24,9 +24,9 @@ in __LINKEDIT after it, which is stretched to the end of the file. Why there:
   MachO::validateStructure) and the code limit is the signature's offset
   (SingleDiskRep::strictValidate). What the signature does not cover is the payload; qpack's
   own `--verify` checks the model's CRC-32 and SHA-256.
-A Mach-O holds 32-bit offsets in places dyld reads, so past 4 GiB __LINKEDIT ends with the
-signature and the payload trails it: it still runs, but `codesign --verify` then needs
-`--no-strict`. Re-signing with an identity (`codesign -s NAME`) is refused by
+dyld checks __LINKEDIT's contents with 32-bit sizes (MachOLayout.cpp), so past 4 GiB __LINKEDIT
+ends with the signature and the payload trails it (the kernel ignores data after the last
+segment; not tried on a Mac), and `codesign --verify` then needs `--no-strict`. Re-signing with an identity (`codesign -s NAME`) is refused by
 codesign_allocate for this layout ("link edit information does not fill the __LINKEDIT
 segment").
 """
@@ -122,8 +122,9 @@ class MachOStub:
         if size >= LINKEDIT_LIMIT:
             linkedit_end = self.signature_at + self.signature_size
             warning = (
-                "the executable passes 4 GiB, more than a Mach-O's 32-bit offsets reach: its "
-                "model trails __LINKEDIT, so it runs but `codesign --verify` needs --no-strict"
+                "the executable passes 4 GiB, past what dyld's 32-bit __LINKEDIT checks reach: "
+                "the model trails __LINKEDIT instead (the kernel ignores data after the last "
+                "segment), and `codesign --verify` needs --no-strict"
             )
         filesize = linkedit_end - self.linkedit_fileoff
         vmsize = -(-filesize // VM_PAGE[self.arch]) * VM_PAGE[self.arch]
