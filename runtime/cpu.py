@@ -7,6 +7,7 @@ during module init, so the check runs in the generic module (safe everywhere) fi
 from __future__ import annotations
 
 import platform
+import struct
 from types import ModuleType
 
 from .errors import QpackError
@@ -33,12 +34,29 @@ def _import(name: str) -> ModuleType:
     return mod
 
 
+# Linux arm64 AT_HWCAP bits: the dotprod module is built with -march=armv8.2-a+dotprod+fp16, so
+# gcc may use half-precision arithmetic as well as sdot.
+_AT_HWCAP = 16
+_HWCAP_DOTPROD = (1 << 20) | (1 << 10) | (1 << 9)  # asimddp, asimdhp, fphp
+
+
 def _arm_has_dotprod() -> bool:
     if platform.system() == "Darwin":
         return True  # every Apple Silicon core has it
+    # The kernel's hwcaps (what getauxval reads); /proc/cpuinfo says the same on real hardware
+    # but under qemu-user it shows the host's CPU.
+    try:
+        with open("/proc/self/auxv", "rb") as f:
+            auxv = dict(struct.iter_unpack("QQ", f.read()))
+        return auxv.get(_AT_HWCAP, 0) & _HWCAP_DOTPROD == _HWCAP_DOTPROD
+    except (OSError, struct.error):
+        pass
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            return any(line.startswith("Features") and " asimddp" in line for line in f)
+            return any(
+                line.startswith("Features") and {"asimddp", "asimdhp"} <= set(line.split())
+                for line in f
+            )
     except OSError:
         return False
 
