@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import codecs
 import heapq
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import cached_property
 from typing import Any
 
@@ -528,6 +528,41 @@ def _byte_token_value(text: str) -> bytes:
     return text.encode()
 
 
+def _merge(text: str, priority: Callable[[str, str], Any]) -> list[str]:
+    """BPE as llama.cpp does it, for both families: starting from the characters of `text`,
+    merge the adjacent pair whose `priority(left, right)` is lowest (leftmost on ties) until
+    no pair has one (None).
+
+    The symbols are a linked list and the candidate pairs a heap, so a merge costs O(log n);
+    a merge always absorbs the right symbol into the left one, so the symbols left over, in
+    index order, are the result.
+    """
+    syms: list[str | None] = list(text)
+    n = len(syms)
+    nxt = [*range(1, n), -1]
+    prv = list(range(-1, n - 1))
+    # (priority, left, right, merged length): the length tells a stale entry, one whose side
+    # has grown or gone since it was pushed.
+    heap = []
+    for i in range(n - 1):
+        if (p := priority(syms[i], syms[i + 1])) is not None:
+            heap.append((p, i, i + 1, len(syms[i]) + len(syms[i + 1])))
+    heapq.heapify(heap)
+    while heap:
+        _, left, right, size = heapq.heappop(heap)
+        a, b = syms[left], syms[right]
+        if a is None or b is None or len(a) + len(b) != size:
+            continue
+        syms[left], syms[right] = a + b, None
+        nxt[left] = nxt[right]
+        if nxt[right] >= 0:
+            prv[nxt[right]] = left
+        for i, j in ((prv[left], left), (left, nxt[left])):
+            if i >= 0 and j >= 0 and (p := priority(syms[i], syms[j])) is not None:
+                heapq.heappush(heap, (p, i, j, len(syms[i]) + len(syms[j])))
+    return [s for s in syms if s is not None]
+
+
 class ByteLevelBPE(Tokenizer):
     """`gpt2`: byte-level BPE with merge ranks and a named pre-tokenizer."""
 
@@ -588,42 +623,13 @@ class ByteLevelBPE(Tokenizer):
         if self.pre.ignore_merges and word in vocab:
             return (vocab[word],)
         ranks = self._ranks
-        syms: list[str | None] = list(word)
-        n = len(syms)
-        nxt = [*range(1, n), -1]
-        prv = list(range(-1, n - 1))
-
-        def candidate(left: int, right: int) -> tuple[int, int, int, str] | None:
-            if left < 0 or right < 0:
-                return None
-            a, b = syms[left], syms[right]
-            rank = ranks.get(f"{a} {b}")
-            return None if rank is None else (rank, left, right, a + b)
-
-        heap = [c for i in range(n - 1) if (c := candidate(i, i + 1))]
-        heapq.heapify(heap)
-        while heap:
-            _, left, right, merged = heapq.heappop(heap)
-            a, b = syms[left], syms[right]
-            if a is None or b is None or a + b != merged:
-                continue  # one side already merged into something else
-            syms[left], syms[right] = merged, None
-            nxt[left] = nxt[right]
-            if nxt[right] >= 0:
-                prv[nxt[right]] = left
-            for pair in ((prv[left], left), (left, nxt[left])):
-                if c := candidate(*pair):
-                    heapq.heappush(heap, c)
         ids: list[int] = []
-        i = 0
-        while i >= 0:
-            sym = syms[i]
+        for sym in _merge(word, lambda a, b: ranks.get(f"{a} {b}")):
             token_id = vocab.get(sym)
             if token_id is not None:
                 ids.append(token_id)
             else:  # llama.cpp's fallback: single-byte pieces that are tokens, others dropped
                 ids.extend(vocab[c] for c in sym if len(c.encode()) == 1 and c in vocab)
-            i = nxt[i]
         return tuple(ids)
 
 
@@ -656,43 +662,18 @@ class SentencePieceBPE(Tokenizer):
         text = text.replace(" ", _SPM_SPACE)
         vocab = self._token_to_id
         scores = self._scores
-        syms: list[str | None] = list(text)
-        n = len(syms)
-        nxt = [*range(1, n), -1]
-        prv = list(range(-1, n - 1))
 
-        # (-score, left, right, merged length): best score first, leftmost on ties.
-        def candidate(left: int, right: int) -> tuple[float, int, int, int] | None:
-            if left < 0 or right < 0:
-                return None
-            merged = syms[left] + syms[right]
-            token_id = vocab.get(merged)
-            return None if token_id is None else (-scores[token_id], left, right, len(merged))
+        def priority(a: str, b: str) -> float | None:  # best score first
+            token_id = vocab.get(a + b)
+            return None if token_id is None else -scores[token_id]
 
-        heap = [c for i in range(n - 1) if (c := candidate(i, i + 1))]
-        heapq.heapify(heap)
-        while heap:
-            _, left, right, size = heapq.heappop(heap)
-            a, b = syms[left], syms[right]
-            if a is None or b is None or len(a) + len(b) != size:
-                continue
-            syms[left], syms[right] = a + b, None
-            nxt[left] = nxt[right]
-            if nxt[right] >= 0:
-                prv[nxt[right]] = left
-            for pair in ((prv[left], left), (left, nxt[left])):
-                if c := candidate(*pair):
-                    heapq.heappush(heap, c)
         ids: list[int] = []
-        i = 0 if n else -1
-        while i >= 0:
-            sym = syms[i]
+        for sym in _merge(text, priority):
             token_id = vocab.get(sym)
             if token_id is not None:
                 ids.append(token_id)
             else:
                 ids.extend(self._byte_fallback(b) for b in sym.encode())
-            i = nxt[i]
         return ids
 
     def _byte_fallback(self, byte: int) -> int:
