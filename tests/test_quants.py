@@ -4,7 +4,8 @@ Every test runs on every CPU variant this machine can execute (generic, avx2, av
 scalar ground truth and each SIMD path meet the same oracle:
 - dequantize equals gguf.quants.dequantize bit for bit;
 - the Q8_32 activation equals gguf's own Q8_0 quantization of the same numbers (same d, qs);
-- dot / matvec agree with a float64 product of the dequantized weights and activation.
+- dot / matvec agree with a float64 product of the dequantized weights and activation;
+- matvec agrees with the generic variant's, for every type (the K-quants of test_quants_k.py too).
 """
 
 from __future__ import annotations
@@ -13,66 +14,29 @@ import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gq
-from qpack.runtime import cpu
 from qpack.runtime.errors import UnsupportedModel
+from quant_blocks import (
+    DOT_RTOL,
+    FLOAT_TYPES,
+    K_TYPES,
+    LEGACY_TYPES,
+    MODULES,
+    Q8_32,
+    VARIANTS,
+    assert_bits_equal,
+    check_matvec,
+    qtype,
+    random_raw,
+    reference_dequant,
+)
 
-VARIANTS = cpu.supported_variants()
-MODULES = {name: cpu._import(name) for name in VARIANTS}
-
-FLOAT_TYPES = ["F32", "F16", "BF16"]
-LEGACY_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
 ALL_TYPES = FLOAT_TYPES + LEGACY_TYPES
-
-# Byte offsets of the f16 scale fields (d, and m for the types with a min) in each block.
-SCALE_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,)}
-
-Q8_32 = np.dtype([("d", "<f4"), ("s", "<f4"), ("qs", "i1", 32)])
-
-# dot vs the float64 product: |error| <= DOT_RTOL * sum |w_i a_i| (f32 accumulation of exact
-# int32 block sums; a wrong kernel is off by O(1) of that sum).
-DOT_RTOL = 1e-5
-
-
-def qtype(name: str) -> GGMLQuantizationType:
-    return GGMLQuantizationType[name]
 
 
 def quantize(name: str, data: np.ndarray) -> np.ndarray:
     """Rows of GGUF blocks (uint8, shape (rows, row_bytes)) made by gguf's reference quantizer."""
     q = gq.quantize(data.astype(np.float32), qtype(name))
     return np.ascontiguousarray(q).view(np.uint8).reshape(data.shape[0], -1)
-
-
-def reference_dequant(name: str, raw: np.ndarray, rows: int) -> np.ndarray:
-    return gq.dequantize(raw.reshape(rows, -1), qtype(name)).reshape(rows, -1).astype(np.float32)
-
-
-def random_raw(name: str, n_elems: int, rng: np.random.Generator) -> np.ndarray:
-    """Random bytes for n_elems elements of a type, with finite, sane f16 scales so that the
-    quants themselves (all 4/5/8-bit patterns, incl. Q8_0's -128) are what varies."""
-    block_elems, block_bytes = GGML_QUANT_SIZES[qtype(name)]
-    nb = n_elems // block_elems
-    if name == "F32":
-        return rng.standard_normal(n_elems).astype(np.float32).view(np.uint8)
-    raw = rng.integers(0, 256, size=(nb, block_bytes), dtype=np.uint8)
-    if name == "BF16":  # keep values finite: exponent byte never all ones
-        raw[:, 1] &= 0xBF
-    if name == "F16":
-        raw[:, 1] &= 0xBB
-    for off in SCALE_FIELDS.get(name, ()):
-        scales = (rng.uniform(1e-3, 2.0, nb) * rng.choice([-1, 1], nb)).astype(np.float16)
-        raw[:, off : off + 2] = scales.view(np.uint8).reshape(nb, 2)
-    return raw.reshape(-1)
-
-
-def dequant_act(act: int, raw: np.ndarray, n: int) -> np.ndarray:
-    """The activation as the kernel sees it, decoded independently of the C code."""
-    mod = MODULES["generic"]
-    if act == mod.ACT_F32:
-        return raw.view(np.float32)[:n].astype(np.float64)
-    assert act == mod.ACT_Q8_32
-    blocks = raw.view(Q8_32)
-    return (blocks["d"][:, None].astype(np.float64) * blocks["qs"]).reshape(-1)
 
 
 def test_all_variants_built_and_runnable():
@@ -120,13 +84,6 @@ def test_activation_formats(variant):
 
 
 # ---------------------------------------------------------------------------- dequantize
-
-
-def assert_bits_equal(got: np.ndarray, want: np.ndarray) -> None:
-    got_bits, want_bits = got.view(np.uint32), want.astype(np.float32).view(np.uint32)
-    both_nan = np.isnan(got) & np.isnan(want)
-    bad = (got_bits != want_bits) & ~both_nan
-    assert not bad.any(), f"{bad.sum()} mismatches, first at {np.argmax(bad)}"
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -197,31 +154,6 @@ def test_activation_bytes_identical_across_variants(variant):
 # ---------------------------------------------------------------------------- dot / matvec
 
 
-def check_dot(mod, name: str, raw_rows: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """matvec and dot against float64 products; returns the kernel's matvec result."""
-    rows, n = raw_rows.shape[0], x.size
-    t = mod.type_traits(qtype(name))
-    w = reference_dequant(name, raw_rows, rows).astype(np.float64)
-    a = dequant_act(t["act"], mod.quantize_act(t["act"], x), n)
-    got = mod.matvec(qtype(name), raw_rows, x)
-    want = w @ a
-    scale = np.abs(w) @ np.abs(a)
-    err = np.abs(got - want)
-    assert (err <= DOT_RTOL * scale + 1e-30).all(), f"worst {np.max(err / (scale + 1e-30)):.3g}"
-    # Close to the unquantized product too: each activation element is within d/2 = amax/254
-    # of x (amax of its 32-block).
-    act_err = 0.0
-    if t["act_name"] == "q8_32":
-        amax = np.abs(x.reshape(-1, 32)).max(axis=1).astype(np.float64)
-        act_err = (np.abs(w).reshape(rows, amax.size, 32).sum(axis=2) @ amax) / 254.0
-    assert (np.abs(got - w @ x.astype(np.float64)) <= act_err + 2 * DOT_RTOL * scale + 1e-30).all()
-    # dot() is the same kernel on one row, and reads a row at any (unaligned) address.
-    shifted = np.empty(raw_rows.shape[1] + 1, np.uint8)[1:]
-    shifted[:] = raw_rows[-1]
-    assert mod.dot(qtype(name), shifted, x) == got[-1]
-    return got
-
-
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("name", ALL_TYPES)
 @pytest.mark.parametrize("n", [32, 96, 576, 1536])
@@ -229,7 +161,7 @@ def test_dot_of_quantized_weights(variant, name, n):
     rng = np.random.default_rng(n)
     data = rng.standard_normal((12, n)).astype(np.float32)
     x = rng.standard_normal(n).astype(np.float32)
-    check_dot(MODULES[variant], name, quantize(name, data), x)
+    check_matvec(MODULES[variant], name, quantize(name, data), x)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -241,14 +173,18 @@ def test_dot_of_random_bytes_and_skewed_activations(variant, name):
     x = (rng.standard_normal(n) + 4.0).astype(np.float32)  # far from zero mean
     x[:32] = 0.0
     x[32] = 1e4  # one outlier: its block's other elements round to 0
-    check_dot(MODULES[variant], name, raw, x)
+    check_matvec(MODULES[variant], name, raw, x)
 
 
+# Float and legacy types on 1536 elements, K-quants and IQ4 (test_quants_k.py) on 2048.
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("name", ALL_TYPES)
-def test_variants_agree(variant, name):
+@pytest.mark.parametrize(
+    ("name", "n"),
+    [pytest.param(name, 1536, id=name) for name in ALL_TYPES]
+    + [pytest.param(name, 2048, id=name) for name in K_TYPES],
+)
+def test_variants_agree(variant, name, n):
     rng = np.random.default_rng(6)
-    n = 1536
     raw = np.stack([random_raw(name, n, rng) for _ in range(8)])
     x = rng.standard_normal(n).astype(np.float32)
     got = MODULES[variant].matvec(qtype(name), raw, x)

@@ -6,7 +6,8 @@ each SIMD path meet the same oracle:
   Q4_K / Q6_K tensors of Gemma 3 270M);
 - the Q8_256 activation follows ggml's Q8_K rule (d = max|x|/127, round half to even, bsums)
   and is byte-identical in every variant;
-- dot / matvec agree with a float64 product of the dequantized weights and activation.
+- dot / matvec agree with a float64 product of the dequantized weights and activation
+  (and with the generic variant: test_variants_agree in test_quants.py covers these types).
 
 gguf cannot quantize these types, so the weights are random bytes with sane f16 scales: every
 bit pattern of the quants and of the packed sub-block scales occurs.
@@ -16,67 +17,20 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-from gguf import quants as gq
-from qpack.runtime import cpu
+from gguf import GGML_QUANT_SIZES
 from qpack.runtime.gguf import open_gguf, rows
-
-VARIANTS = cpu.supported_variants()
-MODULES = {name: cpu._import(name) for name in VARIANTS}
-
-K_TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"]  # Q8_256 activations
-TYPES = K_TYPES + ["IQ4_NL"]  # Q8_32 activations
-
-# Byte offsets of the f16 super-block scales (d, and dmin where there is one) in each block.
-SCALE_FIELDS = {
-    "Q2_K": (80, 82),
-    "Q3_K": (108,),
-    "Q4_K": (0, 2),
-    "Q5_K": (0, 2),
-    "Q6_K": (208,),
-    "IQ4_NL": (0,),
-    "IQ4_XS": (0,),
-}
-
-Q8_256 = np.dtype([("d", "<f4"), ("qs", "i1", 256), ("bsums", "<i2", 16)])
-Q8_32 = np.dtype([("d", "<f4"), ("s", "<f4"), ("qs", "i1", 32)])
-
-# dot vs the float64 product: |error| <= DOT_RTOL * sum |w_i a_i|. The kernels sum each
-# super-block exactly in int32 and round only when adding super-blocks in f32; a wrong kernel
-# is off by O(1) of that sum.
-DOT_RTOL = 1e-5
-
-
-def qtype(name: str) -> GGMLQuantizationType:
-    return GGMLQuantizationType[name]
-
-
-def random_raw(name: str, n_elems: int, rng: np.random.Generator) -> np.ndarray:
-    """Random blocks for n_elems elements, with finite f16 super-block scales of both signs.
-    Block 0 is all ones (largest quants and sub-block scales), block 1 all zeros, and block 2
-    has a subnormal d (the generic variant's f16 conversion)."""
-    block_elems, block_bytes = GGML_QUANT_SIZES[qtype(name)]
-    nb = n_elems // block_elems
-    raw = rng.integers(0, 256, size=(nb, block_bytes), dtype=np.uint8)
-    raw[0] = 0xFF
-    if nb > 1:
-        raw[1] = 0x00
-    for off in SCALE_FIELDS[name]:
-        scales = (rng.uniform(1e-3, 2.0, nb) * rng.choice([-1, 1], nb)).astype(np.float16)
-        if nb > 2:
-            scales[2] = np.uint16(0x0203).view(np.float16)
-        raw[:, off : off + 2] = scales.view(np.uint8).reshape(nb, 2)
-    return raw.reshape(-1)
-
-
-def reference_dequant(name: str, raw: np.ndarray, n_rows: int) -> np.ndarray:
-    return gq.dequantize(raw.reshape(n_rows, -1), qtype(name)).reshape(n_rows, -1)
-
-
-def assert_bits_equal(got: np.ndarray, want: np.ndarray) -> None:
-    got_bits, want_bits = got.view(np.uint32), want.astype(np.float32).view(np.uint32)
-    bad = got_bits != want_bits.reshape(got_bits.shape)
-    assert not bad.any(), f"{bad.sum()} mismatches, first at {np.argmax(bad)}"
+from quant_blocks import (
+    K_TYPES,
+    MODULES,
+    Q8_256,
+    SCALE_FIELDS,
+    VARIANTS,
+    assert_bits_equal,
+    check_matvec,
+    qtype,
+    random_raw,
+    reference_dequant,
+)
 
 
 def reference_q8_256(x: np.ndarray) -> np.ndarray:
@@ -93,27 +47,13 @@ def reference_q8_256(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def dequant_act(mod, act: int, raw: np.ndarray) -> np.ndarray:
-    """The activation as the kernel sees it, decoded independently of the C code."""
-    if act == mod.ACT_Q8_256:
-        blocks = raw.view(Q8_256)
-        qs = blocks["qs"].astype(np.int64)
-        # the sums the min/offset terms use must be those of the quants
-        np.testing.assert_array_equal(blocks["bsums"], qs.reshape(-1, 16, 16).sum(axis=2))
-    else:
-        assert act == mod.ACT_Q8_32
-        blocks = raw.view(Q8_32)
-        qs = blocks["qs"]
-    return (blocks["d"][:, None].astype(np.float64) * qs).reshape(-1)
-
-
 # ---------------------------------------------------------------------------- traits
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_every_type_registered(variant):
     mod = MODULES[variant]
-    for name in TYPES:
+    for name in K_TYPES:
         t = mod.type_traits(qtype(name))
         assert t is not None, name
         assert (t["name"], t["block_elems"], t["block_bytes"]) == (
@@ -141,7 +81,7 @@ def test_lengths_are_checked(variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("name", K_TYPES)
 def test_dequantize_random_blocks_bit_exact(variant, name):
     rng = np.random.default_rng(1)
     n = 256 * 13  # odd block count
@@ -215,31 +155,8 @@ def test_q8_256_bytes_identical_across_variants(variant):
 # ---------------------------------------------------------------------------- dot / matvec
 
 
-def check_matvec(mod, name: str, raw_rows: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """matvec and dot against float64 products; returns the kernel's matvec result."""
-    n_rows = raw_rows.shape[0]
-    t = mod.type_traits(qtype(name))
-    w = reference_dequant(name, raw_rows, n_rows).astype(np.float64)
-    a = dequant_act(mod, t["act"], mod.quantize_act(t["act"], x))
-    got = mod.matvec(qtype(name), raw_rows, x)
-    scale = np.abs(w) @ np.abs(a)
-    err = np.abs(got - w @ a)
-    assert (err <= DOT_RTOL * scale + 1e-30).all(), f"worst {np.max(err / (scale + 1e-30)):.3g}"
-    # Close to the unquantized product too: each activation element is within d/2 = amax/254
-    # of x, amax over its activation block.
-    blk = 32 if t["act_name"] == "q8_32" else 256
-    amax = np.abs(x.reshape(-1, blk)).max(axis=1).astype(np.float64)
-    act_err = (np.abs(w).reshape(n_rows, amax.size, blk).sum(axis=2) @ amax) / 254.0
-    assert (np.abs(got - w @ x.astype(np.float64)) <= act_err + 2 * DOT_RTOL * scale + 1e-30).all()
-    # dot() is the same kernel on one row, and reads a row at any (unaligned) address.
-    shifted = np.empty(raw_rows.shape[1] + 1, np.uint8)[1:]
-    shifted[:] = raw_rows[-1]
-    assert mod.dot(qtype(name), shifted, x) == got[-1]
-    return got
-
-
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("name", K_TYPES)
 @pytest.mark.parametrize("n", [256, 768, 2048])
 def test_dot_of_random_blocks(variant, name, n):
     rng = np.random.default_rng(n)
@@ -249,7 +166,7 @@ def test_dot_of_random_blocks(variant, name, n):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("name", K_TYPES)
 def test_dot_of_skewed_activations(variant, name):
     rng = np.random.default_rng(5)
     n = 256 * 5
@@ -261,7 +178,7 @@ def test_dot_of_skewed_activations(variant, name):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("name", K_TYPES)
 @pytest.mark.parametrize("fill", [0x00, 0x7F, 0x80, 0xFF])
 def test_dot_of_extreme_blocks(variant, name, fill):
     """Every byte the same (0xFF: the largest quants and sub-block scales) against activations
@@ -274,17 +191,3 @@ def test_dot_of_extreme_blocks(variant, name, fill):
     signs = np.where(np.arange(n) % 3 == 0, -1.0, 1.0).astype(np.float32)
     for x in (signs, -signs):
         check_matvec(MODULES[variant], name, np.stack([raw.reshape(-1)] * 2), x)
-
-
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("name", TYPES)
-def test_variants_agree(variant, name):
-    rng = np.random.default_rng(6)
-    n = 2048
-    raw = np.stack([random_raw(name, n, rng) for _ in range(8)])
-    x = rng.standard_normal(n).astype(np.float32)
-    got = MODULES[variant].matvec(qtype(name), raw, x)
-    base = MODULES["generic"].matvec(qtype(name), raw, x)
-    w = reference_dequant(name, raw, 8).astype(np.float64)
-    scale = np.abs(w) @ np.abs(x.astype(np.float64))
-    assert (np.abs(got - base) <= DOT_RTOL * scale).all()
