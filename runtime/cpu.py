@@ -13,10 +13,12 @@ from types import ModuleType
 from .errors import QpackError
 
 # Best first. Literal imports (not importlib on a computed name) keep PyInstaller's analysis
-# finding every variant.
+# finding every variant. The x86 modules are compiled for whole micro-architecture levels
+# (-march=x86-64-v3 / -v4), so gcc may use any of a level's instructions (BMI2, LZCNT, MOVBE
+# besides AVX2): require the whole level, not only the features the kernels name.
 _REQUIREMENTS = {
-    "avx512": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512vnni"),
-    "avx2": ("avx2", "fma", "f16c"),
+    "avx512": ("x86-64-v4", "avx512vnni"),
+    "avx2": ("x86-64-v3",),
     "dotprod": (),
     "generic": (),
 }
