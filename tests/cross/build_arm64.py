@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import ast
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -58,7 +59,7 @@ def copy_tree(out: Path) -> None:
 
 
 def build_variant(
-    name: str, flags: list[str], common: list[str], rootfs: Path, out: Path, cc: str
+    name: str, flags: list[str], common: list[str], rootfs: Path, out: Path, cc: list[str]
 ) -> Path:
     gen = out / "cython" / "generated"
     gen.mkdir(exist_ok=True)
@@ -89,7 +90,7 @@ def build_variant(
     so = out / "runtime" / f"_native_{name}{EXT_SUFFIX}"
     obj = gen / f"_native_{name}.o"
     cmd = [
-        cc, *SYSCONFIG_CFLAGS,
+        *cc, *SYSCONFIG_CFLAGS,
         f"-I{out / 'cython'}", f"-I{numpy_inc}",
         f"-I{rootfs / 'usr/include' / PY}",
         # Debian's pyconfig.h includes <aarch64-linux-gnu/python3.11/pyconfig.h>; after the
@@ -100,7 +101,7 @@ def build_variant(
     ]  # fmt: skip
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
-    subprocess.run([cc, *SYSCONFIG_LDFLAGS, str(obj), "-o", str(so), "-pthread"], check=True)
+    subprocess.run([*cc, *SYSCONFIG_LDFLAGS, str(obj), "-o", str(so), "-pthread"], check=True)
     return so
 
 
@@ -108,19 +109,24 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rootfs", type=Path, default=Path("/opt/arm64root"))
     ap.add_argument("--out", type=Path, default=Path("/tmp/arm64tree"))
-    ap.add_argument("--cc", default=os.environ.get("CC", "aarch64-linux-gnu-gcc"))
+    ap.add_argument(
+        "--cc",
+        default=os.environ.get("CC", "aarch64-linux-gnu-gcc"),
+        help='the cross compiler, with its options: e.g. "clang --target=aarch64-linux-gnu"',
+    )
     ap.add_argument("--variants", default="", help="comma list (default: all arm64 variants)")
     args = ap.parse_args()
     if not (args.rootfs / "usr/include" / PY / "Python.h").is_file():
         sys.exit(f"{args.rootfs}: no arm64 {PY} headers; run tests/cross/setup_rootfs.sh first")
-    if shutil.which(args.cc) is None:
-        sys.exit(f"{args.cc}: not found; apt-get install gcc-aarch64-linux-gnu")
+    cc = shlex.split(args.cc)
+    if shutil.which(cc[0]) is None:
+        sys.exit(f"{cc[0]}: not found; apt-get install gcc-aarch64-linux-gnu")
     common, variants = setup_py_flags()
     only = [v for v in args.variants.split(",") if v]
     copy_tree(args.out.resolve())
     for name, flags in variants.items():
         if not only or name in only:
-            print(build_variant(name, flags, common, args.rootfs, args.out.resolve(), args.cc))
+            print(build_variant(name, flags, common, args.rootfs, args.out.resolve(), cc))
     return 0
 
 
