@@ -34,14 +34,18 @@ def post(server: ServerProcess, path: str, body: bytes, headers: dict[str, str] 
          timeout: float = 600) -> tuple[int, bytes]:  # fmt: skip
     conn = http.client.HTTPConnection(server.host, server.port, timeout=timeout)
     try:
-        conn.request("POST", path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
+        conn.request(
+            "POST", path, body=body, headers={"Content-Type": "application/json", **(headers or {})}
+        )
         r = conn.getresponse()
         return r.status, r.read()
     finally:
         conn.close()
 
 
-def stream_tokens(server: ServerProcess, question: str, n_tokens: int, stop_ids: list[int]) -> tuple[int, float]:
+def stream_tokens(
+    server: ServerProcess, question: str, n_tokens: int, stop_ids: list[int]
+) -> tuple[int, float]:
     """One streamed chat answer of n_tokens; returns (content chunks, seconds to the first)."""
     body = json.dumps({
         "messages": [{"role": "user", "content": question}], "max_tokens": n_tokens, "stream": True,
@@ -52,7 +56,9 @@ def stream_tokens(server: ServerProcess, question: str, n_tokens: int, stop_ids:
     first = None
     chunks = 0
     try:
-        conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
+        conn.request(
+            "POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"}
+        )
         r = conn.getresponse()
         if r.status != 200:
             raise RuntimeError(f"stream failed: {r.status} {r.read()[:200]!r}")
@@ -118,7 +124,13 @@ def soak(server: ServerProcess, n_requests: int, n_clients: int, seed: int = 7) 
     ]  # fmt: skip
     plan = rng.choices(kinds, weights=[k[1] for k in kinds], k=n_requests)
     lock = threading.Lock()
-    outcome = {"valid_ok": 0, "valid_failed": 0, "invalid_ok": 0, "invalid_wrong": 0, "failures": []}
+    outcome = {
+        "valid_ok": 0,
+        "valid_failed": 0,
+        "invalid_ok": 0,
+        "invalid_wrong": 0,
+        "failures": [],
+    }
     rss: list[tuple[float, int]] = []
     done = threading.Event()
 
@@ -146,7 +158,9 @@ def soak(server: ServerProcess, n_requests: int, n_clients: int, seed: int = 7) 
             with lock:
                 valid = want == 200
                 ok = status == want
-                key = ("valid_" if valid else "invalid_") + ("ok" if ok else ("failed" if valid else "wrong"))
+                key = ("valid_" if valid else "invalid_") + (
+                    "ok" if ok else ("failed" if valid else "wrong")
+                )
                 outcome[key] += 1
                 if not ok:
                     outcome["failures"].append((name, status))
@@ -154,7 +168,9 @@ def soak(server: ServerProcess, n_requests: int, n_clients: int, seed: int = 7) 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     start = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(plan[i::n_clients],)) for i in range(n_clients)]
+    threads = [
+        threading.Thread(target=client, args=(plan[i::n_clients],)) for i in range(n_clients)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -174,7 +190,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="GGUF file (default: SmolLM2-135M-Instruct)")
     ap.add_argument("--threads", type=int, default=1, help="server threads (the machine is shared)")
-    ap.add_argument("--tokens", type=int, default=64, help="tokens per stream in the throughput runs")
+    ap.add_argument(
+        "--tokens", type=int, default=64, help="tokens per stream in the throughput runs"
+    )
     ap.add_argument("--requests", type=int, default=1000)
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--skip-soak", action="store_true")
@@ -191,8 +209,12 @@ def main() -> int:
 
         stop_ids = sorted(Tokenizer.from_gguf(open_gguf(model)).stop_ids)
         stream_tokens(server, QUESTIONS[0], 4, stop_ids)  # warm up
-        print(f"server: {model}, {args.threads} thread(s), --parallel 8; {args.tokens} tokens per stream")
-        print(f"{'streams':>7} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'vs 1':>6} {'first token s':>14}")
+        print(
+            f"server: {model}, {args.threads} thread(s), --parallel 8; {args.tokens} tokens per stream"
+        )
+        print(
+            f"{'streams':>7} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'vs 1':>6} {'first token s':>14}"
+        )
         base = None
         for c in (1, 2, 4, 8):
             r = throughput(server, c, args.tokens, stop_ids)

@@ -43,14 +43,30 @@ def main(debug: bool) -> None:
     """
 
 
-
 @main.command()
 @click.argument("model", required=False, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="Output file or directory (default: NAME.bin here).")
-@click.option("--name", help="Name of the executable (default: the model file's name minus its quant suffix).")
-@click.option("--args", "default_args", default="", help='Default arguments baked into the executable, e.g. --args "-c 2048 --port 9000".')
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    help="Output file or directory (default: NAME.bin here).",
+)
+@click.option(
+    "--name", help="Name of the executable (default: the model file's name minus its quant suffix)."
+)
+@click.option(
+    "--args",
+    "default_args",
+    default="",
+    help='Default arguments baked into the executable, e.g. --args "-c 2048 --port 9000".',
+)
 @click.option("--target", help="Platform of the executable, e.g. linux-x86_64 (default: this one).")
-@click.option("--stub", "stub_path", type=click.Path(dir_okay=False, path_type=Path), help="Use this runtime stub instead of the cached one.")
+@click.option(
+    "--stub",
+    "stub_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Use this runtime stub instead of the cached one.",
+)
 @click.option("--rebuild-stub", is_flag=True, help="Rebuild the cached runtime stub first.")
 def build(model, output, name, default_args, target, stub_path, rebuild_stub) -> None:  # fmt: skip
     """Write one executable holding the runtime and MODEL (a .gguf, or a .zip holding one;
@@ -93,9 +109,20 @@ def build(model, output, name, default_args, target, stub_path, rebuild_stub) ->
 
 @main.command("inspect")
 @click.argument("file", type=click.Path(path_type=Path))
-@click.option("--ctx", type=click.IntRange(min=1), help="Context size for the RAM estimate (default: min(model context, 4096)).")
-@click.option("--tensors", "show_tensors", is_flag=True, help="List every tensor: name, type, shape, bytes, offset.")
-@click.option("--all", "show_all", is_flag=True, help="List all metadata (long arrays and strings shortened).")
+@click.option(
+    "--ctx",
+    type=click.IntRange(min=1),
+    help="Context size for the RAM estimate (default: min(model context, 4096)).",
+)
+@click.option(
+    "--tensors",
+    "show_tensors",
+    is_flag=True,
+    help="List every tensor: name, type, shape, bytes, offset.",
+)
+@click.option(
+    "--all", "show_all", is_flag=True, help="List all metadata (long arrays and strings shortened)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the same facts as JSON.")
 @click.option("--timing", is_flag=True, help="Print how long parsing the file took.")
 def inspect_command(file, ctx, show_tensors, show_all, as_json, timing) -> None:  # fmt: skip
@@ -139,7 +166,9 @@ def _open_model(path: Path):
 @main.command("run")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-p", "--prompt", help="Continue this text, print it and exit (no chat template).")
-@click.option("--chat", is_flag=True, help="Chat in the terminal, through the model's chat template.")
+@click.option(
+    "--chat", is_flag=True, help="Chat in the terminal, through the model's chat template."
+)
 @runtime_main.load_options
 @runtime_main.sampling_options
 def run_command(model, **kw) -> None:
@@ -164,11 +193,25 @@ def serve_command(model, **kw) -> None:
 
 @main.command("perplexity")
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("-f", "--file", "text_file", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Text to score (UTF-8).")
-@click.option("-c", "--ctx-size", default=512, show_default=True, type=click.IntRange(min=4),
-              help="Window size: each window is scored on its second half.")
-@click.option("-t", "--threads", type=click.IntRange(min=1), help="Threads (default: physical cores).")
+@click.option(
+    "-f",
+    "--file",
+    "text_file",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Text to score (UTF-8).",
+)
+@click.option(
+    "-c",
+    "--ctx-size",
+    default=512,
+    show_default=True,
+    type=click.IntRange(min=4),
+    help="Window size: each window is scored on its second half.",
+)
+@click.option(
+    "-t", "--threads", type=click.IntRange(min=1), help="Threads (default: physical cores)."
+)
 @click.option("--cpu", "cpu_choice", default="auto", show_default=True, help="Kernel variant.")
 def perplexity_command(model, text_file, ctx_size, threads, cpu_choice) -> None:
     """Perplexity of MODEL on a text, as llama-perplexity computes it: how much did

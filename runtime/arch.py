@@ -92,21 +92,31 @@ class HParams:
             try:
                 return kind(value)
             except (TypeError, ValueError):
-                raise UnsupportedModel(f"{path}: metadata {p}.{key} = {value!r} is not a {kind.__name__}") from None
+                raise UnsupportedModel(
+                    f"{path}: metadata {p}.{key} = {value!r} is not a {kind.__name__}"
+                ) from None
 
         n_embd = get("embedding_length")
         n_head = get("attention.head_count")
         n_head_kv = get("attention.head_count_kv", n_head)
-        for key, value in (("embedding_length", n_embd), ("attention.head_count", n_head), ("attention.head_count_kv", n_head_kv)):
+        for key, value in (
+            ("embedding_length", n_embd),
+            ("attention.head_count", n_head),
+            ("attention.head_count_kv", n_head_kv),
+        ):
             if not 0 < value <= 1 << 20:
                 raise UnsupportedModel(f"{path}: metadata {p}.{key} = {value} is out of range")
         if n_head % n_head_kv:
-            raise UnsupportedModel(f"{path}: {n_head} heads do not divide into {n_head_kv} kv heads")
+            raise UnsupportedModel(
+                f"{path}: {n_head} heads do not divide into {n_head_kv} kv heads"
+            )
         head_dim = get("attention.key_length", n_embd // n_head)
         head_dim_v = get("attention.value_length", head_dim)
         n_rot = get("rope.dimension_count", head_dim)
         if n_rot > head_dim or n_rot % 2:
-            raise UnsupportedModel(f"{path}: rope dimension {n_rot} does not fit head size {head_dim}")
+            raise UnsupportedModel(
+                f"{path}: rope dimension {n_rot} does not fit head size {head_dim}"
+            )
         hp = cls(
             arch=arch,
             n_layer=get("block_count"),
@@ -125,5 +135,7 @@ class HParams:
         )
         for key in ("n_layer", "n_ff", "head_dim", "head_dim_v", "n_ctx_train"):
             if not 0 < getattr(hp, key) <= 1 << 24:
-                raise UnsupportedModel(f"{path}: hyperparameter {key} = {getattr(hp, key)} is out of range")
+                raise UnsupportedModel(
+                    f"{path}: hyperparameter {key} = {getattr(hp, key)} is out of range"
+                )
         return hp

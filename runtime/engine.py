@@ -121,7 +121,9 @@ class _Job:
 class Engine:
     def __init__(self, model: Model, tokenizer: Tokenizer, n_parallel: int = 1):
         if model.native.n_seq < n_parallel:
-            raise QpackError(f"the model was loaded with {model.native.n_seq} sequence slots, not {n_parallel}")
+            raise QpackError(
+                f"the model was loaded with {model.native.n_seq} sequence slots, not {n_parallel}"
+            )
         self.model = model
         self.tokenizer = tokenizer
         self.slots = [_Slot(i) for i in range(n_parallel)]
@@ -165,7 +167,9 @@ class Engine:
         if not tokens:
             raise QpackError("cannot embed an empty input")
         if len(tokens) > self.n_ctx:
-            raise ContextOverflow(f"the input has {len(tokens)} tokens but the context holds {self.n_ctx}")
+            raise ContextOverflow(
+                f"the input has {len(tokens)} tokens but the context holds {self.n_ctx}"
+            )
         slot = self._free_slot_for([])
         if slot is None:
             raise QpackError("no free sequence slot for embeddings")
@@ -175,7 +179,9 @@ class Engine:
         for b in range(0, len(tokens), nb):
             chunk = tokens[b : b + nb]
             n = len(chunk)
-            h = self.model.forward(chunk, np.arange(b, b + n), np.full(n, slot.index), np.arange(n), hidden=True)
+            h = self.model.forward(
+                chunk, np.arange(b, b + n), np.full(n, slot.index), np.arange(n), hidden=True
+            )
             total += h.sum(axis=0, dtype=np.float64)
         v = total / len(tokens)
         norm = np.linalg.norm(v)

@@ -22,7 +22,21 @@ _ESCAPES = frozenset(b'"\\/bfnrtu')
 MAX_WHITESPACE_RUN = 24  # a model stuck emitting newlines must still produce JSON
 
 # Lexical modes.
-START, VALUE, ARRAY_FIRST, KEY_OR_END, KEY, COLON, AFTER, STRING, ESCAPE, UNICODE, NUMBER, LITERAL, DONE = range(13)
+(
+    START,
+    VALUE,
+    ARRAY_FIRST,
+    KEY_OR_END,
+    KEY,
+    COLON,
+    AFTER,
+    STRING,
+    ESCAPE,
+    UNICODE,
+    NUMBER,
+    LITERAL,
+    DONE,
+) = range(13)
 # Number sub-states: where the number is, and whether it could end here.
 N_MINUS, N_ZERO, N_INT, N_DOT, N_FRAC, N_E, N_ESIGN, N_EXP = range(8)
 _NUMBER_CAN_END = {N_ZERO, N_INT, N_FRAC, N_EXP}
@@ -44,7 +58,13 @@ class JsonPrefix:
     def copy(self) -> JsonPrefix:
         c = JsonPrefix.__new__(JsonPrefix)
         c.stack = self.stack.copy()
-        c.mode, c.sub, c.literal, c.is_key, c.ws_run = self.mode, self.sub, self.literal, self.is_key, self.ws_run
+        c.mode, c.sub, c.literal, c.is_key, c.ws_run = (
+            self.mode,
+            self.sub,
+            self.literal,
+            self.is_key,
+            self.ws_run,
+        )
         return c
 
     @property

@@ -25,53 +25,136 @@ PROG = "qpack"
 
 def load_options(f):
     """How the model is loaded: context, threads, kernel variant."""
-    for opt in reversed([
-        click.option("-c", "--ctx-size", type=click.IntRange(min=8),
-                     help="Context size in tokens (default: the model's, at most 4096)."),
-        click.option("-t", "--threads", type=click.IntRange(min=1), help="Threads (default: physical cores)."),
-        click.option("--cpu", "cpu_choice", default="auto", show_default=True,
-                     help="Kernel variant: auto, generic (baseline), avx2, avx512 (x86-64); dotprod (arm64)."),
-        click.option("--verbose", is_flag=True, help="Report the kernel variant and memory at load."),
-    ]):
+    for opt in reversed(
+        [
+            click.option(
+                "-c",
+                "--ctx-size",
+                type=click.IntRange(min=8),
+                help="Context size in tokens (default: the model's, at most 4096).",
+            ),
+            click.option(
+                "-t",
+                "--threads",
+                type=click.IntRange(min=1),
+                help="Threads (default: physical cores).",
+            ),
+            click.option(
+                "--cpu",
+                "cpu_choice",
+                default="auto",
+                show_default=True,
+                help="Kernel variant: auto, generic (baseline), avx2, avx512 (x86-64); dotprod (arm64).",
+            ),
+            click.option(
+                "--verbose", is_flag=True, help="Report the kernel variant and memory at load."
+            ),
+        ]
+    ):
         f = opt(f)
     return f
 
 
 def sampling_options(f):
     """How tokens are chosen (the server takes the same per request)."""
-    for opt in reversed([
-        click.option("-n", "--max-tokens", "max_tokens", default=-1, show_default=True,
-                     help="Tokens to generate (-1: until the end or the context is full)."),
-        click.option("--temp", default=0.8, show_default=True, type=click.FloatRange(min=0),
-                     help="Sampling temperature (0: greedy)."),
-        click.option("--top-k", default=40, show_default=True, type=click.IntRange(min=0), help="Top-k (0: off)."),
-        click.option("--top-p", default=0.95, show_default=True, type=click.FloatRange(0, 1), help="Top-p (1: off)."),
-        click.option("--min-p", default=0.05, show_default=True, type=click.FloatRange(0, 1), help="Min-p (0: off)."),
-        click.option("--repeat-penalty", default=1.0, show_default=True, type=click.FloatRange(min=0),
-                     help="Penalty for repeating the last 64 tokens (1: off)."),
-        click.option("--seed", type=int, help="Random seed (same seed, same output)."),
-        click.option("--stop", multiple=True, help="Stop at this text (repeatable); it is not printed."),
-        click.option("--system", help="System message for --chat."),
-    ]):
+    for opt in reversed(
+        [
+            click.option(
+                "-n",
+                "--max-tokens",
+                "max_tokens",
+                default=-1,
+                show_default=True,
+                help="Tokens to generate (-1: until the end or the context is full).",
+            ),
+            click.option(
+                "--temp",
+                default=0.8,
+                show_default=True,
+                type=click.FloatRange(min=0),
+                help="Sampling temperature (0: greedy).",
+            ),
+            click.option(
+                "--top-k",
+                default=40,
+                show_default=True,
+                type=click.IntRange(min=0),
+                help="Top-k (0: off).",
+            ),
+            click.option(
+                "--top-p",
+                default=0.95,
+                show_default=True,
+                type=click.FloatRange(0, 1),
+                help="Top-p (1: off).",
+            ),
+            click.option(
+                "--min-p",
+                default=0.05,
+                show_default=True,
+                type=click.FloatRange(0, 1),
+                help="Min-p (0: off).",
+            ),
+            click.option(
+                "--repeat-penalty",
+                default=1.0,
+                show_default=True,
+                type=click.FloatRange(min=0),
+                help="Penalty for repeating the last 64 tokens (1: off).",
+            ),
+            click.option("--seed", type=int, help="Random seed (same seed, same output)."),
+            click.option(
+                "--stop", multiple=True, help="Stop at this text (repeatable); it is not printed."
+            ),
+            click.option("--system", help="System message for --chat."),
+        ]
+    ):
         f = opt(f)
     return f
 
 
 def server_options(f):
     """Where and how the server listens (the executable's default mode, and `qpack serve`)."""
-    for opt in reversed([
-        click.option("--host", default="127.0.0.1", show_default=True, help="Address the server binds."),
-        click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535),
-                     help="Port the server listens on (0: any free port)."),
-        click.option("--api-key", envvar="QPACK_API_KEY",
-                     help="Require this key (Authorization: Bearer KEY or X-Api-Key); /health stays public."),
-        click.option("--parallel", "-np", default=4, show_default=True, type=click.IntRange(1, 64),
-                     help="Requests decoded together (each gets a context of --ctx-size)."),
-        click.option("--cors-origin", help="Allow browser pages from this origin (or *) to call the API."),
-        click.option("--max-body", default=1 << 20, show_default=True, type=click.IntRange(min=1024),
-                     help="Largest request body in bytes."),
-        click.option("--nobrowser", is_flag=True, help="Do not open the chat page in a browser."),
-    ]):
+    for opt in reversed(
+        [
+            click.option(
+                "--host", default="127.0.0.1", show_default=True, help="Address the server binds."
+            ),
+            click.option(
+                "--port",
+                default=8080,
+                show_default=True,
+                type=click.IntRange(0, 65535),
+                help="Port the server listens on (0: any free port).",
+            ),
+            click.option(
+                "--api-key",
+                envvar="QPACK_API_KEY",
+                help="Require this key (Authorization: Bearer KEY or X-Api-Key); /health stays public.",
+            ),
+            click.option(
+                "--parallel",
+                "-np",
+                default=4,
+                show_default=True,
+                type=click.IntRange(1, 64),
+                help="Requests decoded together (each gets a context of --ctx-size).",
+            ),
+            click.option(
+                "--cors-origin", help="Allow browser pages from this origin (or *) to call the API."
+            ),
+            click.option(
+                "--max-body",
+                default=1 << 20,
+                show_default=True,
+                type=click.IntRange(min=1024),
+                help="Largest request body in bytes.",
+            ),
+            click.option(
+                "--nobrowser", is_flag=True, help="Do not open the chat page in a browser."
+            ),
+        ]
+    ):
         f = opt(f)
     return f
 
@@ -80,8 +163,13 @@ def sampling_params(kw: dict):
     from .sampler import SamplingParams
 
     return SamplingParams(
-        temperature=kw["temp"], top_k=kw["top_k"], top_p=kw["top_p"], min_p=kw["min_p"],
-        repeat_penalty=kw["repeat_penalty"], seed=kw["seed"], stop=list(kw["stop"]),
+        temperature=kw["temp"],
+        top_k=kw["top_k"],
+        top_p=kw["top_p"],
+        min_p=kw["min_p"],
+        repeat_penalty=kw["repeat_penalty"],
+        seed=kw["seed"],
+        stop=list(kw["stop"]),
         max_tokens=None if kw["max_tokens"] < 0 else kw["max_tokens"],
     )
 
@@ -91,7 +179,9 @@ def run_model(gguf, kw: dict) -> None:
     from . import session
 
     if kw.get("prompt") is not None or kw.get("chat"):
-        loaded = session.load(gguf, kw["ctx_size"], kw["threads"], kw["cpu_choice"], verbose=kw["verbose"])
+        loaded = session.load(
+            gguf, kw["ctx_size"], kw["threads"], kw["cpu_choice"], verbose=kw["verbose"]
+        )
         params = sampling_params(kw)
         if kw.get("prompt") is not None:
             session.run_prompt(loaded, kw["prompt"], params)
@@ -109,14 +199,28 @@ def serve(gguf, kw: dict) -> None:
 
     params = sampling_params(kw)
     defaults = ServerDefaults(
-        temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
-        repeat_penalty=params.repeat_penalty, seed=params.seed, stop=params.stop,
-        max_tokens=params.max_tokens, system=kw.get("system"),
+        temperature=params.temperature,
+        top_k=params.top_k,
+        top_p=params.top_p,
+        min_p=params.min_p,
+        repeat_penalty=params.repeat_penalty,
+        seed=params.seed,
+        stop=params.stop,
+        max_tokens=params.max_tokens,
+        system=kw.get("system"),
     )
     options = server.ServerOptions(
-        host=kw["host"], port=kw["port"], api_key=kw["api_key"] or None, cors_origin=kw["cors_origin"],
-        max_body=kw["max_body"], parallel=kw["parallel"], ctx_size=kw["ctx_size"], threads=kw["threads"],
-        cpu_choice=kw["cpu_choice"], open_browser=not kw["nobrowser"], verbose=kw["verbose"],
+        host=kw["host"],
+        port=kw["port"],
+        api_key=kw["api_key"] or None,
+        cors_origin=kw["cors_origin"],
+        max_body=kw["max_body"],
+        parallel=kw["parallel"],
+        ctx_size=kw["ctx_size"],
+        threads=kw["threads"],
+        cpu_choice=kw["cpu_choice"],
+        open_browser=not kw["nobrowser"],
+        verbose=kw["verbose"],
         defaults=defaults,
     )
     server.run(gguf, options)
@@ -197,22 +301,39 @@ def verify_model(location: ModelLocation) -> None:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-m", "--model", "model_path", metavar="FILE.gguf",
-              help="Run this GGUF file instead of the embedded model.")
+@click.option(
+    "-m",
+    "--model",
+    "model_path",
+    metavar="FILE.gguf",
+    help="Run this GGUF file instead of the embedded model.",
+)
 @click.option("-p", "--prompt", help="Continue this text, print it and exit (no chat template).")
-@click.option("--chat", is_flag=True, help="Chat in the terminal, through the model's chat template.")
+@click.option(
+    "--chat", is_flag=True, help="Chat in the terminal, through the model's chat template."
+)
 @server_options
 @load_options
 @sampling_options
-@click.option("--verify", is_flag=True, help="Check the embedded model against its CRC-32 and SHA-256, then exit.")
-@click.option("--info", is_flag=True, help="Print the build manifest of the embedded model, then exit.")
-@click.option("--version", is_flag=True, help="Print the version and the kernel variant in use, then exit.")
+@click.option(
+    "--verify",
+    is_flag=True,
+    help="Check the embedded model against its CRC-32 and SHA-256, then exit.",
+)
+@click.option(
+    "--info", is_flag=True, help="Print the build manifest of the embedded model, then exit."
+)
+@click.option(
+    "--version", is_flag=True, help="Print the version and the kernel variant in use, then exit."
+)
 @click.option("--debug", is_flag=True, help="Show the full traceback on errors.")
 def cli(model_path, verify, info, version, debug, **kw) -> None:
     """Run a language model: the chat page and an OpenAI-compatible API (default), one
     prompt (-p) or a terminal chat (--chat)."""
     if version:
-        click.echo(f"{PROG} {__version__} (Python {platform.python_version()}, {platform.machine()})")
+        click.echo(
+            f"{PROG} {__version__} (Python {platform.python_version()}, {platform.machine()})"
+        )
         click.echo(describe_cpu(kw["cpu_choice"]))
         return
     location = ModelLocation(model_path)

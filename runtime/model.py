@@ -124,7 +124,11 @@ class Model:
 
         tok_embd = matrix("token_embd.weight")
         output = matrix("output.weight", required=False) or tok_embd  # tied embeddings
-        globals_ = {"tok_embd": tok_embd, "output": output, "output_norm": vector("output_norm.weight")}
+        globals_ = {
+            "tok_embd": tok_embd,
+            "output": output,
+            "output_norm": vector("output_norm.weight"),
+        }
         layers = []
         for i in range(hp.n_layer):
             spec: dict[str, Any] = {k: matrix(f"blk.{i}.{v}") for k, v in LAYER_MATRICES.items()}
@@ -167,7 +171,9 @@ class Model:
     def forward(self, tokens, positions, slots, out_rows, hidden: bool = False) -> np.ndarray:
         return self.native.forward(tokens, positions, slots, out_rows, hidden)
 
-    def logits(self, tokens: list[int], start: int = 0, slot: int = 0, all_rows: bool = False) -> np.ndarray:
+    def logits(
+        self, tokens: list[int], start: int = 0, slot: int = 0, all_rows: bool = False
+    ) -> np.ndarray:
         """Feed tokens at positions start.. of one slot, in batches; logits of the last token
         (or of every token with all_rows)."""
         outs = []

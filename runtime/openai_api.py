@@ -85,13 +85,20 @@ def get_field(body: dict[str, Any], name: str, kind: type | tuple[type, ...], de
     value = body.get(name)
     if value is None:
         if required:
-            raise ApiError(400, f"'{name}' is required", code="missing_required_parameter", param=name)
+            raise ApiError(
+                400, f"'{name}' is required", code="missing_required_parameter", param=name
+            )
         return default
     kinds = kind if isinstance(kind, tuple) else (kind,)
     ok = any(_is_kind(value, k) for k in kinds)
     if not ok:
         wanted = " or ".join(_KIND_NAMES.get(k, k.__name__) for k in kinds)
-        raise ApiError(400, f"'{name}' must be {wanted}, got {_kind_name(value)}", code="invalid_type", param=name)
+        raise ApiError(
+            400,
+            f"'{name}' must be {wanted}, got {_kind_name(value)}",
+            code="invalid_type",
+            param=name,
+        )
     if isinstance(value, float) and not math.isfinite(value):
         raise ApiError(400, f"'{name}' must be a finite number", code="invalid_value", param=name)
     return value
@@ -102,7 +109,9 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ApiError(400, f"the body is not UTF-8 (byte {e.start})", code="invalid_json") from None
+        raise ApiError(
+            400, f"the body is not UTF-8 (byte {e.start})", code="invalid_json"
+        ) from None
 
     def no_constants(name: str) -> Any:
         raise ValueError(f"{name} is not JSON")
@@ -115,7 +124,9 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
     except (ValueError, RecursionError) as e:
         raise ApiError(400, f"invalid JSON in the body: {e}", code="invalid_json") from None
     if not isinstance(body, dict):
-        raise ApiError(400, f"the body must be a JSON object, got {_kind_name(body)}", code="invalid_json")
+        raise ApiError(
+            400, f"the body must be a JSON object, got {_kind_name(body)}", code="invalid_json"
+        )
     return body
 
 
@@ -141,7 +152,9 @@ def sampling_params(body: dict[str, Any], defaults: ServerDefaults, n_ctx: int, 
                     n_logprobs: int | None) -> SamplingParams:  # fmt: skip
     n = get_field(body, "n", int, 1)
     if n != 1:
-        raise ApiError(400, f"'n' must be 1 (one choice per request), got {n}", code="invalid_value", param="n")
+        raise ApiError(
+            400, f"'n' must be 1 (one choice per request), got {n}", code="invalid_value", param="n"
+        )
     max_tokens = get_field(body, "max_completion_tokens", int)
     param = "max_completion_tokens"
     if max_tokens is None:
@@ -158,9 +171,16 @@ def sampling_params(body: dict[str, Any], defaults: ServerDefaults, n_ctx: int, 
     elif isinstance(stop, str):
         stop = [stop]
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-        raise ApiError(400, "'stop' must be a string or an array of strings", code="invalid_type", param="stop")
+        raise ApiError(
+            400, "'stop' must be a string or an array of strings", code="invalid_type", param="stop"
+        )
     if len(stop) > MAX_STOP_STRINGS:
-        raise ApiError(400, f"'stop' holds at most {MAX_STOP_STRINGS} strings", code="invalid_value", param="stop")
+        raise ApiError(
+            400,
+            f"'stop' holds at most {MAX_STOP_STRINGS} strings",
+            code="invalid_value",
+            param="stop",
+        )
     stop = [s for s in stop if s]  # OpenAI ignores empty stop strings
     bias = get_field(body, "logit_bias", dict, {})
     for key, value in bias.items():
@@ -215,10 +235,14 @@ class Prompt:
     echo: str = ""
 
 
-def _messages(body: dict[str, Any], defaults: ServerDefaults, json_mode: bool) -> list[dict[str, str]]:
+def _messages(
+    body: dict[str, Any], defaults: ServerDefaults, json_mode: bool
+) -> list[dict[str, str]]:
     messages = get_field(body, "messages", list, required=True)
     if not messages:
-        raise ApiError(400, "'messages' must hold at least one message", code="invalid_value", param="messages")
+        raise ApiError(
+            400, "'messages' must hold at least one message", code="invalid_value", param="messages"
+        )
     out = []
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
@@ -234,7 +258,11 @@ def _messages(body: dict[str, Any], defaults: ServerDefaults, json_mode: bool) -
         elif isinstance(content, list):  # content parts: only text ones
             texts = []
             for part in content:
-                if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                if not (
+                    isinstance(part, dict)
+                    and part.get("type") == "text"
+                    and isinstance(part.get("text"), str)
+                ):
                     raise ApiError(400, f"'{where}.content': only text parts are supported by this model",
                                    code="invalid_value", param=f"{where}.content")  # fmt: skip
                 texts.append(part["text"])
@@ -285,11 +313,15 @@ def chat_prompt(body: dict[str, Any], loaded: Loaded, defaults: ServerDefaults) 
     logprobs = get_field(body, "logprobs", bool, False)
     top = get_field(body, "top_logprobs", int)
     if top is not None and not logprobs:
-        raise ApiError(400, "'top_logprobs' needs 'logprobs': true", code="invalid_value", param="top_logprobs")
+        raise ApiError(
+            400, "'top_logprobs' needs 'logprobs': true", code="invalid_value", param="top_logprobs"
+        )
     if top is not None and not 0 <= top <= MAX_LOGPROBS:
         raise ApiError(400, f"'top_logprobs' must be between 0 and {MAX_LOGPROBS}", code="invalid_value",
                        param="top_logprobs")  # fmt: skip
-    params = sampling_params(body, defaults, loaded.model.n_ctx, loaded.model.n_vocab, (top or 0) if logprobs else None)
+    params = sampling_params(
+        body, defaults, loaded.model.n_ctx, loaded.model.n_vocab, (top or 0) if logprobs else None
+    )
     stream, include_usage = _stream_flags(body)
     tokens = chat_tokens_escaped(loaded, messages)
     return Prompt(tokens, params, stream, include_usage, logprobs, json_mode)
@@ -306,21 +338,45 @@ def completion_prompt(body: dict[str, Any], loaded: Loaded, defaults: ServerDefa
     elif isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):
         bad = [t for t in prompt if not 0 <= t < loaded.model.n_vocab]
         if bad:
-            raise ApiError(400, f"'prompt' token id {bad[0]} is outside the vocabulary", code="invalid_value", param="prompt")
+            raise ApiError(
+                400,
+                f"'prompt' token id {bad[0]} is outside the vocabulary",
+                code="invalid_value",
+                param="prompt",
+            )
         tokens, text = list(prompt), tok.decode(prompt)
     elif prompt is None:
-        raise ApiError(400, "'prompt' is required", code="missing_required_parameter", param="prompt")
+        raise ApiError(
+            400, "'prompt' is required", code="missing_required_parameter", param="prompt"
+        )
     elif isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, str) for p in prompt):
-        raise ApiError(400, "'prompt' may hold one text only (one choice per request)", code="invalid_value", param="prompt")
+        raise ApiError(
+            400,
+            "'prompt' may hold one text only (one choice per request)",
+            code="invalid_value",
+            param="prompt",
+        )
     else:
-        raise ApiError(400, "'prompt' must be a string or an array of token ids", code="invalid_type", param="prompt")
+        raise ApiError(
+            400,
+            "'prompt' must be a string or an array of token ids",
+            code="invalid_type",
+            param="prompt",
+        )
     logprobs = get_field(body, "logprobs", int)
     if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
-        raise ApiError(400, f"'logprobs' must be between 0 and {MAX_LOGPROBS}", code="invalid_value", param="logprobs")
+        raise ApiError(
+            400,
+            f"'logprobs' must be between 0 and {MAX_LOGPROBS}",
+            code="invalid_value",
+            param="logprobs",
+        )
     params = sampling_params(body, defaults, loaded.model.n_ctx, loaded.model.n_vocab, logprobs)
     stream, include_usage = _stream_flags(body)
     echo = get_field(body, "echo", bool, False)
-    return Prompt(tokens, params, stream, include_usage, logprobs is not None, echo=text if echo else "")
+    return Prompt(
+        tokens, params, stream, include_usage, logprobs is not None, echo=text if echo else ""
+    )
 
 
 def special_texts(loaded: Loaded) -> list[str]:
@@ -328,7 +384,9 @@ def special_texts(loaded: Loaded) -> list[str]:
     tok = loaded.tokenizer
     cached = getattr(loaded, "_special_texts", None)
     if cached is None:
-        cached = sorted({tok.token_text(i) for i in range(tok.vocab_size) if tok.is_special(i)} - {""})
+        cached = sorted(
+            {tok.token_text(i) for i in range(tok.vocab_size) if tok.is_special(i)} - {""}
+        )
         loaded._special_texts = cached
     return cached
 
@@ -377,18 +435,35 @@ def embedding_inputs(body: dict[str, Any], loaded: Loaded) -> tuple[list[list[in
     get_field(body, "model", str)
     encoding = get_field(body, "encoding_format", str, "float")
     if encoding not in ("float", "base64"):
-        raise ApiError(400, "'encoding_format' must be 'float' or 'base64'", code="invalid_value", param="encoding_format")
+        raise ApiError(
+            400,
+            "'encoding_format' must be 'float' or 'base64'",
+            code="invalid_value",
+            param="encoding_format",
+        )
     value = body.get("input")
     if value is None:
         raise ApiError(400, "'input' is required", code="missing_required_parameter", param="input")
-    if isinstance(value, str) or (isinstance(value, list) and value and all(type(t) is int for t in value)):
+    if isinstance(value, str) or (
+        isinstance(value, list) and value and all(type(t) is int for t in value)
+    ):
         items = [value]
     elif isinstance(value, list) and value and all(isinstance(v, (str, list)) for v in value):
         items = value
     else:
-        raise ApiError(400, "'input' must be a string, an array of strings, or token ids", code="invalid_type", param="input")
+        raise ApiError(
+            400,
+            "'input' must be a string, an array of strings, or token ids",
+            code="invalid_type",
+            param="input",
+        )
     if len(items) > MAX_EMBEDDING_INPUTS:
-        raise ApiError(400, f"'input' holds at most {MAX_EMBEDDING_INPUTS} items", code="invalid_value", param="input")
+        raise ApiError(
+            400,
+            f"'input' holds at most {MAX_EMBEDDING_INPUTS} items",
+            code="invalid_value",
+            param="input",
+        )
     out = []
     n_ctx, n_vocab = loaded.model.n_ctx, loaded.model.n_vocab
     for i, item in enumerate(items):
@@ -397,7 +472,12 @@ def embedding_inputs(body: dict[str, Any], loaded: Loaded) -> tuple[list[list[in
         elif all(type(t) is int and 0 <= t < n_vocab for t in item):
             tokens = list(item)
         else:
-            raise ApiError(400, f"'input[{i}]' must be a string or valid token ids", code="invalid_value", param="input")
+            raise ApiError(
+                400,
+                f"'input[{i}]' must be a string or valid token ids",
+                code="invalid_value",
+                param="input",
+            )
         if not tokens:
             raise ApiError(400, f"'input[{i}]' is empty", code="invalid_value", param="input")
         if len(tokens) > n_ctx:
@@ -454,7 +534,9 @@ class Answer:
             for tid, lp in ev.top_logprobs or []:
                 p, b = self._piece(tid)
                 top.append({"token": p, "logprob": lp, "bytes": b})
-            entries.append({"token": piece, "logprob": ev.logprob, "bytes": raw, "top_logprobs": top})
+            entries.append(
+                {"token": piece, "logprob": ev.logprob, "bytes": raw, "top_logprobs": top}
+            )
         self.logprobs += entries
         return entries
 
@@ -477,7 +559,9 @@ def completion_logprobs(entries: list[dict[str, Any]], offset: int = 0) -> dict[
     }
 
 
-def chat_response(a: Answer, model: str, fingerprint: str, usage: Usage, content: str) -> dict[str, Any]:
+def chat_response(
+    a: Answer, model: str, fingerprint: str, usage: Usage, content: str
+) -> dict[str, Any]:
     return {
         "id": a.id,
         "object": "chat.completion",
@@ -494,7 +578,9 @@ def chat_response(a: Answer, model: str, fingerprint: str, usage: Usage, content
     }  # fmt: skip
 
 
-def completion_response(a: Answer, model: str, fingerprint: str, usage: Usage, echo: str) -> dict[str, Any]:
+def completion_response(
+    a: Answer, model: str, fingerprint: str, usage: Usage, echo: str
+) -> dict[str, Any]:
     return {
         "id": a.id,
         "object": "text_completion",
@@ -546,7 +632,9 @@ def completion_chunk(a: Answer, model: str, fingerprint: str, text: str, finish:
     return chunk
 
 
-def usage_chunk(a: Answer, model: str, fingerprint: str, usage: Usage, chat: bool) -> dict[str, Any]:
+def usage_chunk(
+    a: Answer, model: str, fingerprint: str, usage: Usage, chat: bool
+) -> dict[str, Any]:
     return {
         "id": a.id,
         "object": "chat.completion.chunk" if chat else "text_completion",

@@ -25,7 +25,9 @@ class Estimate:
 def perplexity(model: Model, tokens: list[int], n_ctx: int, bos: int | None) -> Iterator[Estimate]:
     """Yields the running estimate after each window; the last one is the result."""
     if n_ctx < 4 or n_ctx > model.n_ctx:
-        raise QpackError(f"perplexity window {n_ctx} must be between 4 and the context size {model.n_ctx}")
+        raise QpackError(
+            f"perplexity window {n_ctx} must be between 4 and the context size {model.n_ctx}"
+        )
     n_windows = len(tokens) // n_ctx
     if n_windows == 0:
         raise QpackError(f"the text has {len(tokens)} tokens, fewer than one window of {n_ctx}")

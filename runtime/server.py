@@ -148,7 +148,9 @@ class Server:
         self.model_id = _model_id(gguf)
         self.fingerprint = f"qpack-{__version__}-{loaded.model.report.variant}"
         self.facts = _model_facts(gguf, loaded, o)
-        thread = threading.Thread(target=loaded.engine.serve_forever, name="qpack-engine", daemon=True)
+        thread = threading.Thread(
+            target=loaded.engine.serve_forever, name="qpack-engine", daemon=True
+        )
         thread.start()
         self._threads.append(thread)
         self.loaded = loaded
@@ -354,7 +356,9 @@ class Handler(BaseHTTPRequestHandler):
             self._check_host()
             entry = ROUTES.get(route)
             if entry is None:
-                raise ApiError(404, f"no route {method} {route}", type_="not_found_error", code="not_found")
+                raise ApiError(
+                    404, f"no route {method} {route}", type_="not_found_error", code="not_found"
+                )
             methods, needs_model, public = entry
             if method == "OPTIONS" and self.app.options.cors_origin:
                 self._preflight(methods)
@@ -377,7 +381,9 @@ class Handler(BaseHTTPRequestHandler):
         except (ConnectionError, TimeoutError):
             self.close_connection = True
         except Exception:
-            click.echo(f"qpack: internal error on {method} {route}:\n{traceback.format_exc()}", err=True)
+            click.echo(
+                f"qpack: internal error on {method} {route}:\n{traceback.format_exc()}", err=True
+            )
             self._try_send_error(ApiError(500, "internal server error (see the server's log)",
                                           type_="server_error", code="internal_error"))  # fmt: skip
         finally:
@@ -405,7 +411,9 @@ class Handler(BaseHTTPRequestHandler):
         except ValueError:
             ok = name == "localhost" or name.endswith(".localhost")
         if not ok:
-            raise ApiError(403, f"Host {header!r} is not this server's address", code="forbidden_host")
+            raise ApiError(
+                403, f"Host {header!r} is not this server's address", code="forbidden_host"
+            )
 
     def _check_key(self) -> None:
         key = self.app.options.api_key
@@ -474,11 +482,15 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self._headers_sent = True
 
-    def _send_bytes(self, status: int, body: bytes, ctype: str, extra: list[tuple[str, str]] = ()) -> None:
+    def _send_bytes(
+        self, status: int, body: bytes, ctype: str, extra: list[tuple[str, str]] = ()
+    ) -> None:
         if self.command in ("POST", "PUT", "PATCH") and not self._body_read:
             self.close_connection = True  # the unread body would be taken for the next request
             self._linger = True
-        self._start_response(status, [("Content-Type", ctype), ("Content-Length", str(len(body))), *extra])
+        self._start_response(
+            status, [("Content-Type", ctype), ("Content-Length", str(len(body))), *extra]
+        )
         if self.command != "HEAD":
             self._write(body)
 
@@ -533,7 +545,11 @@ class Handler(BaseHTTPRequestHandler):
         ])  # fmt: skip
 
     def _sse(self, obj: Any) -> None:
-        data = b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+        data = (
+            b"data: "
+            + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+            + b"\n\n"
+        )
         self._chunk(data)
 
     def _chunk(self, data: bytes) -> None:
@@ -599,7 +615,12 @@ class Handler(BaseHTTPRequestHandler):
 
     def _check_finish(self, answer: api.Answer) -> None:
         if answer.finish_reason == "error":
-            raise ApiError(500, f"generation failed: {answer.error}", type_="server_error", code="generation_error")
+            raise ApiError(
+                500,
+                f"generation failed: {answer.error}",
+                type_="server_error",
+                code="generation_error",
+            )
 
     def _finish_answer(self, req, answer: api.Answer, prompt: api.Prompt, chat: bool) -> None:
         self._check_finish(answer)
@@ -622,7 +643,9 @@ class Handler(BaseHTTPRequestHandler):
             self._sse(api.chat_chunk(answer, model, fp, {"role": "assistant", "content": ""},
                                      with_usage_field=usage_field))  # fmt: skip
         elif prompt.echo:
-            self._sse(api.completion_chunk(answer, model, fp, prompt.echo, with_usage_field=usage_field))
+            self._sse(
+                api.completion_chunk(answer, model, fp, prompt.echo, with_usage_field=usage_field)
+            )
         pending: list[dict[str, Any]] = []  # logprobs of tokens whose text is still held back
         offset = len(prompt.echo)
         for ev in self._events(req):
@@ -641,7 +664,12 @@ class Handler(BaseHTTPRequestHandler):
                 offset += len(ev.text)
                 pending = []
         self._check_finish(answer)
-        if chat and prompt.json_mode and answer.finish_reason != "length" and api.extract_json_object(answer.content) is None:
+        if (
+            chat
+            and prompt.json_mode
+            and answer.finish_reason != "length"
+            and api.extract_json_object(answer.content) is None
+        ):
             raise api.json_mode_error(answer)
         if chat:
             self._sse(api.chat_chunk(answer, model, fp, {}, finish=answer.finish_reason,
@@ -728,7 +756,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def route_v1_completions(self) -> None:
         body = self._read_json()
-        self._generate(api.completion_prompt(body, self.app.loaded, self.app.options.defaults), chat=False)
+        self._generate(
+            api.completion_prompt(body, self.app.loaded, self.app.options.defaults), chat=False
+        )
 
     def route_v1_embeddings(self) -> None:
         body = self._read_json()
@@ -755,7 +785,9 @@ class Handler(BaseHTTPRequestHandler):
                 try:
                     return engine.run_job(lambda: engine.embed(tokens))
                 except ContextOverflow as e:
-                    raise ApiError(400, str(e), code="context_length_exceeded", param="input") from None
+                    raise ApiError(
+                        400, str(e), code="context_length_exceeded", param="input"
+                    ) from None
                 except QpackError as e:
                     if "no free sequence slot" not in str(e):
                         raise ApiError(400, str(e), code="invalid_value", param="input") from None
@@ -774,10 +806,13 @@ class Handler(BaseHTTPRequestHandler):
         with_pieces = api.get_field(body, "with_pieces", bool, False)
         tok = self.app.loaded.tokenizer
         follow_model = None if add_special else False  # None: BOS/EOS as the model's metadata says
-        ids = tok.encode(content, add_bos=follow_model, add_eos=follow_model, parse_special=parse_special)
+        ids = tok.encode(
+            content, add_bos=follow_model, add_eos=follow_model, parse_special=parse_special
+        )
         if with_pieces:
             tokens: list[Any] = [
-                {"id": i, "piece": tok.token_bytes(i).decode("utf-8", errors="replace")} for i in ids
+                {"id": i, "piece": tok.token_bytes(i).decode("utf-8", errors="replace")}
+                for i in ids
             ]
         else:
             tokens = ids

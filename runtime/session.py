@@ -42,15 +42,20 @@ def load(
     log: TextIO | None = None,
 ) -> Loaded:
     kernels = cpu.load(cpu_choice)
-    model = Model(gguf, n_ctx=ctx_size, n_seq=n_parallel, n_batch=n_batch, threads=threads, kernels=kernels)
+    model = Model(
+        gguf, n_ctx=ctx_size, n_seq=n_parallel, n_batch=n_batch, threads=threads, kernels=kernels
+    )
     tokenizer = Tokenizer.from_gguf(gguf)
     template = ChatTemplate.from_metadata(gguf.metadata, tokenizer)
     # The memory report always goes out (a user sizing --ctx-size needs it); the why of the
     # kernel choice only with --verbose.
     line = f"qpack: {model.report.describe()}"
     if verbose:
-        why = "forced by --cpu" if cpu_choice not in ("auto", None) else (
-            "the best this CPU supports: " + ", ".join(cpu.supported_variants()))
+        why = (
+            "forced by --cpu"
+            if cpu_choice not in ("auto", None)
+            else ("the best this CPU supports: " + ", ".join(cpu.supported_variants()))
+        )
         line += f" ({kernels.VARIANT}: {why})"
     click.echo(line, err=True, file=log)
     return Loaded(model, tokenizer, template, Engine(model, tokenizer, n_parallel))
@@ -89,7 +94,9 @@ def summary(req: Request) -> str:
     )
 
 
-def run_prompt(loaded: Loaded, prompt: str, params: SamplingParams, out: TextIO = sys.stdout) -> None:
+def run_prompt(
+    loaded: Loaded, prompt: str, params: SamplingParams, out: TextIO = sys.stdout
+) -> None:
     """Continue `prompt` (raw text, no chat template), streaming to out; summary on stderr."""
     tokens = loaded.tokenizer.encode(prompt)
     req = loaded.engine.submit(tokens, params)

@@ -100,7 +100,10 @@ class ReferenceModel:
             att[:, masked] = -np.inf
             att = np.exp(att - att.max(-1, keepdims=True))
             att /= att.sum(-1, keepdims=True)
-            o = np.einsum("hij,jhd->ihd", att, v).reshape(n, -1) @ self.w(p + "attn_output.weight").T
+            o = (
+                np.einsum("hij,jhd->ihd", att, v).reshape(n, -1)
+                @ self.w(p + "attn_output.weight").T
+            )
             if gemma:
                 o = self.rms(o, self.w(p + "post_attention_norm.weight"))
             x = x + o

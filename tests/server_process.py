@@ -21,7 +21,11 @@ class ServerProcess:
         cmd = [sys.executable, "-m", "qpack.runtime", "-m", str(model), "--host", "127.0.0.1",
                "--port", "0", "--nobrowser", *args]  # fmt: skip
         self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         self.log: list[str] = []
         self.url = ""

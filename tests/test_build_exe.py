@@ -177,8 +177,6 @@ def test_corrupted_executables_fail_clearly(tiny_exe, tmp_path):
     assert result.returncode not in (0, -11, -6)
 
 
-
-
 def test_multi_gib_model_starts_as_fast_as_a_tiny_one(tiny_exe, runtime_stub, tmp_path):
     """The bootloader scans the file from its end on every start: the model must not be there.
     Counted in bytes read (rchar of the whole process tree), not in seconds."""

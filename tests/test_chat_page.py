@@ -73,7 +73,9 @@ def page(browser_context, server):
     page.goto(server.url)
     page.evaluate("localStorage.clear()")
     page.reload()
-    page.wait_for_function("document.getElementById('model').textContent.includes('SmolLM2')", timeout=60_000)
+    page.wait_for_function(
+        "document.getElementById('model').textContent.includes('SmolLM2')", timeout=60_000
+    )
     yield page
     page.close()
     # Works offline: everything the page asked for came from the server it was served by.
@@ -81,7 +83,9 @@ def page(browser_context, server):
 
 
 def assistant_text(page) -> str:
-    return page.evaluate("(document.querySelector('.msg.assistant:last-child .body') || {}).textContent || ''")
+    return page.evaluate(
+        "(document.querySelector('.msg.assistant:last-child .body') || {}).textContent || ''"
+    )
 
 
 def test_streams_an_answer_and_stop_ends_it(page, server):
@@ -99,7 +103,12 @@ def test_streams_an_answer_and_stop_ends_it(page, server):
             arg=[len(last)], timeout=120_000,
         )  # fmt: skip
         seen.append(assistant_text(page))
-    assert seen[0] and seen[1].startswith(seen[0]) and seen[2].startswith(seen[1]) and len(seen[2]) > len(seen[0])
+    assert (
+        seen[0]
+        and seen[1].startswith(seen[0])
+        and seen[2].startswith(seen[1])
+        and len(seen[2]) > len(seen[0])
+    )
     assert page.is_enabled("#stop") and not page.is_enabled("#send")
     page.click("#stop")
     page.wait_for_selector('.msg.assistant[data-done="stopped"]', timeout=30_000)
@@ -118,7 +127,9 @@ def test_streams_an_answer_and_stop_ends_it(page, server):
 
 def test_conversation_and_settings_are_kept(page):
     posted: list[dict] = []
-    page.on("request", lambda r: posted.append(json.loads(r.post_data)) if r.method == "POST" else None)
+    page.on(
+        "request", lambda r: posted.append(json.loads(r.post_data)) if r.method == "POST" else None
+    )
     page.click("#toggle-settings")
     page.fill("#system", "You are a terse assistant.")
     page.fill("#temperature", "0")
@@ -133,7 +144,9 @@ def test_conversation_and_settings_are_kept(page):
     roles = [m["role"] for m in second["messages"]]
     assert roles == ["system", "user", "assistant", "user"]
     assert second["messages"][0]["content"] == "You are a terse assistant."
-    assert second["messages"][2]["content"] == page.evaluate("document.querySelector('.msg.assistant .body').textContent")
+    assert second["messages"][2]["content"] == page.evaluate(
+        "document.querySelector('.msg.assistant .body').textContent"
+    )
     assert "tokens/s" in page.inner_text("#status")
     # A reload keeps the conversation and the settings; New chat clears the conversation.
     page.reload()

@@ -10,7 +10,9 @@ import pytest
 QPACK = [sys.executable, "-m", "qpack.builder.cli"]
 
 
-def qpack(*args: str, stdin: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def qpack(
+    *args: str, stdin: str | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [*QPACK, *args], input=stdin, capture_output=True, text=True, timeout=timeout
     )
@@ -18,7 +20,18 @@ def qpack(*args: str, stdin: str | None = None, timeout: float = 300) -> subproc
 
 @pytest.mark.slow
 def test_run_prompt_streams_paris_and_a_summary(smollm2_path):
-    r = qpack("run", str(smollm2_path), "-p", "The capital of France is", "--temp", "0", "-n", "6", "-t", "1")
+    r = qpack(
+        "run",
+        str(smollm2_path),
+        "-p",
+        "The capital of France is",
+        "--temp",
+        "0",
+        "-n",
+        "6",
+        "-t",
+        "1",
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("The capital of France is Paris")
     assert "prompt: 5 tokens" in r.stderr and "generated: 6 tokens" in r.stderr
@@ -27,17 +40,39 @@ def test_run_prompt_streams_paris_and_a_summary(smollm2_path):
 
 @pytest.mark.slow
 def test_run_stop_string_is_not_printed(smollm2_path):
-    r = qpack("run", str(smollm2_path), "-p", "The capital of France is", "--temp", "0", "-n", "30",
-              "--stop", "\n", "-t", "1")
+    r = qpack(
+        "run",
+        str(smollm2_path),
+        "-p",
+        "The capital of France is",
+        "--temp",
+        "0",
+        "-n",
+        "30",
+        "--stop",
+        "\n",
+        "-t",
+        "1",
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout == "The capital of France is Paris.\n"
 
 
 @pytest.mark.slow
 def test_chat_keeps_the_conversation_and_exits(smollm2_path):
-    r = qpack("run", str(smollm2_path), "--chat", "--temp", "0", "-n", "24", "-t", "1",
-              stdin="What is the capital of France? Answer in one sentence.\n"
-              "And the capital of Italy? Answer in one sentence.\n/clear\n/exit\n")
+    r = qpack(
+        "run",
+        str(smollm2_path),
+        "--chat",
+        "--temp",
+        "0",
+        "-n",
+        "24",
+        "-t",
+        "1",
+        stdin="What is the capital of France? Answer in one sentence.\n"
+        "And the capital of Italy? Answer in one sentence.\n/clear\n/exit\n",
+    )
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
     assert "Rome" in r.stdout

@@ -71,8 +71,25 @@ def test_sliding_window_is_applied(tmp_path):
     assert np.abs(a[8:] - b[8:]).max() > 1e-2
 
 
-@pytest.mark.parametrize("weight_type", ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
-                                         "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"])
+@pytest.mark.parametrize(
+    "weight_type",
+    [
+        "F16",
+        "BF16",
+        "Q8_0",
+        "Q4_0",
+        "Q4_1",
+        "Q5_0",
+        "Q5_1",
+        "Q2_K",
+        "Q3_K",
+        "Q4_K",
+        "Q5_K",
+        "Q6_K",
+        "IQ4_NL",
+        "IQ4_XS",
+    ],
+)
 def test_quantized_weights_track_the_reference(tmp_path, weight_type):
     path = tiny_model(tmp_path / "m.gguf", "llama", weight_type)
     toks = tokens_for(12)
@@ -138,8 +155,9 @@ def test_unsupported_architecture_and_type_are_named(tmp_path):
     with pytest.raises(UnsupportedModel, match="mamba"):
         Model(open_gguf(str(bad_arch)))
     # a real file with an unsupported type: TQ2_0 written by gguf's own quantizer
-    bad_type = write_gguf(tmp_path / "t.gguf", {}, {
-        "token_embd.weight": (np.zeros((4, 256), np.float32), "TQ2_0")})
+    bad_type = write_gguf(
+        tmp_path / "t.gguf", {}, {"token_embd.weight": (np.zeros((4, 256), np.float32), "TQ2_0")}
+    )
     with pytest.raises(UnsupportedModel, match="TQ2_0"):
         Model(open_gguf(str(bad_type)))
 
@@ -186,7 +204,9 @@ def check_logits_against_llama_cpp(model: Model, path, ref) -> dict:
         "top1_or_near_tie": float(near.mean()),
         "max_abs_top32": float(np.abs(ours_top - top_logits).max()),
         "mean_abs_top32": float(np.abs(ours_top - top_logits).mean()),
-        "max_abs_full_rows": float(np.abs(ours[ref["full_logits_rows"]] - ref["full_logits"]).max()),
+        "max_abs_full_rows": float(
+            np.abs(ours[ref["full_logits_rows"]] - ref["full_logits"]).max()
+        ),
     }
     assert stats["top1_or_near_tie"] >= 0.98, stats
     assert stats["top1"] >= 0.93, stats
@@ -207,7 +227,9 @@ def check_greedy_against_llama_cpp(model: Model, tokenizer: Tokenizer, ref, path
         req = engine.submit(prompt, SamplingParams(temperature=0, max_tokens=len(expected)))
         engine.run_until_done(req)
         got = [ev.token for ev in req.events() if ev.token is not None]
-        diverge = next((i for i, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b), None)
+        diverge = next(
+            (i for i, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b), None
+        )
         matched.append(len(expected) if diverge is None else diverge)
         if diverge is None:
             assert got == expected
@@ -258,7 +280,9 @@ def test_smollm2_answers_paris(smollm2_path):
     gf = open_gguf(str(smollm2_path))
     tok = Tokenizer.from_gguf(gf)
     engine = Engine(Model(gf, n_ctx=64, threads=2), tok)
-    req = engine.submit(tok.encode("The capital of France is"), SamplingParams(temperature=0, max_tokens=4))
+    req = engine.submit(
+        tok.encode("The capital of France is"), SamplingParams(temperature=0, max_tokens=4)
+    )
     engine.run_until_done(req)
     assert "Paris" in "".join(ev.text for ev in req.events())
 

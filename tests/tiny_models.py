@@ -60,7 +60,9 @@ def tiny_model(
 
     def mat(rows: int, cols: int, scale: float = 0.05):
         if weight_type in K_QUANTS:
-            return scaled_blocks(random_quantized((rows, cols), weight_type, rng), weight_type, scale), weight_type
+            return scaled_blocks(
+                random_quantized((rows, cols), weight_type, rng), weight_type, scale
+            ), weight_type
         return (rng.standard_normal((rows, cols)) * scale).astype(np.float32), weight_type
 
     def vec(n: int, around: float = 1.0):
