@@ -78,9 +78,14 @@ def time_to_first_token(exe: Path) -> float:
     return first if first is not None else time.perf_counter() - start
 
 
+def sync() -> None:
+    if hasattr(os, "sync"):  # not on Windows
+        os.sync()
+
+
 def evict(*paths: Path) -> None:
     """Drop the files' pages from the page cache (clean pages only: sync first)."""
-    os.sync()
+    sync()
     for path in paths:
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -146,14 +151,14 @@ def build_against_cp(qpack: list[str], model: Path, tmp: Path, runs: int, cold: 
             if cold:
                 evict(model, stub_path)
             else:
-                os.sync()
+                sync()
             if kind == "cp":
                 copies.append(timed(["cp", str(model), str(copy)]))
             else:
                 builds.append(timed([*qpack, "build", str(model), "-o", str(exe)], env=env))
     exe.unlink(missing_ok=True)
     copy.unlink(missing_ok=True)
-    os.sync()
+    sync()
     return builds[1:], copies[1:]
 
 
@@ -167,6 +172,8 @@ def free_port() -> int:
 
 def tree_rss_mib(pid: int) -> float:
     """RSS of a process and its descendants (the one-file bootloader runs Python as a child)."""
+    if not os.path.isdir("/proc"):  # macOS, Windows
+        return float("nan")
     total, todo = 0, [pid]
     while todo:
         p = todo.pop()
@@ -264,7 +271,8 @@ def main() -> None:
               f"{'build':>8} {'cp':>8} {'ratio':>6}   fastest: build, cp, ratio")  # fmt: skip
         for m in models_timed:
             for first in (True, False):
-                for cold in (False, True):
+                # A cold page cache needs posix_fadvise (not on macOS or Windows).
+                for cold in (False, True) if hasattr(os, "posix_fadvise") else (False,):
                     builds, copies = build_against_cp(qpack, m, tmp, args.runs, cold, first)
                     build, copy = statistics.median(builds), statistics.median(copies)
                     print(f"{m.name[:28]:28} {m.stat().st_size / 2**20:6.0f} MiB "
@@ -275,7 +283,7 @@ def main() -> None:
         if args.build_only:
             return
 
-        exe = tmp / "model.bin"
+        exe = tmp / ("model.exe" if sys.platform == "win32" else "model.bin")
         subprocess.run([*qpack, "build", str(model), "-o", str(exe)], check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         version = median_time([str(exe), "--version"], args.runs)
