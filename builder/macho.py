@@ -34,10 +34,10 @@ segment").
 from __future__ import annotations
 
 import hashlib
-import os
 import struct
 from dataclasses import dataclass
 
+from qpack.builder.fileio import read_at, write_at
 from qpack.runtime.errors import QpackError
 
 MH_MAGIC_64 = 0xFEEDFACF
@@ -128,19 +128,19 @@ class MachOStub:
             )
         filesize = linkedit_end - self.linkedit_fileoff
         vmsize = -(-filesize // VM_PAGE[self.arch]) * VM_PAGE[self.arch]
-        _pwrite(
+        write_at(
             fd, struct.pack("<QQQ", vmsize, self.linkedit_fileoff, filesize), self.linkedit_cmd + 32
         )
-        _pwrite(fd, struct.pack("<I", self.pkg_start - self.stroff), self.symtab_cmd + 20)
-        _pwrite(
+        write_at(fd, struct.pack("<I", self.pkg_start - self.stroff), self.symtab_cmd + 20)
+        write_at(
             fd, struct.pack("<II", self.signature_at, self.signature_size), self.signature_cmd + 8
         )
-        image = _pread(fd, self.signature_at, 0)
+        image = read_at(fd, self.signature_at, 0)
         if len(image) != self.signature_at:
             raise QpackError("the output was cut short while it was signed")
         signature = code_signature(image, self.identifier, PAGE_SHIFT[self.arch], self.text_end)
         assert len(signature) <= self.signature_size
-        _pwrite(fd, signature, self.signature_at)
+        write_at(fd, signature, self.signature_at)
         return warning
 
 
@@ -354,19 +354,3 @@ def _signature_identifier(stub: bytes, stub_name: str, at: int, size: int, bad) 
             raise bad(f"the code signature at byte {at} is corrupt")
         return bytes(stub[start:end])
     raise bad(f"the code signature at byte {at} has no CodeDirectory")
-
-
-def _pwrite(fd: int, data: bytes, position: int) -> None:
-    view = memoryview(data)
-    os.lseek(fd, position, os.SEEK_SET)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _pread(fd: int, length: int, position: int) -> bytes:
-    os.lseek(fd, position, os.SEEK_SET)
-    chunks = []
-    while length > 0 and (chunk := os.read(fd, length)):
-        chunks.append(chunk)
-        length -= len(chunk)
-    return b"".join(chunks)

@@ -42,6 +42,7 @@ from typing import BinaryIO
 import click
 from qpack.builder import macho
 from qpack.builder.digests import DigestCache, Digests, file_key
+from qpack.builder.fileio import write_at
 from qpack.runtime.embedded import (
     ARGS_MEMBER,
     CENTRAL_HEADER,
@@ -508,7 +509,7 @@ def write_executable(
             except ValueError:
                 header_at += 16  # a few filler bytes before the header make a padding length fit
         header = local_header(name, 0, source.size, extra, zip64)  # CRC-32 filled in below
-        _write_at(fd, bytes(header_at - head_len) + header, head_len)
+        write_at(fd, bytes(header_at - head_len) + header, head_len)
         data_offset = header_at + len(header)
         assert data_offset % DATA_ALIGNMENT == 0
         end_of_data = data_offset + source.size
@@ -525,7 +526,7 @@ def write_executable(
             known_stub_sha256,
         )
         crc, sha = digests.crc32, digests.sha256
-        _write_at(fd, struct.pack("<I", crc), header_at + 14)
+        write_at(fd, struct.pack("<I", crc), header_at + 14)
         members = [ZipMember(name, crc, source.size, header_at)]
 
         manifest = dict(manifest(data_offset) if callable(manifest) else manifest)
@@ -539,7 +540,7 @@ def write_executable(
         for member_name, data in small:
             crc_small = zlib.crc32(data)
             record = local_header(member_name.encode(), crc_small, len(data), b"", False) + data
-            _write_at(fd, record, at)
+            write_at(fd, record, at)
             members.append(ZipMember(member_name.encode(), crc_small, len(data), at))
             at += len(record)
 
@@ -547,32 +548,25 @@ def write_executable(
         tail_from, tail_to = layout.tail or (head_len, stub_size)
         if tail_from < tail_to:
             filler = bytes(-(at - tail_from) % SHIFT_ALIGNMENT)
-            _write_at(fd, filler, at)
+            write_at(fd, filler, at)
             at += len(filler)
             shift = at - tail_from
             _copy_bytes(stub_file.fileno(), fd, tail_from, at, tail_to - tail_from, str(stub))
             at += tail_to - tail_from
             for offset, data in layout.edits(shift):
-                _write_at(fd, data, offset if offset < head_len else offset + shift)
+                write_at(fd, data, offset if offset < head_len else offset + shift)
 
     cd_offset = at
     directory = central_directory(members)
     tail = directory + end_records(len(members), cd_offset, len(directory))
-    _write_at(fd, tail, at)
+    write_at(fd, tail, at)
     size = at + len(tail)
     if layout.checksum_at is not None:
         checksum = pe_checksum(out, layout.checksum_at)
-        _write_at(fd, struct.pack("<I", checksum), layout.checksum_at)
+        write_at(fd, struct.pack("<I", checksum), layout.checksum_at)
     if layout.finish is not None and (warning := layout.finish(fd, size)):
         click.echo(f"qpack: warning: {warning}", err=True)
     return WriteResult(data_offset, size, sha, crc, stub_sha, layout.kind)
-
-
-def _write_at(fd: int, data: bytes, position: int) -> None:
-    view = memoryview(data)
-    os.lseek(fd, position, os.SEEK_SET)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 def _copy_bytes(
@@ -604,7 +598,7 @@ def _copy_bytes(
         else:
             os.lseek(src, src_at + done, os.SEEK_SET)
             chunk = os.read(src, n)
-            _write_at(dst, chunk, dst_at + done)
+            write_at(dst, chunk, dst_at + done)
             copied = len(chunk)
         if copied == 0:
             raise QpackError(
@@ -819,7 +813,7 @@ def _copy_zipped(source: ModelSource, out: int, data_offset: int, progress: _Pro
                 if copied + len(chunk) > source.size:
                     break
                 if chunk != zeros:
-                    _write_at(out, chunk, data_offset + copied)
+                    write_at(out, chunk, data_offset + copied)
                 copied += len(chunk)
                 progress.advance(len(chunk))
         except zipfile.BadZipFile as e:
