@@ -57,11 +57,14 @@ class DigestCache:
         valid = isinstance(sha, str) and len(sha) == 64 and isinstance(crc, int)
         return Digests(sha, crc) if valid and 0 <= crc <= 0xFFFFFFFF else None
 
-    def put(self, key: str, digests: Digests) -> None:
+    def put(self, new: dict[str, Digests]) -> None:
+        """Remember `new` (file key -> digests) in one read and one write of the file."""
         entries = self._load()
-        entries.pop(key, None)
-        entries[key] = {"sha256": digests.sha256, "crc32": digests.crc32}  # newest last
+        for key, digests in new.items():
+            entries.pop(key, None)
+            entries[key] = {"sha256": digests.sha256, "crc32": digests.crc32}  # newest last
         entries = dict(list(entries.items())[-MAX_ENTRIES:])
+        partial = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, partial = tempfile.mkstemp(prefix=f".{CACHE_FILE}.", dir=self.path.parent)
@@ -69,7 +72,5 @@ class DigestCache:
                 json.dump(entries, f)
             os.replace(partial, self.path)  # concurrent builds: the last writer wins, whole
         except OSError:
-            try:
-                os.unlink(partial)
-            except (OSError, UnboundLocalError):
-                pass
+            if partial is not None:
+                Path(partial).unlink(missing_ok=True)

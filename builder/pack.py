@@ -975,15 +975,15 @@ def build_executable(
 
     source = open_model_source(model)
     try:
-        stub_size = stub.stat().st_size
+        stub_stat = os.stat(stub)
         # Taken before the copy: _copy_plain refuses a model that changes while it is copied.
         model_key = file_key(os.stat(model), source.member)
-        stub_key = file_key(os.stat(stub))
     except OSError as e:
         raise QpackError(f"{e.filename}: cannot read it: {e.strerror}") from None
     known = digest_cache.get(model_key) if digest_cache else None
+    stub_key = file_key(stub_stat)
     known_stub = digest_cache.get(stub_key) if digest_cache else None
-    expected = stub_size + source.size + 2 * DATA_ALIGNMENT + (1 << 20)
+    expected = stub_stat.st_size + source.size + 2 * DATA_ALIGNMENT + (1 << 20)
     summary: ModelSummary | None = None
 
     def check_plain() -> None:  # a plain GGUF: checked while it is being copied
@@ -1027,11 +1027,13 @@ def build_executable(
         except OSError as e:  # a full disk, an I/O error
             where = e.filename or f"{source.describe()} -> {output}"
             raise QpackError(f"{where}: {e.strerror or e}") from None
-    if digest_cache is not None:
-        if known is None:
-            digest_cache.put(model_key, Digests(result.model_sha256, result.model_crc32))
-        if known_stub is None:  # the stub's CRC-32 is never needed
-            digest_cache.put(stub_key, Digests(result.stub_sha256, 0))
+    if digest_cache is not None and not (known and known_stub):
+        digest_cache.put(
+            {
+                model_key: Digests(result.model_sha256, result.model_crc32),
+                stub_key: Digests(result.stub_sha256, 0),  # the stub's CRC-32 is never needed
+            }
+        )
     assert summary is not None
     return BuildReport(
         output, result.size, result.data_offset, result.layout, summary, result.model_sha256

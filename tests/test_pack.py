@@ -552,13 +552,13 @@ def test_second_build_takes_the_digests_from_the_cache(model, elf_stub, tmp_path
     assert first.model_sha256 == sha
     # A remembered digest is used as it is, not computed again (the cache's whole point):
     # planted wrong values show up in the manifest and the zip directory.
-    cache.put(model_key, Digests("ab" * 32, 0x12345678))
+    cache.put({model_key: Digests("ab" * 32, 0x12345678)})
     planted = build(model, elf_stub, tmp_path / "b.bin", digest_cache=cache)
     member = embedded.locate_model(str(tmp_path / "b.bin"))
     assert planted.model_sha256 == member.manifest()["model"]["sha256"] == "ab" * 32
     assert member.crc32 == 0x12345678
     # With the right values back, the output is byte-identical to the first build's.
-    cache.put(model_key, Digests(sha, zlib.crc32(model.read_bytes())))
+    cache.put({model_key: Digests(sha, zlib.crc32(model.read_bytes()))})
     build(model, elf_stub, tmp_path / "c.bin", digest_cache=cache)
     assert (tmp_path / "c.bin").read_bytes() == (tmp_path / "a.bin").read_bytes()
 
@@ -587,14 +587,14 @@ def test_a_broken_cache_file_is_ignored(tmp_path, content):
     (tmp_path / "digests.json").write_text(content)
     cache = DigestCache(tmp_path)
     assert cache.get("k") is None
-    cache.put("k", Digests("0" * 64, 7))
+    cache.put({"k": Digests("0" * 64, 7)})
     assert cache.get("k") == Digests("0" * 64, 7)
 
 
 def test_the_cache_keeps_only_the_newest_entries(tmp_path):
     cache = DigestCache(tmp_path)
     for i in range(digests.MAX_ENTRIES + 3):
-        cache.put(str(i), Digests(f"{i:064x}", i))
+        cache.put({str(i): Digests(f"{i:064x}", i)})
     assert cache.get("0") is None and cache.get("2") is None
     assert cache.get("3") == Digests(f"{3:064x}", 3)
     last = digests.MAX_ENTRIES + 2
