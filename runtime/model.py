@@ -77,7 +77,7 @@ class Model:
     ):
         self.gguf = gguf
         self.facts: ModelFacts = read_model_facts(gguf)
-        self.hp = hp = self.facts.hp
+        self.hp = self.facts.hp
         self.n_ctx = self.facts.default_ctx if n_ctx is None else int(n_ctx)
         if not 8 <= self.n_ctx <= MAX_LENGTH:
             raise UnsupportedModel(f"context size {self.n_ctx} is out of range (8..{MAX_LENGTH})")
@@ -85,33 +85,7 @@ class Model:
         self.kernels = kernels or cpu.current()
         # a batch never holds more tokens than the sequences' contexts together
         self.n_batch = min(n_batch, self.n_ctx * n_seq)
-        tensors = gguf.tensors
-
-        # Shapes were checked by read_model_facts; C checks them again (model.pxi, forward.h).
-        def matrix(name: str):
-            ti = tensors.get(name)
-            if ti is None:
-                return None
-            return (ti.ggml_type, int(ti.shape[1]), int(ti.shape[0]), ti.data)
-
-        def vector(name: str):
-            ti = tensors.get(name)
-            return None if ti is None else as_f32(ti, self.kernels)
-
-        tok_embd = matrix("token_embd.weight")
-        globals_ = {
-            "tok_embd": tok_embd,
-            "output": matrix("output.weight") or tok_embd,  # tied embeddings
-            "output_norm": vector("output_norm.weight"),
-        }
-        layers = []
-        for i in range(hp.n_layer):
-            spec: dict[str, Any] = {k: matrix(f"blk.{i}.{v}") for k, v in LAYER_MATRICES.items()}
-            spec.update({k: vector(f"blk.{i}.{v}") for k, v in LAYER_VECTORS.items()})
-            spec["window"] = hp.layer_window(i)
-            spec["rope_base"] = hp.layer_rope_base(i)
-            layers.append(spec)
-        c_hp = self.facts.c_hparams()
+        c_hp, globals_, layers = native_arguments(gguf, self.facts, self.kernels)
         self.native = self.kernels.NativeModel(
             c_hp, globals_, layers, self.n_ctx, n_seq, self.n_batch, self.threads
         )
@@ -142,6 +116,37 @@ class Model:
             out = self.forward(chunk, np.arange(start + b, start + b + n), np.full(n, slot), rows)
             outs.append(out)
         return np.concatenate(outs) if all_rows else outs[-1][0]
+
+
+def native_arguments(gguf: Any, facts: ModelFacts, kernels: ModuleType) -> tuple[dict, dict, list]:
+    """What NativeModel takes: hyperparameters, global tensors and per-layer tensors (matrices
+    as (ggml type, rows, cols, bytes), vectors as float32), all views of the mapping. Shapes
+    were checked by read_model_facts; model.pxi and forward.h check them again."""
+    tensors = gguf.tensors
+
+    def matrix(name: str):
+        ti = tensors.get(name)
+        return None if ti is None else (ti.ggml_type, int(ti.shape[1]), int(ti.shape[0]), ti.data)
+
+    def vector(name: str):
+        ti = tensors.get(name)
+        return None if ti is None else as_f32(ti, kernels)
+
+    tok_embd = matrix("token_embd.weight")
+    globals_ = {
+        "tok_embd": tok_embd,
+        "output": matrix("output.weight") or tok_embd,  # tied embeddings
+        "output_norm": vector("output_norm.weight"),
+    }
+    hp = facts.hp
+    layers = []
+    for i in range(hp.n_layer):
+        spec: dict[str, Any] = {k: matrix(f"blk.{i}.{v}") for k, v in LAYER_MATRICES.items()}
+        spec.update({k: vector(f"blk.{i}.{v}") for k, v in LAYER_VECTORS.items()})
+        spec["window"] = hp.layer_window(i)
+        spec["rope_base"] = hp.layer_rope_base(i)
+        layers.append(spec)
+    return facts.c_hparams(), globals_, layers
 
 
 def as_f32(ti: Any, kernels: ModuleType) -> np.ndarray:
