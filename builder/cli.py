@@ -10,6 +10,7 @@ import click
 from qpack.runtime import cpu as qpack_cpu
 from qpack.runtime import main as runtime_main
 from qpack.runtime.errors import QpackError
+from qpack.runtime.terminal import printable
 from qpack.runtime.version import __version__
 
 
@@ -22,7 +23,7 @@ class QpackGroup(click.Group):
         except QpackError as e:
             if ctx.params.get("debug"):
                 raise
-            click.echo(f"qpack: error: {e}", err=True)
+            click.echo(f"qpack: error: {printable(str(e))}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
             click.echo("qpack: interrupted", err=True)
@@ -217,7 +218,7 @@ def perplexity_command(model, text_file, ctx_size, threads, cpu_choice) -> None:
     """Perplexity of MODEL on a text, as llama-perplexity computes it: how much did
     quantization cost? Prints running estimates, then PPL ± its standard error."""
     from qpack.runtime.model import Model
-    from qpack.runtime.perplexity import perplexity
+    from qpack.runtime.perplexity import perplexity, scoring_stream
     from qpack.runtime.tokenizer import Tokenizer
 
     gf = _open_model(model)
@@ -228,8 +229,7 @@ def perplexity_command(model, text_file, ctx_size, threads, cpu_choice) -> None:
         text = text_file.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise QpackError(f"{text_file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    tokens = tok.encode(text, add_bos=False)
-    bos = tok.bos_id if tok.add_bos else None
+    tokens, bos = scoring_stream(tok, text)
     n_windows = len(tokens) // ctx_size
     click.echo(f"{len(tokens)} tokens, {n_windows} windows of {ctx_size}", err=True)
     last = None
