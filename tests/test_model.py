@@ -24,7 +24,7 @@ from qpack.runtime.engine import Engine
 from qpack.runtime.errors import ContextOverflow, UnsupportedModel
 from qpack.runtime.gguf import open_gguf
 from qpack.runtime.model import Model
-from qpack.runtime.perplexity import perplexity
+from qpack.runtime.perplexity import perplexity, scoring_stream
 from qpack.runtime.sampler import SamplingParams
 from qpack.runtime.tokenizer import Tokenizer
 from reference_forward import ReferenceModel
@@ -294,9 +294,8 @@ def test_perplexity_within_one_percent_of_llama_cpp(name, request):
     gf = open_gguf(str(path))
     tok = Tokenizer.from_gguf(gf)
     model = Model(gf, n_ctx=128, n_batch=128, threads=2)
-    text = (DATA / "GPL-3.txt").read_text()
-    tokens = tok.encode(text, add_bos=False)
-    *_, last = perplexity(model, tokens, 128, tok.bos_id if tok.add_bos else None)
+    tokens, bos = scoring_stream(tok, (DATA / "GPL-3.txt").read_text())
+    *_, last = perplexity(model, tokens, 128, bos)
     ref_ppl, _, ref_count = refs(name)["perplexity"]
     assert last.tokens == int(ref_count)
     assert abs(last.ppl / ref_ppl - 1) < 0.01, (last.ppl, ref_ppl)
