@@ -304,6 +304,7 @@ class HttpServer:
         self._lock = threading.Lock()
         self._conns: set[_Conn] = set()
         self._accept_paused_until = 0.0
+        self._accept_failing = False
         self._running = True
         self._thread: threading.Thread | None = None
 
@@ -372,17 +373,27 @@ class HttpServer:
             except OSError as e:
                 if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     self._accept_paused_until = time.monotonic() + ACCEPT_PAUSE_SECONDS
-                    click.echo(f"qpack: server: cannot accept connections ({e.strerror}); "
-                               f"pausing {ACCEPT_PAUSE_SECONDS} s", err=True)  # fmt: skip
+                    if not self._accept_failing:  # once per episode, not every pause
+                        click.echo(f"qpack: server: cannot accept connections ({e.strerror}); "
+                                   f"retrying every {ACCEPT_PAUSE_SECONDS} s", err=True)  # fmt: skip
+                    self._accept_failing = True
                     return False
                 return True  # ECONNABORTED and the like: that client is gone
             sock.setblocking(False)
-            if len(self._conns) >= self.limits.max_connections:
-                busy = ApiError(503, f"too many connections (at most {self.limits.max_connections}); "
-                                "retry later", type_="server_error", code="server_busy")  # fmt: skip
+            self._accept_failing = False
+            cap = self.limits.max_connections
+            if len(self._conns) >= cap:
+                busy = ApiError(503, f"too many connections (at most {cap}); retry later",
+                                type_="server_error", code="server_busy")  # fmt: skip
                 self._send_now(sock, error_response(busy), close=True)
-                _close(sock)
                 self.on_answer("other", 503)
+                if len(self._conns) < cap + cap // 4 + 1:  # room to let it read the answer
+                    conn = _Conn(sock, 0.0)
+                    self._conns.add(conn)
+                    self._selector.register(sock, selectors.EVENT_READ, conn)
+                    self._linger(conn)
+                else:
+                    _close(sock)
                 continue
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -516,6 +527,11 @@ class HttpServer:
             if conn.buf:
                 self._advance(conn)
             return
+        self._linger(conn)
+
+    def _linger(self, conn: _Conn) -> None:
+        """Send FIN, then drop what the client still sends for a moment: closing with unread
+        data would reset the connection before the client reads the answer."""
         try:
             conn.sock.shutdown(socket.SHUT_WR)
         except OSError:
