@@ -22,8 +22,6 @@ from .sampler import MAX_LOGPROBS, SamplingParams
 from .session import Loaded
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
-MAX_STOP_STRINGS = 16
-MAX_STOP_CHARS = 256  # per stop string: the engine checks every one at each token
 MAX_EMBEDDING_INPUTS = 2048
 MAX_EMBEDDING_TOKENS = 65536  # per request, all inputs together
 MAX_EMBEDDING_VALUES = 1 << 20  # numbers in one answer (~20 MB of JSON floats)
@@ -77,13 +75,6 @@ def _stop(value: Any, limits: ModelLimits) -> list[str]:
         raise ApiError(
             400, "'stop' must be a string or an array of strings", code="invalid_type", param="stop"
         )
-    if len(stop) > MAX_STOP_STRINGS:
-        raise ApiError(400, f"'stop' holds at most {MAX_STOP_STRINGS} strings", code="invalid_value",
-                       param="stop")  # fmt: skip
-    long = [s for s in stop if len(s) > MAX_STOP_CHARS]
-    if long:
-        raise ApiError(400, f"'stop' strings are at most {MAX_STOP_CHARS} characters long, got {len(long[0])}",
-                       code="invalid_value", param="stop")  # fmt: skip
     return [s for s in stop if s]  # OpenAI ignores empty stop strings
 
 
