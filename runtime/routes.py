@@ -97,12 +97,16 @@ def completions(app: Server, req: HttpRequest) -> Response | EventStream:
     return _generate(app, req, prompt, chat=False)
 
 
-def _submit(app: Server, prompt: api.Prompt) -> Request:
-    engine = app.loaded.engine
-    limit = MAX_PENDING_PER_SLOT * len(engine.slots)
+def _check_queue(app: Server) -> None:
+    limit = MAX_PENDING_PER_SLOT * len(app.loaded.engine.slots)
     if app.metrics.in_flight >= limit:
         raise ApiError(503, f"the server is busy ({limit} requests waiting); retry later",
                        type_="server_error", code="server_busy")  # fmt: skip
+
+
+def _submit(app: Server, prompt: api.Prompt) -> Request:
+    engine = app.loaded.engine
+    _check_queue(app)
     constraint = None
     if prompt.json_mode:
         p = prompt.params
@@ -222,9 +226,28 @@ def _stream(app: Server, req: HttpRequest, submitted: Request, answer: api.Answe
 
 def embeddings(app: Server, req: HttpRequest) -> Response:
     inputs, encoding = api.embedding_inputs(_json_body(req), app.loaded)
+    engine = app.loaded.engine
+    _check_queue(app)
+    try:
+        submitted = engine.submit_embedding(inputs)
+    except ContextOverflow as e:
+        raise ApiError(400, str(e), code="context_length_exceeded", param="input") from None
+    except QpackError as e:
+        raise ApiError(400, str(e), code="invalid_value", param="input") from None
+    app.metrics.generation(+1)
+    try:
+        while not submitted.done.wait(POLL_SECONDS):
+            if req.client_gone():
+                raise ClientGone()
+    finally:
+        if not submitted.done.is_set():
+            submitted.cancel()  # the engine drops it at its next step
+        app.metrics.generation(-1)
+    if submitted.error is not None:
+        raise ApiError(500, f"embedding failed: {submitted.error}", type_="server_error",
+                       code="embedding_error")  # fmt: skip
     data = []
-    for i, tokens in enumerate(inputs):
-        vector = _embed(app, req, tokens)
+    for i, vector in enumerate(submitted.vectors):
         if encoding == "base64":
             value: Any = base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
         else:
@@ -233,30 +256,6 @@ def embeddings(app: Server, req: HttpRequest) -> Response:
     n = sum(len(t) for t in inputs)
     return Response.json({"object": "list", "data": data, "model": app.model_id,
                           "usage": {"prompt_tokens": n, "total_tokens": n}})  # fmt: skip
-
-
-EMBED_WAIT_SECONDS = 120.0
-
-
-def _embed(app: Server, req: HttpRequest, tokens: list[int]):
-    """One embedding on the engine thread; waits for a free slot while all are busy."""
-    engine = app.loaded.engine
-    deadline = time.monotonic() + EMBED_WAIT_SECONDS
-    while True:
-        if any(s.request is None for s in engine.slots):
-            try:
-                return engine.run_job(lambda: engine.embed(tokens))
-            except ContextOverflow as e:
-                raise ApiError(400, str(e), code="context_length_exceeded", param="input") from None
-            except QpackError as e:
-                if "no free sequence slot" not in str(e):
-                    raise ApiError(400, str(e), code="invalid_value", param="input") from None
-        if time.monotonic() > deadline:
-            raise ApiError(503, "every sequence slot stayed busy; retry later", type_="server_error",
-                           code="server_busy")  # fmt: skip
-        if req.client_gone():
-            raise ClientGone()
-        time.sleep(POLL_SECONDS)
 
 
 def tokenize(app: Server, req: HttpRequest) -> Response:

@@ -5,6 +5,8 @@ the oracle; the message must name the problem, never carry a traceback.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from qpack.runtime.gguf import open_gguf
 from qpack.runtime.server import Server, ServerOptions
@@ -110,3 +112,98 @@ def test_bad_request(tiny_server, case):
     assert "Traceback" not in reply["error"]["message"]
     if want_status == 405:
         assert heads.get("allow")
+
+
+# --- answers and engine fairness on the tiny model -------------------------------------------
+
+
+def test_chat_answer_and_stream_envelopes(tiny_server):
+    body = {"messages": MSG, "max_tokens": 4, "temperature": 0, "logit_bias": {"2": -100}}
+    status, _, r = request(tiny_server, "POST", CHAT, body)
+    assert status == 200 and r["object"] == "chat.completion" and r["id"].startswith("chatcmpl-")
+    assert r["choices"][0]["message"]["role"] == "assistant"
+    assert r["usage"]["completion_tokens"] == 4 and r["choices"][0]["finish_reason"] == "length"
+    status, heads, text = request(tiny_server, "POST", CHAT, {**body, "stream": True,
+                                  "stream_options": {"include_usage": True}})  # fmt: skip
+    assert status == 200 and heads["content-type"].startswith("text/event-stream")
+    events = [line[6:] for line in text.split("\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert len({c["id"] for c in chunks}) == 1 and all(
+        c["object"] == "chat.completion.chunk" for c in chunks
+    )
+    streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert streamed == r["choices"][0]["message"]["content"]  # greedy: the same answer
+    assert chunks[-1]["usage"]["completion_tokens"] == 4
+
+
+def test_sampling_defaults_come_from_the_server_and_the_request_overrides_them(tiny_server):
+    from qpack.runtime.fields import read_fields, sampling_params
+    from qpack.runtime.openai_api import CHAT_FIELDS, model_limits
+    from qpack.runtime.sampler import SamplingParams
+
+    defaults = SamplingParams(temperature=0.3, top_k=7, stop=["END"], max_tokens=50)
+    limits = model_limits(tiny_server.loaded)
+    v = read_fields({"messages": MSG, "top_k": 3, "max_tokens": 9, "max_completion_tokens": 11},
+                    CHAT_FIELDS, limits)  # fmt: skip
+    p = sampling_params(v, CHAT_FIELDS, defaults)
+    assert (p.temperature, p.top_k, p.stop, p.max_tokens) == (0.3, 3, ["END"], 11)
+    assert sampling_params(read_fields({"messages": MSG}, CHAT_FIELDS, limits), CHAT_FIELDS,
+                           defaults) == defaults  # fmt: skip
+
+
+def test_embeddings_alone_equal_embeddings_batched(tiny_server):
+    texts = ["hello world", "the a the", "world!"]
+    _, _, batched = request(tiny_server, "POST", "/v1/embeddings", {"input": texts})
+    for i, t in enumerate(texts):
+        _, _, alone = request(tiny_server, "POST", "/v1/embeddings", {"input": t})
+        a, b = alone["data"][0]["embedding"], batched["data"][i]["embedding"]
+        assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-5
+        assert abs(sum(x * x for x in a) - 1) < 1e-4
+
+
+def test_embeddings_stop_when_the_client_leaves(tiny_server):
+    """A long embedding request goes through the engine queue a chunk per step; a client that
+    hangs up has it cancelled: far fewer tokens are processed than it asked for."""
+    import socket
+    import time
+
+    engine = tiny_server.loaded.engine
+    n_tokens = 250
+    inputs = [[100 + i % 50 for i in range(n_tokens)]] * (65536 // n_tokens)
+    body = json.dumps({"input": inputs}).encode()
+    before = engine.stats["prompt_tokens"]
+    host, port = tiny_server.address
+    with socket.create_connection((host, port)) as sock:
+        sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+        for _ in range(200):
+            if engine.stats["prompt_tokens"] > before:
+                break
+            time.sleep(0.02)
+    for _ in range(500):  # bounded by count: until the slot is free again
+        if all(s.request is None for s in engine.slots):
+            break
+        time.sleep(0.02)
+    assert all(s.request is None for s in engine.slots)
+    done = engine.stats["prompt_tokens"] - before
+    assert 0 < done < n_tokens * len(inputs) / 2, (done, n_tokens * len(inputs))
+    assert tiny_server.metrics.in_flight == 0
+
+
+def test_props_has_no_file_paths(tiny_server):
+    _, _, props = request(tiny_server, "GET", "/props")
+    text = json.dumps(props)
+    assert "path" not in props["model"] and "/" not in text.replace("/s", "")  # no directories
+
+
+def test_non_loopback_without_a_key_refuses_to_start():
+    from qpack.runtime.errors import QpackError
+
+    with pytest.raises(QpackError, match="--no-api-key"):
+        Server(ServerOptions(host="0.0.0.0", port=0, open_browser=False)).listen()
+    for options in (ServerOptions(host="0.0.0.0", port=0, api_key="k", open_browser=False),
+                    ServerOptions(host="0.0.0.0", port=0, no_api_key=True, open_browser=False)):  # fmt: skip
+        s = Server(options)
+        s.listen()
+        s.close()
