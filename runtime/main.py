@@ -15,6 +15,7 @@ import click
 
 from . import cpu, embedded
 from .errors import EmbeddedModelError, QpackError
+from .transport import Limits
 from .version import __version__
 
 PROG = "qpack"
@@ -156,6 +157,13 @@ def server_options(f):
                 help="Largest request body in bytes.",
             ),
             click.option(
+                "--max-connections",
+                default=Limits.max_connections,
+                show_default=True,
+                type=click.IntRange(min=8),
+                help="Open client connections at most; beyond, a new one gets 503.",
+            ),
+            click.option(
                 "--nobrowser", is_flag=True, help="Do not open the chat page in a browser."
             ),
         ]
@@ -210,6 +218,7 @@ def serve(gguf, kw: dict) -> None:
         no_api_key=kw["no_api_key"],
         cors_origin=kw["cors_origin"],
         max_body=kw["max_body"],
+        limits=Limits(max_connections=kw["max_connections"]),
         parallel=kw["parallel"],
         ctx_size=kw["ctx_size"],
         threads=kw["threads"],
