@@ -153,6 +153,8 @@ class ToolCallScanner:
         while True:
             if self.calls and not self.calls[-1].complete:
                 call = self.calls[-1]
+                while self._args_at < len(text) and text[self._args_at].isspace():
+                    self._args_at += 1  # whitespace before the arguments is not theirs
                 end = _json_value_end(text, self._args_at)
                 if end is None:
                     call.arguments = text[self._args_at :].rstrip()
@@ -188,7 +190,13 @@ class ChatOutput:
             if self.fmt is GENERIC:
                 self._region = ""  # the whole answer is the JSON object
 
-    def feed(self, text: str) -> list[dict[str, Any]]:
+    def feed(self, text: str, token_text: str | None = None) -> list[dict[str, Any]]:
+        """The next piece of the answer; `token_text`: the vocabulary text of the token it
+        came from, which brings back a call-opening control token (Mistral's [TOOL_CALLS])
+        that decoding leaves out of the text."""
+        if self.fmt is not None and self.fmt.open and token_text == self.fmt.open:
+            if self.fmt.open not in text:
+                text = self.fmt.open + text
         pieces = self.reasoning.feed(text) if self.reasoning else [("content", text)]
         return self._take(pieces)
 

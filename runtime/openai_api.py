@@ -10,20 +10,21 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import tools
+from .chat_request import ChatFeatures, ReasoningDefaults, chat_features, chat_messages
 from .engine import Event, Usage
+from .grammar import SchemaError
 from .sampler import MAX_LOGPROBS, SamplingParams, SamplingParamsError
 from .session import Loaded
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
 MAX_STOP_STRINGS = 16
 MAX_EMBEDDING_INPUTS = 2048
-JSON_MODE_INSTRUCTION = "Answer with one valid JSON object and nothing else."
 
 
 class ApiError(Exception):
@@ -146,6 +147,7 @@ class ServerDefaults:
     stop: list[str] = field(default_factory=list)
     max_tokens: int | None = None
     system: str | None = None
+    reasoning: ReasoningDefaults = field(default_factory=ReasoningDefaults)
 
 
 def sampling_params(body: dict[str, Any], defaults: ServerDefaults, n_ctx: int, n_vocab: int,
@@ -231,13 +233,11 @@ class Prompt:
     stream: bool
     include_usage: bool
     logprobs: bool
-    json_mode: bool = False
+    features: ChatFeatures | None = None  # chat: tools, response format, reasoning
     echo: str = ""
 
 
-def _messages(
-    body: dict[str, Any], defaults: ServerDefaults, json_mode: bool
-) -> list[dict[str, str]]:
+def _messages(body: dict[str, Any], defaults: ServerDefaults) -> list[dict[str, Any]]:
     messages = get_field(body, "messages", list, required=True)
     if not messages:
         raise ApiError(
@@ -270,30 +270,37 @@ def _messages(
         elif not isinstance(content, str):
             raise ApiError(400, f"'{where}.content' must be a string or an array of text parts, got {_kind_name(content)}",
                            code="invalid_type", param=f"{where}.content")  # fmt: skip
-        # Only role and content reach the template: other keys (name ...) would be one more
-        # place for text to slip into the prompt unescaped.
-        out.append({"role": "system" if role == "developer" else role, "content": content})
-    extra_system = [s for s in (defaults.system if out[0]["role"] != "system" else None,
-                                JSON_MODE_INSTRUCTION if json_mode else None) if s]  # fmt: skip
-    if extra_system:
-        if out[0]["role"] == "system":
-            out[0] = {"role": "system", "content": "\n\n".join([out[0]["content"], *extra_system])}
-        else:
-            out.insert(0, {"role": "system", "content": "\n\n".join(extra_system)})
+        # Only these keys reach the template: others (name ...) would be one more place for
+        # text to slip into the prompt unescaped.
+        message: dict[str, Any] = {"role": "system" if role == "developer" else role,
+                                   "content": content}  # fmt: skip
+        try:
+            if role == "assistant" and m.get("tool_calls"):
+                message["tool_calls"] = tools.checked_tool_calls(m, where)
+        except tools.ToolRequestError as e:
+            raise ApiError(400, str(e), code="invalid_value", param=e.param) from None
+        if role == "tool":
+            call_id = m.get("tool_call_id")
+            if not isinstance(call_id, str):
+                raise ApiError(400, f"'{where}.tool_call_id' must be the id of the call this answers",
+                               code="invalid_value", param=f"{where}.tool_call_id")  # fmt: skip
+            message["tool_call_id"] = call_id
+        out.append(message)
+    if defaults.system and out[0]["role"] != "system":
+        out.insert(0, {"role": "system", "content": defaults.system})
     return out
 
 
-def _json_mode(body: dict[str, Any]) -> bool:
-    fmt = get_field(body, "response_format", dict)
-    if fmt is None:
-        return False
-    kind = fmt.get("type")
-    if kind == "text":
-        return False
-    if kind == "json_object":
-        return True
-    raise ApiError(400, f"'response_format.type' must be 'text' or 'json_object', got {kind!r}"
-                   " (JSON schemas are not supported)", code="invalid_value", param="response_format")  # fmt: skip
+def _features(body: dict[str, Any], loaded: Loaded, defaults: ServerDefaults) -> ChatFeatures:
+    """tools, tool_choice, response_format, reasoning: a 400 naming the field (or the schema
+    keyword) that cannot be honoured."""
+    try:
+        return chat_features(body, loaded.template, defaults.reasoning)
+    except tools.ToolRequestError as e:
+        raise ApiError(400, str(e), code="invalid_value", param=e.param) from None
+    except SchemaError as e:
+        param = "tools" if str(e).startswith("tool ") else "response_format"
+        raise ApiError(400, str(e), code="unsupported_schema", param=param) from None
 
 
 def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
@@ -308,8 +315,8 @@ def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
 
 def chat_prompt(body: dict[str, Any], loaded: Loaded, defaults: ServerDefaults) -> Prompt:
     get_field(body, "model", str)
-    json_mode = _json_mode(body)
-    messages = _messages(body, defaults, json_mode)
+    features = _features(body, loaded, defaults)
+    messages = chat_messages(features, _messages(body, defaults))
     logprobs = get_field(body, "logprobs", bool, False)
     top = get_field(body, "top_logprobs", int)
     if top is not None and not logprobs:
@@ -323,8 +330,9 @@ def chat_prompt(body: dict[str, Any], loaded: Loaded, defaults: ServerDefaults) 
         body, defaults, loaded.model.n_ctx, loaded.model.n_vocab, (top or 0) if logprobs else None
     )
     stream, include_usage = _stream_flags(body)
-    tokens = chat_tokens_escaped(loaded, messages)
-    return Prompt(tokens, params, stream, include_usage, logprobs, json_mode)
+    tokens, text = chat_tokens_escaped(loaded, messages, features.template_kwargs)
+    features.note_prompt(text)
+    return Prompt(tokens, params, stream, include_usage, logprobs, features)
 
 
 def completion_prompt(body: dict[str, Any], loaded: Loaded, defaults: ServerDefaults) -> Prompt:
@@ -391,7 +399,9 @@ def special_texts(loaded: Loaded) -> list[str]:
     return cached
 
 
-def chat_tokens_escaped(loaded: Loaded, messages: list[dict[str, str]]) -> list[int]:
+def chat_tokens_escaped(
+    loaded: Loaded, messages: list[dict[str, Any]], template_kwargs: dict[str, Any] | None = None
+) -> tuple[list[int], str]:
     """The chat prompt's tokens, with the template's own special tokens parsed but none taken
     from message text: "<|im_end|>" typed by a user stays plain text.
 
@@ -404,12 +414,19 @@ def chat_tokens_escaped(loaded: Loaded, messages: list[dict[str, str]]) -> list[
     tok = loaded.tokenizer
     specials = special_texts(loaded)
     try:
-        text = loaded.template.render(messages, add_generation_prompt=True)
+        text = loaded.template.render(
+            messages, add_generation_prompt=True, **(template_kwargs or {})
+        )
     except ChatTemplateError as e:
         raise ApiError(400, str(e), code="invalid_value", param="messages") from None
+    for m in messages:
+        for call in m.get("tool_calls") or []:
+            if any(s in json.dumps(call["function"], ensure_ascii=False) for s in specials):
+                raise ApiError(400, "a tool call in 'messages' holds the text of a special token; remove it",
+                               code="invalid_value", param="messages")  # fmt: skip
     risky = [m["content"] for m in messages if any(s in m["content"] for s in specials)]
     if not risky:
-        return tok.encode(text, parse_special=True)  # as ChatTemplate.encode
+        return tok.encode(text, parse_special=True), text  # as ChatTemplate.encode
     # Pieces of (text, is_user_text), found in order in the rendered prompt.
     pieces: list[tuple[str, bool]] = []
     pos = 0
@@ -427,7 +444,7 @@ def chat_tokens_escaped(loaded: Loaded, messages: list[dict[str, str]]) -> list[
         if piece or i == 0:
             tokens += tok.encode(piece, add_bos=None if i == 0 else False,
                                  add_eos=None if i == last else False, parse_special=not is_user)  # fmt: skip
-    return tokens
+    return tokens, text
 
 
 def embedding_inputs(body: dict[str, Any], loaded: Loaded) -> tuple[list[list[int]], str]:
@@ -559,9 +576,8 @@ def completion_logprobs(entries: list[dict[str, Any]], offset: int = 0) -> dict[
     }
 
 
-def chat_response(
-    a: Answer, model: str, fingerprint: str, usage: Usage, content: str
-) -> dict[str, Any]:
+def chat_response(a: Answer, model: str, fingerprint: str, usage: Usage, message: dict[str, Any],
+                  finish_reason: str | None) -> dict[str, Any]:  # fmt: skip
     return {
         "id": a.id,
         "object": "chat.completion",
@@ -570,9 +586,9 @@ def chat_response(
         "system_fingerprint": fingerprint,
         "choices": [{
             "index": 0,
-            "message": {"role": "assistant", "content": content, "refusal": None},
+            "message": message,
             "logprobs": {"content": a.logprobs, "refusal": None} if a.want_logprobs else None,
-            "finish_reason": a.finish_reason,
+            "finish_reason": finish_reason,
         }],
         "usage": usage_object(usage),
     }  # fmt: skip
@@ -644,37 +660,3 @@ def usage_chunk(
         "choices": [],
         "usage": usage_object(usage),
     }
-
-
-# --- JSON mode ------------------------------------------------------------------------------
-
-_FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.S)
-
-
-def extract_json_object(text: str, max_tries: int = 64) -> str | None:
-    """The JSON object in a model's answer: the whole answer, a fenced block, or the first
-    {...} that parses. None if there is none."""
-    for candidate in [text] + [m.group(1) for m in _FENCE.finditer(text)]:
-        try:
-            if isinstance(json.loads(candidate), dict):
-                return candidate.strip()
-        except ValueError:
-            pass
-    decoder = json.JSONDecoder()
-    start = text.find("{")
-    for _ in range(max_tries):
-        if start < 0:
-            break
-        try:
-            value, end = decoder.raw_decode(text, start)
-            if isinstance(value, dict):
-                return text[start:end]
-        except ValueError:
-            pass
-        start = text.find("{", start + 1)
-    return None
-
-
-def json_mode_error(a: Answer) -> ApiError:
-    return ApiError(500, "JSON mode: the model's answer is not a JSON object; try again",
-                    type_="server_error", code="invalid_json_output")  # fmt: skip

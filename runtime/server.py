@@ -39,7 +39,6 @@ import numpy as np
 from . import cpu, session
 from . import openai_api as api
 from .errors import ContextOverflow, QpackError
-from .json_constraint import JsonConstraint
 from .openai_api import ApiError, ServerDefaults
 from .version import __version__
 
@@ -595,10 +594,8 @@ class Handler(BaseHTTPRequestHandler):
     def _generate(self, prompt: api.Prompt, chat: bool) -> None:
         loaded = self.app.loaded
         constraint = None
-        if prompt.json_mode:
-            p = prompt.params
-            keep = max(1 if p.temperature == 0 else (p.top_k or 40), p.n_logprobs or 0)
-            constraint = JsonConstraint(loaded.tokenizer, keep=keep)
+        if prompt.features is not None:
+            constraint = prompt.features.constraint(loaded.template, loaded.model.n_vocab)
         req = self._submit(prompt.tokens, prompt.params, constraint)
         answer = api.Answer(loaded, chat, prompt.logprobs, "chatcmpl" if chat else "cmpl")
         try:
@@ -628,12 +625,11 @@ class Handler(BaseHTTPRequestHandler):
         if not chat:
             self._send_json(api.completion_response(answer, model, fp, req.usage, prompt.echo))
             return
-        content = answer.content
-        if prompt.json_mode and answer.finish_reason != "length":  # cut short: as OpenAI, as is
-            content = api.extract_json_object(content)
-            if content is None:
-                raise api.json_mode_error(answer)
-        self._send_json(api.chat_response(answer, model, fp, req.usage, content))
+        out = prompt.features.output()
+        out.feed(answer.content)
+        out.finish()
+        self._send_json(api.chat_response(answer, model, fp, req.usage, out.message(),
+                                          out.finish_reason(answer.finish_reason)))  # fmt: skip
 
     def _stream_answer(self, req, answer: api.Answer, prompt: api.Prompt, chat: bool) -> None:
         model, fp = self.app.model_id, self.app.fingerprint
@@ -648,31 +644,34 @@ class Handler(BaseHTTPRequestHandler):
             )
         pending: list[dict[str, Any]] = []  # logprobs of tokens whose text is still held back
         offset = len(prompt.echo)
+        out = prompt.features.output() if chat else None
+        tok = self.app.loaded.tokenizer
         for ev in self._events(req):
             pending += answer.add(ev)
-            if not ev.text and ev.finish_reason is None:
-                continue
-            lp = pending if prompt.logprobs else None
-            if ev.text or pending:
-                if chat:
-                    self._sse(api.chat_chunk(answer, model, fp, {"content": ev.text}, logprobs=lp,
+            if chat:
+                deltas = out.feed(
+                    ev.text, tok.token_text(ev.token) if ev.token is not None else None
+                )
+                if ev.finish_reason is not None:
+                    deltas += out.finish()
+                if not deltas and pending and ev.finish_reason is not None:
+                    deltas = [{}]  # the last tokens' logprobs, though their text was cut
+                lp = pending if prompt.logprobs else None
+                for i, delta in enumerate(deltas):
+                    self._sse(api.chat_chunk(answer, model, fp, delta, logprobs=lp if i == 0 else None,
                                              with_usage_field=usage_field))  # fmt: skip
-                else:
-                    clp = api.completion_logprobs(pending, offset) if prompt.logprobs else None
-                    self._sse(api.completion_chunk(answer, model, fp, ev.text, logprobs=clp,
-                                                   with_usage_field=usage_field))  # fmt: skip
+                if deltas:
+                    pending = []
+                continue
+            if ev.text or pending and ev.finish_reason is not None:
+                clp = api.completion_logprobs(pending, offset) if prompt.logprobs else None
+                self._sse(api.completion_chunk(answer, model, fp, ev.text, logprobs=clp,
+                                               with_usage_field=usage_field))  # fmt: skip
                 offset += len(ev.text)
                 pending = []
         self._check_finish(answer)
-        if (
-            chat
-            and prompt.json_mode
-            and answer.finish_reason != "length"
-            and api.extract_json_object(answer.content) is None
-        ):
-            raise api.json_mode_error(answer)
         if chat:
-            self._sse(api.chat_chunk(answer, model, fp, {}, finish=answer.finish_reason,
+            self._sse(api.chat_chunk(answer, model, fp, {}, finish=out.finish_reason(answer.finish_reason),
                                      with_usage_field=usage_field))  # fmt: skip
         else:
             self._sse(api.completion_chunk(answer, model, fp, "", finish=answer.finish_reason,
