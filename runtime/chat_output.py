@@ -62,13 +62,17 @@ class ReasoningSplit:
                 at = buf.find(THINK_CLOSE)
                 if at >= 0:
                     out.append(("reasoning", buf[:at]))
-                    buf = buf[at + len(THINK_CLOSE) :].lstrip("\n")
-                    self.state = "content"
+                    buf = buf[at + len(THINK_CLOSE) :]
+                    self.state = "after"
                 else:
                     keep = _held_prefix(buf, THINK_CLOSE)
                     out.append(("reasoning", buf[: len(buf) - keep]))
                     self._held = buf[len(buf) - keep :]
                     break
+            elif self.state == "after":  # the blank lines after </think> belong to neither
+                buf = buf.lstrip()
+                if buf:
+                    self.state = "content"
             else:
                 out.append(("content", buf))
                 break

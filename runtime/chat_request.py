@@ -15,7 +15,7 @@ from typing import Any
 
 from . import grammar, tools
 from .chat import ChatTemplate
-from .chat_output import REASONING_FORMATS, THINK_CLOSE, THINK_OPEN, ChatOutput, ReasoningSplit
+from .chat_output import REASONING_FORMATS, THINK_OPEN, ChatOutput, ReasoningSplit
 from .tools import ToolFormat, ToolRequest, ToolRequestError
 
 JSON_OBJECT_INSTRUCTION = "Answer with one valid JSON object and nothing else."
@@ -57,13 +57,14 @@ class ChatFeatures:
         tok = template.tokenizer
         call = self._trigger
         if call is not None and call.trigger is not None:
+            # auto: free text (thinking included) until the model opens a call
             return grammar.TriggeredConstraint(
                 tok, self._grammar, n_vocab, call.trigger,
                 include_trigger=call.trigger_in_grammar, at_start=call.trigger_at_start,
             )  # fmt: skip
         if self.thinks and self.enable_thinking is not False:
             # The grammar holds for the answer, after the model's free <think> block.
-            return grammar.TriggeredConstraint(tok, self._grammar, n_vocab, THINK_CLOSE)
+            return grammar.ThinkingFirst(tok, self._grammar, n_vocab, self.prompt_opens_thinking)
         return grammar.GrammarConstraint(tok, self._grammar, n_vocab)
 
     def note_prompt(self, text: str) -> None:

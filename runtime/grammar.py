@@ -236,3 +236,49 @@ class TriggeredConstraint:
             ids = self.tokenizer.encode(rest.decode("utf-8", "replace"), add_bos=False,
                                         add_eos=False)  # fmt: skip
             self.inner.matcher.consume_tokens(ids)
+
+
+class ThinkingFirst:
+    """A thinking model may first reason in `<think>...</think>` (free text), then the grammar
+    holds for the answer. `opened`: the prompt already opened the block. Without a single
+    `<think>` token in the vocabulary the grammar holds from the first token."""
+
+    def __init__(self, tokenizer: Tokenizer, grammar: str, n_vocab: int, opened: bool = False,
+                 open_text: str = "<think>", close_text: str = "</think>"):  # fmt: skip
+        self.tokenizer = tokenizer
+        self.answer = GrammarConstraint(tokenizer, grammar, n_vocab)
+        self.open_id = tokenizer.token_to_id(open_text)
+        self.close = close_text.encode()
+        self.state = "thinking" if opened else ("start" if self.open_id is not None else "answer")
+        self._seen = b""
+
+    def mask(self, logits: np.ndarray) -> np.ndarray:
+        if self.state == "thinking":
+            return logits
+        out = self.answer.mask(logits)
+        if self.state == "start":
+            out[self.open_id] = logits[self.open_id]
+        return out
+
+    def advance(self, token: int) -> None:
+        if self.state == "start":
+            if token == self.open_id:
+                self.state = "thinking"
+                return
+            self.state = "answer"
+        if self.state == "answer":
+            self.answer.advance(token)
+            return
+        self._seen += self.tokenizer.token_bytes(token)
+        at = self._seen.find(self.close)
+        if at >= 0:
+            self.state = "answer"
+            rest = self._seen[at + len(self.close) :].lstrip()
+            if rest:
+                ids = self.tokenizer.encode(rest.decode("utf-8", "replace"), add_bos=False,
+                                            add_eos=False)  # fmt: skip
+                self.answer.matcher.consume_tokens(ids)
+
+    @property
+    def error(self) -> str | None:
+        return self.answer.error

@@ -286,18 +286,22 @@ def _generic_instruction(tools: ToolRequest) -> str:
 # --- grammars -------------------------------------------------------------------------------
 
 
-def call_schema(tool: Tool, args_key: str = "arguments") -> dict[str, Any]:
-    """One call object: the name, then arguments valid against the tool's parameters."""
+def call_schema(tool: Tool, args_key: str = "arguments", with_id: bool = False) -> dict[str, Any]:
+    """One call object: the name, then arguments valid against the tool's parameters (then,
+    for Mistral, the 9-character id its models write, as llama-server's grammar has it)."""
+    properties = {"name": {"const": tool.name}, args_key: tool.parameters}
+    if with_id:
+        properties["id"] = {"type": "string", "pattern": "^[a-zA-Z0-9]{9}$"}
     return {
         "type": "object",
-        "properties": {"name": {"const": tool.name}, args_key: tool.parameters},
-        "required": ["name", args_key],
+        "properties": properties,
+        "required": list(properties),
         "additionalProperties": False,
     }
 
 
-def _any_call(tools: list[Tool], args_key: str) -> dict[str, Any]:
-    schemas = [call_schema(t, args_key) for t in tools]
+def _any_call(tools: list[Tool], args_key: str, with_id: bool = False) -> dict[str, Any]:
+    schemas = [call_schema(t, args_key, with_id) for t in tools]
     return schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
 
 
@@ -337,7 +341,7 @@ def call_grammar(fmt: ToolFormat, tools: ToolRequest, tokenizer: Tokenizer) -> C
             raise grammar.SchemaError(f"tool {t.name!r} parameters: {e}", e.keyword) from None
     if fmt is GENERIC:
         return CallGrammar(grammar.json_schema(generic_schema(tools)))
-    call = "%json " + json.dumps(_any_call(tools.offered, fmt.args_key))
+    call = "%json " + json.dumps(_any_call(tools.offered, fmt.args_key, fmt is MISTRAL))
     lit = lambda text: grammar.lark_literal(tokenizer, text)  # noqa: E731
     ws = "/[ \\t\\n]*/"
     if fmt.call_open:  # hermes: <tool_call>{...}</tool_call>, repeated
