@@ -765,8 +765,8 @@ def _descriptor_budget() -> int:
     one first (the default soft limit, often 1024, is far below what a server needs)."""
     try:
         import resource
-    except ImportError:  # Windows: no per-process descriptor limit of this kind
-        return 1 << 16
+    except ImportError:  # Windows: selectors there is select(), at most 512 sockets
+        return 500
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = hard if hard != resource.RLIM_INFINITY else 1 << 16
     if soft != resource.RLIM_INFINITY and soft < want:
