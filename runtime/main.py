@@ -166,6 +166,20 @@ def server_options(f):
             click.option(
                 "--nobrowser", is_flag=True, help="Do not open the chat page in a browser."
             ),
+            click.option(
+                "--reasoning-format",
+                default="auto",
+                show_default=True,
+                type=click.Choice(["auto", "deepseek", "none"]),
+                help="A thinking model's <think> block: split into reasoning_content (auto, "
+                "deepseek) or left in the content (none); requests may say otherwise.",
+            ),
+            click.option(
+                "--thinking/--no-thinking",
+                default=None,
+                help="The chat template's enable_thinking for requests that do not set it "
+                "(default: the template's own).",
+            ),
         ]
     ):
         f = opt(f)
@@ -208,9 +222,14 @@ def serve(gguf, kw: dict) -> None:
     """Default: the OpenAI-compatible server and chat page on host:port. The sampling options
     become the defaults of requests that leave those fields out."""
     from . import server
+    from .chat_request import ReasoningDefaults
     from .openai_api import ServerDefaults
 
-    defaults = ServerDefaults(sampling=sampling_params(kw), system=kw.get("system"))
+    defaults = ServerDefaults(
+        sampling=sampling_params(kw),
+        system=kw.get("system"),
+        reasoning=ReasoningDefaults(kw["reasoning_format"], kw["thinking"]),
+    )
     options = server.ServerOptions(
         host=kw["host"],
         port=kw["port"],
