@@ -583,6 +583,9 @@ class HttpServer:
     def _count(self, req: HttpRequest | None, status: int) -> None:
         label = req.path if req is not None and req.path in self.routes else "other"
         self.on_answer(label, status)
+        if self.verbose:  # --verbose: one access-log line per answer
+            what = f"{req.method} {req.target[:200]}" if req is not None else "(unparsed request)"
+            click.echo(f"qpack: {what} {status}", err=True)
 
     # --- a request's own thread ---------------------------------------------------------------
 
