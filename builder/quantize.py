@@ -451,3 +451,9 @@ def _quantize_chunk(fd, ti: TensorInfo, plan: TensorPlan, at: int, arg, dequanti
     out = quantize_rows(plan.type.name, x, im)
     write_at(fd, out.tobytes(), at)
     return sub.nbytes
+
+
+def tensor_work_bytes(src: str | os.PathLike, ftype_name: str) -> int:
+    """The total that quantize_file's progress callback counts up to (input tensor bytes)."""
+    with open_gguf(src) as gf:
+        return sum(t.nbytes for t in gf.tensors.values())
