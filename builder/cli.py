@@ -237,6 +237,56 @@ def imatrix_command(model, text_file, output, ctx_size, chunks, cpu_choice) -> N
     click.echo(f"wrote {output}: {len(sums)} matrices, {n_chunks} chunks of {ctx_size}", err=True)
 
 
+@main.command("advise")
+@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "-f",
+    "--file",
+    "text_file",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Text for perplexity and KL divergence (UTF-8; a few thousand tokens are enough).",
+)
+@click.option("--ram", default=None, help="RAM budget, e.g. 8G (default: this machine's RAM).")
+@click.option("--ctx", default=4096, show_default=True, type=click.IntRange(min=8),
+              help="Context size the RAM figure is for.")  # fmt: skip
+@click.option(
+    "--types",
+    help="Candidate types, comma-separated (default: Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q4_K_S,IQ4_XS,"
+    "Q4_0,Q3_K_M,Q2_K).",
+)
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also draw KL divergence against size and decode speed into this PNG.")  # fmt: skip
+@click.option("-t", "--threads", type=click.IntRange(min=1), help="Threads (default: physical cores).")  # fmt: skip
+@click.option("--cpu", "cpu_choice", default="auto", show_default=True, help="Kernel variant.")
+def advise_command(model, text_file, ram, ctx, types, plot, threads, cpu_choice) -> None:
+    """Quantize MODEL (F16/BF16/F32) to candidate types, measure each here -- file size, RAM
+    at --ctx, prefill and decode speed, perplexity and KL divergence against MODEL -- and
+    recommend the most faithful one that fits the RAM budget. Results are cached."""
+    from qpack.builder import advise, stub
+
+    kernels = qpack_cpu.load(cpu_choice)
+    budget = advise.parse_size(ram) if ram else advise.physical_ram()
+    results = advise.advise(
+        model,
+        _read_text(text_file),
+        stub.cache_dir(),
+        types=tuple(t.strip() for t in types.split(",") if t.strip())
+        if types
+        else advise.CANDIDATES,
+        ctx=ctx,
+        threads=threads,
+        kernels=kernels,
+        note=lambda s: click.echo(f"  {s}", err=True),
+    )
+    click.echo(advise.format_table(results, budget, ctx))
+    if plot:
+        from qpack.builder.plot import plot_advice
+
+        how = plot_advice(results, plot, advise.recommend(results, budget))
+        click.echo(f"wrote {plot} ({how})", err=True)
+
+
 def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
