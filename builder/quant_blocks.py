@@ -17,14 +17,19 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+from qpack.runtime.errors import QpackError
 
 F32 = np.float32
 GROUP_MAX_EPS = F32(1e-15)
 IQ4_VALUES = np.array(
     [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8
 )
-# best_index_int8: x picks level i once 2x reaches val[i-1] + val[i].
-_IQ4_MIDPOINTS = IQ4_VALUES[1:].astype(np.float32) + IQ4_VALUES[:-1].astype(np.float32)
+# best_index_int8: x picks level i once 2x reaches val[i-1] + val[i]. Those sums are integers,
+# so the level depends only on floor(2x): a table over floor(2x) in [-256, 256] gives it.
+_IQ4_MIDPOINTS = IQ4_VALUES[1:].astype(np.int32) + IQ4_VALUES[:-1].astype(np.int32)
+_IQ4_LEVEL_OF_FLOOR = np.searchsorted(_IQ4_MIDPOINTS, np.arange(-256, 257), side="right").astype(
+    np.uint8
+)
 
 
 def _f16(v: np.ndarray) -> np.ndarray:
@@ -253,6 +258,7 @@ def _make_qkx(x, nmax, w, rmin, rdelta, nstep, use_mad, clamp_min_first):
     flat = hi <= lo
     sum_w = w.sum(axis=-1, dtype=F32)
     sum_x = (w * x).sum(axis=-1, dtype=F32)
+    sum_wx2 = (w * x * x).sum(axis=-1, dtype=np.float64)
 
     def err(scale, mn, lv):
         diff = scale[..., None] * lv + mn[..., None] - x
@@ -281,7 +287,14 @@ def _make_qkx(x, nmax, w, rmin, rdelta, nstep, use_mad, clamp_min_first):
             pos = this_min > 0
             this_min = np.where(pos, F32(0), this_min)
             this_scale = np.where(pos, sum_xl / sum_l2, this_scale)
-            cur = err(this_scale, this_min, cand)
+            if use_mad:
+                cur = err(this_scale, this_min, cand)
+            else:  # sum w (s*l + m - x)^2 expanded over the sums already at hand
+                s64, m64 = this_scale.astype(np.float64), this_min.astype(np.float64)
+                cur = (
+                    s64 * s64 * sum_l2 + 2 * s64 * m64 * sum_l - 2 * s64 * sum_xl
+                    + m64 * m64 * sum_w - 2 * m64 * sum_x + sum_wx2
+                )  # fmt: skip
             better = (det > 0) & (cur < best) & ~flat
             lv = np.where(better[..., None], cand, lv)
             best = np.where(better, cur, best)
@@ -517,8 +530,16 @@ def quantize_q2_k(x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarra
 # --- IQ4_NL / IQ4_XS: the non-linear 16-value grid -------------------------------------------
 
 
+_IQ4_VALUE_OF_FLOOR = IQ4_VALUES.astype(F32)[_IQ4_LEVEL_OF_FLOOR]
+
+
+def _iq4_floor_index(v: np.ndarray) -> np.ndarray:
+    """Index into the floor(2x) tables (inputs are finite: quantize_rows checks)."""
+    return np.floor(np.clip(v + v, F32(-256), F32(256))).astype(np.int32) + 256
+
+
 def _iq4_index(v: np.ndarray) -> np.ndarray:
-    return np.searchsorted(_IQ4_MIDPOINTS, v + v, side="right").astype(np.uint8)
+    return _IQ4_LEVEL_OF_FLOOR[_iq4_floor_index(v)]
 
 
 def _iq4_scales(xb: np.ndarray, w: np.ndarray, ntry: int = 7):
@@ -527,18 +548,19 @@ def _iq4_scales(xb: np.ndarray, w: np.ndarray, ntry: int = 7):
     mx = _signed_absmax(xb)
     zero = np.abs(mx) < GROUP_MAX_EPS
     mx = np.where(zero, F32(1), mx)
+    wx = w * xb
     with np.errstate(all="ignore"):
         d = -mx / values[0]
         lv = _iq4_index(_recip(d)[..., None] * xb)
         q = values[lv]
-        sumqx = (w * q * xb).sum(axis=-1, dtype=F32)
+        sumqx = (wx * q).sum(axis=-1, dtype=F32)
         sumq2 = (w * q * q).sum(axis=-1, dtype=F32)
         d = _safe_div(sumqx, sumq2)
         best = d * sumqx
         for itry in range(-ntry, ntry + 1):
             iscale = (F32(itry) + values[0]) / mx
-            q = values[_iq4_index(iscale[..., None] * xb)]
-            sqx = (w * q * xb).sum(axis=-1, dtype=F32)
+            q = _IQ4_VALUE_OF_FLOOR[_iq4_floor_index(iscale[..., None] * xb)]
+            sqx = (wx * q).sum(axis=-1, dtype=F32)
             sq2 = (w * q * q).sum(axis=-1, dtype=F32)
             better = (sq2 > 0) & (sqx * sqx > best * sq2)
             d = np.where(better, _safe_div(sqx, sq2), d)
@@ -610,6 +632,9 @@ def quantize_rows(type_name: str, x: np.ndarray, imatrix: np.ndarray | None = No
     """float32 rows (n_rows, n_per_row) -> uint8 (n_rows, row_bytes) of `type_name`
     (also F32, F16 and BF16, as plain conversions)."""
     x = np.ascontiguousarray(x, dtype=F32)
+    if not np.isfinite(x).all():
+        bad = int(np.argmin(np.isfinite(x).all(axis=1)))
+        raise QpackError(f"row {bad} holds NaN or infinite values: nothing to quantize")
     if type_name == "F32":
         return x.view(np.uint8)
     if type_name == "F16":

@@ -215,30 +215,42 @@ def fallback(type_name: str, row: int) -> str:
 
 def choose_types(gf: GGUFFile, ftype: FileType, has_imatrix: bool = False) -> dict[str, QuantType]:
     """Every tensor's output type under `ftype`, as llama.cpp's mixes choose them."""
+    return plan_types(gf, ftype, has_imatrix)[0]
+
+
+def plan_types(
+    gf: GGUFFile, ftype: FileType, has_imatrix: bool = False
+) -> tuple[dict[str, QuantType], list[str]]:
+    """(every tensor's output type, the tensors whose row forced a fallback type)."""
     md = gf.metadata
     arch = gf.architecture
-    n_layer = int(md.get(f"{arch}.block_count", 0))
     n_head = int(md.get(f"{arch}.attention.head_count", 1) or 1)
     n_head_kv = int(md.get(f"{arch}.attention.head_count_kv", n_head) or n_head)
     names = list(gf.tensors)
     st = MixState(
         ftype=ftype,
-        n_layer=n_layer,
+        n_layer=int(md.get(f"{arch}.block_count", 0)),
         gqa=n_head // max(n_head_kv, 1),
         has_imatrix=has_imatrix,
         tied="output.weight" not in gf.tensors,
         n_attention_wv=sum(category(n) in ("attn_v", "attn_qkv") for n in names),
     )
     out: dict[str, QuantType] = {}
+    fallbacks: list[str] = []
     # llama.cpp walks the tensors by layer, then by name: its counters depend on that order.
     for name in sorted(names, key=lambda n: (_layer(n), n)):
         ti = gf.tensors[name]
-        if not allows_quantization(name, ti.shape) or ftype.base in SOURCE_TYPES:
-            new = ti.type.name if ftype.base not in SOURCE_TYPES or not allows_quantization(name, ti.shape) else ftype.base  # fmt: skip
+        if not allows_quantization(name, ti.shape):
+            new = ti.type.name
+        elif ftype.base in SOURCE_TYPES:
+            new = ftype.base
         else:
-            new = fallback(mix_type(st, name, ti.shape), ti.shape[0])
+            wanted = mix_type(st, name, ti.shape)
+            new = fallback(wanted, ti.shape[0])
+            if new != wanted:
+                fallbacks.append(name)
         out[name] = quant_type(new)
-    return out
+    return {n: out[n] for n in names}, fallbacks
 
 
 @dataclass
@@ -307,7 +319,7 @@ def quantize_file(
         )
     gf = open_gguf(src)
     with gf:
-        types = choose_types(gf, ftype, has_imatrix=bool(imatrix))
+        types, fallbacks = plan_types(gf, ftype, has_imatrix=bool(imatrix))
         dequantize = None
         requant = [n for n, t in types.items() if t != gf.tensors[n].type and gf.tensors[n].type.name not in SOURCE_TYPES]  # fmt: skip
         if requant:
@@ -325,13 +337,6 @@ def quantize_file(
             from qpack.runtime import cpu
 
             dequantize = cpu.current().dequantize
-        n_fallback = sum(
-            1
-            for n, t in types.items()
-            if allows_quantization(n, gf.tensors[n].shape)
-            and ftype.base not in SOURCE_TYPES
-            and gf.tensors[n].shape[0] % quant_type(ftype.base).block_elems
-        )
         plans = [TensorPlan(n, gf.tensors[n].shape, types[n]) for n in gf.tensors]
         kvs = [KeyValue.of(f) for f in gf.fields.values()]
         kvs = _set_u32(kvs, "general.quantization_version", QUANTIZATION_VERSION)
@@ -378,7 +383,7 @@ def quantize_file(
             ftype=ftype.name,
             size_in=gf.file_size,
             size_out=total,
-            n_fallback=n_fallback,
+            n_fallback=len(fallbacks),
             types=counts,
             seconds=time.perf_counter() - start,
         )
@@ -448,7 +453,10 @@ def _quantize_chunk(fd, ti: TensorInfo, plan: TensorPlan, at: int, arg, dequanti
         ti._region,
     )
     x = _as_f32(sub, dequantize).reshape(r1 - r0, row)
-    out = quantize_rows(plan.type.name, x, im)
+    try:
+        out = quantize_rows(plan.type.name, x, im)
+    except QpackError as e:
+        raise QpackError(f"tensor {ti.name}: {e}") from None
     write_at(fd, out.tobytes(), at)
     return sub.nbytes
 

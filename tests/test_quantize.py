@@ -114,8 +114,15 @@ def test_tensor_types_match_llama_cpp(tiny_inputs, model, ftype):
     assert types == ref
 
 
+# Every mix runs in CI; the fast set keeps the legacy types and two K/IQ mixes (the K mixes'
+# sizes already follow from test_tensor_types_match_llama_cpp).
+FAST_MIXES = (*LEGACY, "Q4_K_M", "IQ4_XS")
+
+
 @pytest.mark.parametrize("model", TINY)
-@pytest.mark.parametrize("ftype", MIXES)
+@pytest.mark.parametrize(
+    "ftype", [f if f in FAST_MIXES else pytest.param(f, marks=pytest.mark.slow) for f in MIXES]
+)
 def test_tiny_models_match_llama_cpp(tiny_inputs, tmp_path, model, ftype):
     """Same size as llama.cpp's file; legacy-type and copied tensors byte-identical."""
     out = tmp_path / "q.gguf"
@@ -155,9 +162,7 @@ def test_requantizing_needs_the_flag(tiny_inputs, tmp_path):
     with pytest.raises(QpackError, match="allow-requantize"):
         quantize_file(q8, tmp_path / "q4.gguf", "Q4_0")
     warnings = []
-    quantize_file(
-        q8, tmp_path / "q4.gguf", "Q4_0", allow_requantize=True, warn=warnings.append
-    )
+    quantize_file(q8, tmp_path / "q4.gguf", "Q4_0", allow_requantize=True, warn=warnings.append)
     assert warnings and "requantizing" in warnings[0]
     with open_gguf(tmp_path / "q4.gguf") as gf:
         assert gf.tensors["blk.0.attn_q.weight"].type.name == "Q4_0"
