@@ -21,16 +21,7 @@ from .quants import SUPPORTED_WEIGHT_TYPES
 
 DEFAULT_CTX = 4096
 
-# GGUF tensor name (per layer) -> field of the C layer struct.
-LAYER_MATRICES = {
-    "wq": "attn_q.weight",
-    "wk": "attn_k.weight",
-    "wv": "attn_v.weight",
-    "wo": "attn_output.weight",
-    "gate": "ffn_gate.weight",
-    "up": "ffn_up.weight",
-    "down": "ffn_down.weight",
-}
+# GGUF tensor name (per layer) -> field of the C layer struct (matrices: see Model.__init__).
 LAYER_VECTORS = {
     "attn_norm": "attn_norm.weight",
     "ffn_norm": "ffn_norm.weight",
@@ -106,15 +97,19 @@ class Model:
         self.n_batch = n_batch
         tensors = gguf.tensors
 
-        def matrix(name: str, required: bool = True):
+        def matrix(name: str, required: bool = True, dims: int = 2):
+            """(type, rows, cols, bytes) of a 2-D tensor, or of a 3-D stack of experts seen
+            as one matrix of n_expert x rows rows (expert e's rows follow expert e-1's)."""
             ti = tensors.get(name)
             if ti is None:
                 if required:
                     raise UnsupportedModel(f"{path}: tensor {name} is missing")
                 return None
-            if len(ti.shape) != 2:
-                raise UnsupportedModel(f"{path}: tensor {name} should be 2-D, is {list(ti.shape)}")
-            return (ti.ggml_type, int(ti.shape[1]), int(ti.shape[0]), ti.data)
+            if len(ti.shape) != dims:
+                raise UnsupportedModel(
+                    f"{path}: tensor {name} should be {dims}-D, is {list(ti.shape)}"
+                )
+            return (ti.ggml_type, ti.n_rows, int(ti.shape[0]), ti.data)
 
         def vector(name: str):
             ti = tensors.get(name)
@@ -128,14 +123,34 @@ class Model:
             "tok_embd": tok_embd,
             "output": output,
             "output_norm": vector("output_norm.weight"),
+            "rope_factors": self._rope_factors(vector),
         }
+        q_dim, kv_dim = hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim
         layers = []
         for i in range(hp.n_layer):
-            spec: dict[str, Any] = {k: matrix(f"blk.{i}.{v}") for k, v in LAYER_MATRICES.items()}
-            spec.update({k: vector(f"blk.{i}.{v}") for k, v in LAYER_VECTORS.items()})
+            p = f"blk.{i}."
+            fused_qkv = matrix(p + "attn_qkv.weight", required=False)
+            spec: dict[str, Any] = {}
+            if fused_qkv is not None:  # q, k, v rows one after the other
+                spec.update(
+                    zip(("wq", "wk", "wv"), split_rows(fused_qkv, q_dim, kv_dim), strict=True)
+                )
+            else:
+                spec.update({k: matrix(p + f"attn_{k[1]}.weight") for k in ("wq", "wk", "wv")})
+            spec["wo"] = matrix(p + "attn_output.weight")
+            if hp.arch.moe:
+                spec["router"] = matrix(p + "ffn_gate_inp.weight")
+                for k in ("gate", "up", "down"):
+                    spec[k + "_exps"] = matrix(p + f"ffn_{k}_exps.weight", dims=3)
+            elif hp.arch.fused_gate_up:  # gate rows, then up rows
+                spec["gate"], spec["up"] = split_rows(matrix(p + "ffn_up.weight"), hp.n_ff)
+                spec["down"] = matrix(p + "ffn_down.weight")
+            else:
+                spec.update({k: matrix(p + f"ffn_{k}.weight") for k in ("gate", "up", "down")})
+            spec.update({k: vector(p + v) for k, v in LAYER_VECTORS.items()})
             swa = hp.is_swa_layer(i)
             spec["window"] = hp.sliding_window if swa else 0
-            spec["rope_base"] = hp.arch.swa_rope_base if swa else hp.rope_base
+            spec["rope_base"] = hp.swa_rope_base if swa else hp.rope_base
             layers.append(spec)
         c_hp = {
             "n_layer": hp.n_layer,
@@ -146,6 +161,8 @@ class Model:
             "head_dim": hp.head_dim,
             "head_dim_v": hp.head_dim_v,
             "n_rot": hp.n_rot,
+            "n_expert": hp.n_expert,
+            "n_expert_used": hp.n_expert_used,
             "rope_neox": int(hp.arch.rope_neox),
             "activation": int(hp.arch.activation == ACT_GELU_TANH),
             "qk_norm": int(hp.arch.qk_norm),
@@ -153,6 +170,9 @@ class Model:
             "norm_eps": hp.norm_eps,
             "embd_scale": math.sqrt(hp.n_embd) if hp.arch.embed_scale else 1.0,
             "attn_scale": hp.attn_scale,
+            "attn_softcap": hp.attn_softcap,
+            "final_softcap": hp.final_softcap,
+            "rope_attn_factor": hp.rope_attn_factor,
         }
         self.native = self.kernels.NativeModel(
             c_hp, globals_, layers, self.n_ctx, n_seq, n_batch, self.threads
@@ -167,6 +187,15 @@ class Model:
             kv_bytes=self.native.kv_bytes,
             scratch_bytes=self.native.scratch_bytes,
         )
+
+    def _rope_factors(self, vector) -> np.ndarray | None:
+        """Per-frequency divisors of rope's angles, as llama.cpp picks them: llama 3's
+        rope_freqs, else phi3's long factors past the original context, else its short ones."""
+        factors = vector("rope_freqs.weight")
+        if factors is None:
+            long = self.n_ctx > self.hp.n_ctx_orig
+            factors = vector("rope_factors_long.weight" if long else "rope_factors_short.weight")
+        return factors
 
     def forward(self, tokens, positions, slots, out_rows, hidden: bool = False) -> np.ndarray:
         return self.native.forward(tokens, positions, slots, out_rows, hidden)
@@ -184,6 +213,20 @@ class Model:
             out = self.forward(chunk, np.arange(start + b, start + b + n), np.full(n, slot), rows)
             outs.append(out)
         return np.concatenate(outs) if all_rows else outs[-1][0]
+
+
+def split_rows(spec: tuple, *counts: int) -> list[tuple]:
+    """A fused matrix (type, rows, cols, bytes) cut into consecutive row ranges of the given
+    counts, the last taking the rest: views of the same bytes."""
+    ggml_type, rows, cols, data = spec
+    row_bytes = len(data) // rows if rows else 0
+    parts, at = [], 0
+    for n in (*counts, rows - sum(counts)):
+        if n <= 0 or at + n > rows:
+            raise UnsupportedModel(f"a fused tensor of {rows} rows cannot hold parts of {counts}")
+        parts.append((ggml_type, n, cols, data[at * row_bytes : (at + n) * row_bytes]))
+        at += n
+    return parts
 
 
 def as_f32(ti: Any, kernels: ModuleType) -> np.ndarray:
