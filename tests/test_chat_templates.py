@@ -106,12 +106,15 @@ def tokenizer(bos: str | None, eos: str) -> Tokenizer:
     return Tokenizer.from_metadata(md)
 
 
+@functools.cache
+def compiled(name: str) -> ChatTemplate:
+    return ChatTemplate((TEMPLATES / name).read_text(), tokenizer(*SPECIALS[name]))
+
+
 def both(name: str, messages, add_generation_prompt: bool, **extra) -> tuple[str, str]:
     source = (TEMPLATES / name).read_text()
     bos, eos = SPECIALS[name]
-    ours = ChatTemplate(source, tokenizer(bos, eos)).render(
-        messages, add_generation_prompt, **extra
-    )
+    ours = compiled(name).render(messages, add_generation_prompt, **extra)
     theirs = jinja2_render(
         source,
         messages=messages,
