@@ -33,12 +33,16 @@ def tiny_model(
     n_expert_used: int = 2,
     n_ctx_orig: int = 4096,
     softcaps: tuple[float, float] = (5.0, 3.0),
+    metadata: dict | None = None,
+    tensors: dict | None = None,
 ) -> Path:
     """A random model of `arch` (llama, qwen2, qwen3, qwen3moe, phi3, gemma2, gemma3) under
     llama.cpp's tensor and key names. Matrices in weight_type (K-quants and IQ types as random
     blocks); norms and biases F32. n_embd/n_ff multiples of 256 fit every quant type. qwen3moe
     has n_expert experts of n_ff rows each; phi3 has rope factors (long ones past n_ctx_orig);
-    gemma2 caps attention scores and logits at `softcaps` (small enough to bind by default)."""
+    gemma2 caps attention scores and logits at `softcaps` (small enough to bind by default).
+    `metadata` and `tensors` override entries (a value of None drops one): hostile variants
+    for the fuzz and boundary tests."""
     rng = np.random.default_rng(seed)
     tokens, scores, types = tiny_llama_vocab()
     n_vocab = len(tokens)
@@ -136,6 +140,12 @@ def tiny_model(
             t[p + "attn_q.bias"] = vec(q_dim, 0.0)
             t[p + "attn_k.bias"] = vec(kv_dim, 0.0)
             t[p + "attn_v.bias"] = vec(kv_dim, 0.0)
+    for overrides, target in ((metadata, md), (tensors, t)):
+        for key, value in (overrides or {}).items():
+            if value is None:
+                target.pop(key, None)
+            else:
+                target[key] = value
     return write_gguf(path, md, t, arch=arch)
 
 
