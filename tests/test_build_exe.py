@@ -279,3 +279,36 @@ def _cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def test_constrained_answers_in_the_executable(tiny_exe):
+    """llguidance (a Rust extension reading its own metadata) works inside the one-file stub:
+    a json_schema answer validates and a forced tool call comes back as tool_calls."""
+    import jsonschema
+    from server_process import ServerProcess
+
+    s = ServerProcess(None, "-t", "1", "-c", "2048", "--parallel", "1", command=["env", "-i", f"./{tiny_exe.name}"],
+                      cwd=str(tiny_exe.parent))  # fmt: skip
+    try:
+        schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}},
+                  "required": ["ok", "n"], "additionalProperties": False}  # fmt: skip
+        # max_tokens: the random tiny model writes all the whitespace the grammar allows
+        ask = {
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 1000,
+            "temperature": 0,
+        }
+        fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+        status, _, r = s.request("POST", "/v1/chat/completions", {**ask, "response_format": fmt})
+        assert status == 200, r
+        assert r["choices"][0]["finish_reason"] == "stop"
+        jsonschema.validate(json.loads(r["choices"][0]["message"]["content"]), schema)
+        tool = {"type": "function", "function": {"name": "f", "parameters": schema}}
+        status, _, r = s.request("POST", "/v1/chat/completions",
+                                 {**ask, "tools": [tool], "tool_choice": "required",
+                                  "parallel_tool_calls": False})  # fmt: skip
+        assert status == 200, r
+        [call] = r["choices"][0]["message"]["tool_calls"]
+        assert r["choices"][0]["finish_reason"] == "tool_calls" and call["function"]["name"] == "f"
+        jsonschema.validate(json.loads(call["function"]["arguments"]), schema)
+    finally:
+        s.stop()
+    assert "Traceback" not in "".join(s.log)
