@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import shutil
 import struct
 import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -373,7 +375,7 @@ def test_no_archive_is_refused(model, tmp_path):
 
 
 @pytest.mark.skipif(
-    not (os.uname().sysname == "Darwin" and Path("/usr/bin/codesign").exists()),
+    not (sys.platform == "darwin" and Path("/usr/bin/codesign").exists()),
     reason="Apple's codesign and kernel are the judges only on macOS",
 )
 def test_macos_verifies_and_starts_it(model, stub, tmp_path):
@@ -382,7 +384,7 @@ def test_macos_verifies_and_starts_it(model, stub, tmp_path):
     Python, with an exit status of its own."""
     arch, path = stub
     # arm64 Macs run x86_64 code under Rosetta (when installed); Intel Macs no arm64 code.
-    runs = arch == os.uname().machine or Path("/Library/Apple/usr/libexec/oah").exists()
+    runs = arch == platform.machine() or Path("/Library/Apple/usr/libexec/oah").exists()
     out = tmp_path / "tiny.bin"
     build(model, path, out, arch)
     for binary in (path, out):  # the stub first: the fixture itself must pass

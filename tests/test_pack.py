@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from gguf_fixtures import TinyLlamaConfig, tiny_llama, write_gguf
-from qpack.builder import digests, pack
+from qpack.builder import copier, digests, pack, zipfmt
 from qpack.builder.cli import main as qpack_cli
 from qpack.builder.digests import DigestCache, Digests, file_key
 from qpack.runtime import embedded
@@ -144,7 +144,7 @@ def test_unknown_stub_falls_back_to_append_with_a_warning(model, tmp_path, capsy
     out = tmp_path / "tiny.bin"
     report = build(model, stub, out)
     assert report.layout == "append"
-    assert "neither ELF nor PE" in capsys.readouterr().err
+    assert "neither ELF, PE nor Mach-O" in capsys.readouterr().err
     data = out.read_bytes()
     assert data.startswith(stub.read_bytes())
     with zipfile.ZipFile(out) as zf:
@@ -157,7 +157,7 @@ def test_unreadable_macho_stub_is_refused(model, tmp_path):
     stub = tmp_path / "stub"
     stub.write_bytes(b"\xcf\xfa\xed\xfe" + bytes(60) + ARCHIVE)
     with pytest.raises(QpackError, match="not a 64-bit x86_64 or arm64 Mach-O"):
-        build(model, stub, tmp_path / "tiny.bin")
+        build(model, stub, tmp_path / "tiny.bin", target="macos-arm64")
 
 
 # --- the PE layout -----------------------------------------------------------------------------
@@ -224,20 +224,20 @@ def test_zip64_records_read_by_zipfile_and_by_our_reader(tmp_path):
     size = (5 << 30) + 123
     path = tmp_path / "big.zip"
     name = b"model.gguf"
-    zip64_extra = pack.EXTRA_HEADER.pack(1, 16) + struct.pack("<QQ", size, size)
-    base = pack.LOCAL_HEADER.size + len(name) + len(zip64_extra)
-    extra = zip64_extra + pack._padding_field(base, len(zip64_extra))
+    zip64_extra = zipfmt.EXTRA_HEADER.pack(1, 16) + struct.pack("<QQ", size, size)
+    base = zipfmt.LOCAL_HEADER.size + len(name) + len(zip64_extra)
+    extra = zip64_extra + zipfmt.padding_field(base, len(zip64_extra))
     with open(path, "wb") as f:
-        f.write(pack.local_header(name, 0x1234, size, extra, zip64=True))
+        f.write(zipfmt.local_header(name, 0x1234, size, extra, zip64=True))
         data_at = f.tell()
         f.truncate(data_at + size)
         f.seek(data_at + size)
         args_at = f.tell()
-        f.write(pack.local_header(b".args", 0, 0, b"", zip64=False))
-        members = [pack.ZipMember(name, 0x1234, size, 0), pack.ZipMember(b".args", 0, 0, args_at)]
+        f.write(zipfmt.local_header(b".args", 0, 0, b"", zip64=False))
+        members = [zipfmt.ZipMember(name, 0x1234, size, 0), zipfmt.ZipMember(b".args", 0, 0, args_at)]
         cd_at = f.tell()
-        directory = pack.central_directory(members)
-        f.write(directory + pack.end_records(2, cd_at, len(directory)))
+        directory = zipfmt.central_directory(members)
+        f.write(directory + zipfmt.end_records(2, cd_at, len(directory)))
     assert data_at == 65536
     with zipfile.ZipFile(path) as zf:
         infos = {i.filename: i for i in zf.infolist()}
@@ -378,8 +378,8 @@ def copy_threads() -> list[str]:
 def test_interrupted_copy_leaves_nothing(model, elf_stub, tmp_path, monkeypatch):
     """Ctrl-C on the main thread while the copy and digest threads run (small chunks keep
     them busy): no output, and no thread left behind."""
-    monkeypatch.setattr(pack, "COPY_CHUNK", 4096)
-    monkeypatch.setattr(pack, "DIGEST_CHUNK", 4096)
+    monkeypatch.setattr(copier, "COPY_CHUNK", 4096)
+    monkeypatch.setattr(copier, "DIGEST_CHUNK", 4096)
 
     def interrupted(path, *args, **kw):
         raise KeyboardInterrupt
@@ -461,7 +461,7 @@ def test_copy_through_a_buffer_gives_the_same_bytes(model, elf_stub, tmp_path, m
 
     monkeypatch.setattr(pack.os, "copy_file_range", refused, raising=False)
     monkeypatch.delattr(pack.os, "SEEK_DATA", raising=False)
-    monkeypatch.setattr(pack, "COPY_CHUNK", 1000)  # many chunks, and a short last one
+    monkeypatch.setattr(copier, "COPY_CHUNK", 1000)  # many chunks, and a short last one
     buffered = tmp_path / "buffered.bin"
     build(model, elf_stub, buffered, args=["-c", "64"])
     assert buffered.read_bytes() == kernel.read_bytes()
@@ -525,7 +525,7 @@ def test_cli_build(model, elf_stub, tmp_path, monkeypatch):
     member = embedded.locate_model(str(out))
     assert member.args() == ["-c", "2048", "--port", "9000"]
     assert member.manifest()["name"] == "tiny-llama"
-    remembered = DigestCache(tmp_path / "cache").get(file_key(os.stat(model)))
+    remembered = DigestCache(tmp_path / "cache").get(file_key(model, os.stat(model)))
     assert remembered.sha256 == member.manifest()["model"]["sha256"]
 
 
@@ -543,10 +543,10 @@ def test_cli_build_error_is_one_line(elf_stub, tmp_path):
 def test_second_build_takes_the_digests_from_the_cache(model, elf_stub, tmp_path):
     cache = DigestCache(tmp_path / "cache")
     first = build(model, elf_stub, tmp_path / "a.bin", digest_cache=cache)
-    model_key = file_key(os.stat(model))
+    model_key = file_key(model, os.stat(model))
     sha = hashlib.sha256(model.read_bytes()).hexdigest()
     assert cache.get(model_key) == Digests(sha, zlib.crc32(model.read_bytes()))
-    assert cache.get(file_key(os.stat(elf_stub))).sha256 == (
+    assert cache.get(file_key(elf_stub, os.stat(elf_stub))).sha256 == (
         hashlib.sha256(elf_stub.read_bytes()).hexdigest()
     )
     assert first.model_sha256 == sha
