@@ -140,7 +140,7 @@ static inline float qk_fp16_to_fp32_portable(uint16_t h) {
 }
 
 /* The F16C conversions through the vector intrinsics every x86 compiler has: MSVC lacks the
- * scalar _cvtsh_ss/_cvtss_sh of gcc and clang (tools/check_msvc.py enforces it). */
+ * scalar _cvtsh_ss/_cvtss_sh of gcc and clang (tests/crossplat.py checks it). */
 #if defined(__F16C__)
 static inline float qk_f16c_to_f32(uint16_t h) {
     return _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h)));

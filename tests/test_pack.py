@@ -234,7 +234,10 @@ def test_zip64_records_read_by_zipfile_and_by_our_reader(tmp_path):
         f.seek(data_at + size)
         args_at = f.tell()
         f.write(zipfmt.local_header(b".args", 0, 0, b"", zip64=False))
-        members = [zipfmt.ZipMember(name, 0x1234, size, 0), zipfmt.ZipMember(b".args", 0, 0, args_at)]
+        members = [
+            zipfmt.ZipMember(name, 0x1234, size, 0),
+            zipfmt.ZipMember(b".args", 0, 0, args_at),
+        ]
         cd_at = f.tell()
         directory = zipfmt.central_directory(members)
         f.write(directory + zipfmt.end_records(2, cd_at, len(directory)))
@@ -290,6 +293,47 @@ def test_zipped_model_is_streamed_out_stored(model, elf_stub, tmp_path, method):
         assert f.read(member.length) == model.read_bytes()
     assert member.manifest()["model"]["file"] == "tiny-llama-Q8_0.gguf"
     assert report.model.architecture == "llama"
+
+
+@pytest.mark.parametrize("writer", ["inflate64", "7z"])
+def test_deflate64_reads_the_same_through_both_readers(model, tmp_path, monkeypatch, writer):
+    """zipfile-deflate64 (Linux, Windows) and the inflate64 fallback (macOS) stream the same
+    bytes out of the same Deflate64 zips: one written by inflate64, one by 7-Zip."""
+    from qpack.builder import sources
+
+    pytest.importorskip("zipfile_deflate64")
+    zipped = tmp_path / "model.zip"
+    if writer == "7z":
+        if shutil.which("7z") is None:
+            pytest.skip("needs 7z (Debian: p7zip-full)")
+        (tmp_path / "in").mkdir()
+        shutil.copy(model, tmp_path / "in" / "tiny.gguf")
+        cmd = ["7z", "a", "-tzip", "-mm=Deflate64", str(zipped), "tiny.gguf"]
+        subprocess.run(cmd, cwd=tmp_path / "in", check=True, capture_output=True)
+    else:
+        deflate64_zip(zipped, "tiny.gguf", model.read_bytes())
+    assert zipfile.ZipFile(zipped).infolist()[0].compress_type == 9
+    got = {}
+    for reader in ("zipfile-deflate64", "inflate64"):
+        monkeypatch.setattr(sources, "deflate64_reader", lambda reader=reader: reader)
+        source = pack.open_model_source(zipped)
+        with source.open() as f:
+            chunks = []
+            while chunk := f.read(4096):
+                chunks.append(chunk)
+        got[reader] = b"".join(chunks)
+    assert got["inflate64"] == got["zipfile-deflate64"] == model.read_bytes()
+
+    # a flipped CRC-32 in the directory: both readers refuse the member
+    data = bytearray(zipped.read_bytes())
+    cd = data.rindex(b"PK\x01\x02")
+    data[cd + 16] ^= 0xFF
+    zipped.write_bytes(bytes(data))
+    for reader in ("zipfile-deflate64", "inflate64"):
+        monkeypatch.setattr(sources, "deflate64_reader", lambda reader=reader: reader)
+        with pytest.raises(zipfile.BadZipFile), pack.open_model_source(zipped).open() as f:
+            while f.read(1 << 20):
+                pass
 
 
 def test_zip_without_exactly_one_gguf_is_refused(model, elf_stub, tmp_path):
