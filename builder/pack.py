@@ -326,7 +326,8 @@ def check_stub_target(stub_head: bytes, stub: Path, target: str) -> None:
     found = [fmt for fmt, magics in _FORMATS.values() if stub_head.startswith(magics)]
     if system in _FORMATS and found and found[0] != _FORMATS[system][0]:
         raise QpackError(
-            f"{stub}: a {found[0]} executable, not a runtime stub for --target {target} "
+            f"{stub}: {'an' if found[0] == 'ELF' else 'a'} {found[0]} executable, not a "
+            f"runtime stub for --target {target} "
             f"({_FORMATS[system][0]}); pass the stub built on {target} (the workflow's "
             "stub artifact)"
         )

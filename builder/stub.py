@@ -175,11 +175,7 @@ def get_stub(target: str | None = None, rebuild: bool = False) -> Path:
     """The cached stub for this platform, built first if missing (or if `rebuild`)."""
     here = current_platform()
     if target not in (None, here):
-        raise QpackError(
-            f"--target {target}: PyInstaller cannot cross-build; a stub is built on the platform "
-            f"it runs on (this is {here}). Run `qpack build --rebuild-stub` there and pass the "
-            "stub from its cache with --stub"
-        )
+        return foreign_stub(target, rebuild)
     files = runtime_files()
     natives = [rel for rel, _ in files if rel.startswith("_native_")]
     if not natives:
@@ -193,6 +189,30 @@ def get_stub(target: str | None = None, rebuild: bool = False) -> Path:
     build_stub(files, path)
     prune_cache(here, keep=path)
     return path
+
+
+def foreign_stub(target: str, rebuild: bool = False) -> Path:
+    """The newest stub of another platform in the cache (PyInstaller cannot cross-build: each
+    platform's stub is built there; the build workflow publishes them as artifacts)."""
+    here = current_platform()
+    if rebuild:
+        raise QpackError(
+            f"--rebuild-stub --target {target}: a stub is built on the platform it runs on "
+            f"(this is {here})"
+        )
+    directory = cache_dir()
+    found = sorted(
+        (p for p in directory.glob(f"qpack-stub-{__version__}-{target}-*") if p.is_file()),
+        key=lambda p: p.stat().st_mtime,
+    )
+    if not found:
+        raise QpackError(
+            f"--target {target}: no {target} runtime stub of qpack {__version__} in {directory}. "
+            f"PyInstaller cannot cross-build: put the stub built on {target} there (the build "
+            "workflow's `qpack-stub-*` artifact, or `qpack build --rebuild-stub` run on "
+            f"{target}), or pass it with --stub FILE"
+        )
+    return found[-1]
 
 
 def prune_cache(platform_tag: str, keep: Path, n_kept: int = 2) -> None:

@@ -725,3 +725,75 @@ def test_merge_args_puts_the_command_line_last_or_at_the_marker():
     assert embedded.merge_args(["-c", "512"], ["-c", "1024"]) == ["-c", "512", "-c", "1024"]
     assert embedded.merge_args(["-a", "...", "-b"], ["-x"]) == ["-a", "-x", "-b"]
     assert embedded.merge_args([], ["--version"]) == ["--version"]
+
+
+# --- --split and other targets --------------------------------------------------------------------
+
+
+def test_split_writes_the_model_beside_the_executable(model, elf_stub, tmp_path):
+    out = tmp_path / "tiny.bin"
+    report = build(model, elf_stub, out, args=["-c", "64"], split=True)
+    sibling = tmp_path / "tiny.gguf"
+    assert sibling.read_bytes() == model.read_bytes()
+    with zipfile.ZipFile(out) as zf:
+        assert [i.filename for i in zf.infolist()] == [".args", "qpack.json"]
+        manifest = json.loads(zf.read("qpack.json"))
+    digest = hashlib.sha256(model.read_bytes()).hexdigest()
+    assert manifest["model"]["split_file"] == "tiny.gguf"
+    assert manifest["model"]["sha256"] == digest == report.model_sha256
+    assert manifest["model"]["crc32"] == zlib.crc32(model.read_bytes())
+    member = embedded.locate_model(str(out))
+    assert (member.path, member.offset, member.length) == (str(sibling), 0, sibling.stat().st_size)
+    assert member.executable == str(out) and member.args() == ["-c", "64"]
+    assert embedded.verify(member).sha256 == digest
+    subprocess.run(["readelf", "-h", "-S", "-W", str(out)], check=True, capture_output=True)
+
+    data = bytearray(sibling.read_bytes())  # a changed sibling fails --verify
+    data[-1] ^= 1
+    sibling.write_bytes(bytes(data))
+    with pytest.raises(EmbeddedModelError, match="CRC-32"):
+        embedded.verify(embedded.locate_model(str(out)))
+    sibling.write_bytes(bytes(data[:-1]))  # another size: refused at start
+    with pytest.raises(EmbeddedModelError, match="not the one it was built with"):
+        embedded.locate_model(str(out))
+    sibling.unlink()
+    with pytest.raises(EmbeddedModelError, match="tiny.gguf: missing.*--split"):
+        embedded.locate_model(str(out))
+
+
+def test_split_of_a_zipped_model_writes_the_gguf(model, elf_stub, tmp_path):
+    zipped = tmp_path / "model.zip"
+    with zipfile.ZipFile(zipped, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.write(model, "tiny.gguf")
+    (tmp_path / "out").mkdir()
+    build(zipped, elf_stub, tmp_path / "out" / "tiny.bin", split=True)
+    assert (tmp_path / "out" / "tiny.gguf").read_bytes() == model.read_bytes()
+
+
+def test_windows_target_over_4_gib_is_refused_naming_split(tmp_path):
+    stub = tmp_path / "stub.exe"
+    stub.write_bytes(synthetic_pe(ARCHIVE))
+    big = tmp_path / "big.gguf"
+    with open(big, "wb") as f:  # sparse: refused on its size, before anything is read
+        f.write(b"GGUF")
+        f.truncate(4 << 30)
+    with pytest.raises(QpackError, match="over 4 GiB: build with --split"):
+        build(big, stub, tmp_path / "big.exe", target="windows-x86_64")
+    assert leftovers(tmp_path) == ["big.gguf", "stub.exe"]
+
+
+def test_a_stub_of_another_os_is_refused_for_the_target(model, elf_stub, tmp_path):
+    with pytest.raises(QpackError, match="an ELF executable, not a runtime stub for --target"):
+        build(model, elf_stub, tmp_path / "x.exe", target="windows-x86_64")
+
+
+def test_target_stub_comes_from_the_cache(tmp_path, monkeypatch):
+    from qpack.builder import stub
+    from qpack.runtime.version import __version__
+
+    monkeypatch.setenv("QPACK_CACHE_DIR", str(tmp_path))
+    with pytest.raises(QpackError, match="no windows-x86_64 runtime stub.*--stub FILE"):
+        stub.get_stub("windows-x86_64")
+    cached = tmp_path / f"qpack-stub-{__version__}-windows-x86_64-0123456789abcdef.exe"
+    cached.write_bytes(b"MZ")
+    assert stub.get_stub("windows-x86_64") == cached
