@@ -25,10 +25,10 @@ READ_CHUNK = 64 << 10  # compressed bytes per inflate: at most ~64 MiB out
 
 @functools.cache
 def deflate64_reader() -> str:
-    """Which library reads Deflate64 members here: zipfile-deflate64 (it patches zipfile) where
-    it installs (Linux, Windows), else inflate64 through Deflate64Member (macOS: no wheel of
-    zipfile-deflate64 past cp310, and its sdist does not build with Xcode >= 16.3). Both are
-    runtime dependencies behind environment markers (pyproject.toml)."""
+    """Which library reads Deflate64 members here: zipfile-deflate64 (it patches zipfile)
+    where it is installed, which pyproject.toml limits to where it has wheels (cp310 on
+    x86-64 Linux and Windows: none past cp310, and its sdist does not build with Xcode >=
+    16.3); else inflate64 (wheels everywhere) through Deflate64Member."""
     try:
         import zipfile_deflate64  # noqa: F401
     except ImportError:

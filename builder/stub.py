@@ -55,8 +55,15 @@ EXCLUDES = [
     "isal",
     "llama_cpp",
     "yaml",  # numpy.__config__ uses it only to pretty-print show_config()
-    "ssl",  # the server speaks plain HTTP on localhost; hashlib keeps its own libcrypto
+    "ssl",  # the server speaks plain HTTP on localhost
     "_ssl",
+    # hashlib's OpenSSL backend: libcrypto is 4.5 MB extracted at every start, for the one
+    # SHA-256 the runtime computes (--verify), which hashlib's built-in _sha256 then does
+    "_hashlib",
+    "lzma",  # zipfile's optional methods; the executable's zip is stored
+    "_lzma",
+    "bz2",
+    "_bz2",
 ]
 
 # Third-party distributions the stub bundles (their versions are part of the cache key).
@@ -213,6 +220,21 @@ def foreign_stub(target: str, rebuild: bool = False) -> Path:
             f"{target}), or pass it with --stub FILE"
         )
     return found[-1]
+
+
+# CArchive entry types the one-file bootloader writes to its temporary directory at every
+# start (binaries, data files, zipfiles, symlinks); the PYZ and the scripts are read in place.
+EXTRACTED_TYPES = "bxZl"
+
+
+def extracted_files(stub: Path) -> list[tuple[str, int]]:
+    """(name, bytes) of every file the one-file bootloader extracts from `stub` at each start
+    (antivirus scanners read each of them on Windows and macOS), largest first."""
+    from PyInstaller.archive.readers import CArchiveReader
+
+    toc = CArchiveReader(str(stub)).toc
+    files = [(name, entry[2]) for name, entry in toc.items() if entry[4] in EXTRACTED_TYPES]
+    return sorted(files, key=lambda f: -f[1])
 
 
 def prune_cache(platform_tag: str, keep: Path, n_kept: int = 2) -> None:
