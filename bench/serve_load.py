@@ -1,7 +1,9 @@
-"""Load on the server: total tokens/s with 1, 2, 4, 8 concurrent streams, then a soak of mixed
+"""Load on the server: total tokens/s with 1, 2, 4, 8 concurrent streams; one stream's latency
+alone and while --slow-clients connections drip header bytes (slowloris); then a soak of mixed
 valid and invalid requests from many clients with the server's RSS sampled throughout.
 
     python bench/serve_load.py [--model FILE.gguf] [--threads 1] [--requests 1000] [--clients 16]
+                               [--slow-clients 1100]
 
 The server runs as a subprocess on a free loopback port (`python -m qpack.runtime`), so the
 numbers include HTTP, JSON and SSE, as a client sees them. Every stream generates exactly
@@ -21,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from server_process import ServerProcess  # noqa: E402
+from server_process import ServerProcess, SlowClients, raise_descriptor_limit  # noqa: E402
 
 QUESTIONS = [
     "Tell me about the sea.", "Describe a forest in autumn.", "What makes a good cup of tea?",
@@ -90,6 +92,36 @@ def throughput(server: ServerProcess, concurrency: int, n_tokens: int, stop_ids:
     tokens = sum(r[0] for r in results)
     return {"streams": concurrency, "tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds,
             "first_token_s": statistics.median(r[1] for r in results)}  # fmt: skip
+
+
+def stream_latency(
+    server: ServerProcess, n_tokens: int, stop_ids: list[int], runs: int = 3
+) -> tuple[float, float]:
+    """Median (seconds to the first token, seconds for the whole stream) over `runs` streams."""
+    firsts, totals = [], []
+    for i in range(runs):
+        start = time.perf_counter()
+        chunks, first = stream_tokens(server, QUESTIONS[i % len(QUESTIONS)], n_tokens, stop_ids)
+        totals.append(time.perf_counter() - start)
+        firsts.append(first)
+        if chunks < n_tokens // 2:
+            raise RuntimeError(f"a stream ended early: {chunks} chunks")
+    return statistics.median(firsts), statistics.median(totals)
+
+
+def slow_clients_phase(server: ServerProcess, n: int, n_tokens: int, stop_ids: list[int]) -> None:
+    alone = stream_latency(server, n_tokens, stop_ids)
+    slow = SlowClients(server.host, server.port, n, every=1.0)
+    try:
+        held = server.metric("qpack_connections")
+        loaded = stream_latency(server, n_tokens, stop_ids)
+        still = len(slow.socks)
+    finally:
+        slow.close()
+    print(f"slow clients: {n} dripping connections ({held:.0f} open on the server, {still} still held "
+          f"after the streams): a {n_tokens}-token stream takes {loaded[1]:.2f} s (first token "
+          f"{loaded[0]:.2f} s) vs {alone[1]:.2f} s ({alone[0]:.2f} s) alone: {loaded[1] / alone[1]:.2f}x",
+          flush=True)  # fmt: skip
 
 
 def rss_kib(pid: int) -> int:
@@ -195,8 +227,11 @@ def main() -> int:
     )
     ap.add_argument("--requests", type=int, default=1000)
     ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--slow-clients", type=int, default=1100, help="0: skip that phase")
     ap.add_argument("--skip-soak", action="store_true")
     args = ap.parse_args()
+    if args.slow_clients:
+        raise_descriptor_limit(args.slow_clients + 1024)  # the server inherits it
     model = args.model
     if model is None:
         from qpack.builder import models
@@ -221,6 +256,8 @@ def main() -> int:
             base = base or r["tok_s"]
             print(f"{c:>7} {r['tokens']:>7} {r['seconds']:>8.2f} {r['tok_s']:>8.1f} {r['tok_s'] / base:>5.2f}x "
                   f"{r['first_token_s']:>14.2f}", flush=True)  # fmt: skip
+        if args.slow_clients:
+            slow_clients_phase(server, args.slow_clients, 32, stop_ids)
         if not args.skip_soak:
             s = soak(server, args.requests, args.clients)
             print(f"soak: {args.requests} requests from {args.clients} clients in {s['seconds']:.1f} s: "
