@@ -45,7 +45,7 @@ static inline qk_f16 qk_f32_to_f16(float f) { return (qk_f16)f; }
 typedef uint16_t qk_f16;
 static inline float qk_f16_to_f32(qk_f16 h) {
 #if defined(__F16C__)
-    return _cvtsh_ss(h);
+    return qk_f16c_to_f32(h);
 #else /* like F16C and _Float16, a signalling NaN comes out quiet */
     return qk_fp16_to_fp32_portable((uint16_t)(h | (((h & 0x7fff) > 0x7c00) << 9)));
 #endif

@@ -43,8 +43,12 @@ def open_model(path: str | os.PathLike) -> tuple[GGUFFile, str | None]:
 
         member = embedded.locate_model(path)
         if member is not None:
-            note = f"{embedded.MODEL_MEMBER} embedded at byte {member.offset} of the executable"
-            return open_gguf(path, member.offset, member.length), note
+            note = (
+                f"{embedded.MODEL_MEMBER} embedded at byte {member.offset} of the executable"
+                if member.split_from is None
+                else f"the model beside the executable ({os.path.basename(member.path)}, --split)"
+            )
+            return open_gguf(member.path, member.offset, member.length), note
     return open_gguf(path), None
 
 

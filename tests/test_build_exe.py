@@ -312,3 +312,25 @@ def test_constrained_answers_in_the_executable(tiny_exe):
     finally:
         s.stop()
     assert "Traceback" not in "".join(s.log)
+def test_split_executable_finds_its_sibling_model(tiny_model, runtime_stub, tmp_path):
+    """--split: the executable and tiny.gguf, copied together anywhere, run as one; without
+    the sibling the executable says which file it wants."""
+    built = tmp_path / "build" / "tiny.bin"
+    built.parent.mkdir()
+    pack.build_executable(
+        tiny_model, built, runtime_stub, name="tiny", target=stub.current_platform(),
+        args=["--cpu", "generic"], show_progress=False, split=True,
+    )  # fmt: skip
+    assert sorted(os.listdir(built.parent)) == ["tiny.bin", "tiny.gguf"]
+    moved = tmp_path / "moved"
+    shutil.copytree(built.parent, moved)
+    exe = moved / "tiny.bin"
+    assert exe.stat().st_size < runtime_stub.stat().st_size + 65536  # no model inside
+    verify = run(exe, "--verify")
+    assert verify.returncode == 0 and verify.stdout.startswith("ok: "), verify.stderr
+    generated = run(exe, "-p", "Hello", "-n", "4", "--temp", "0")
+    assert generated.returncode == 0, generated.stderr
+    info = json.loads(run(exe, "--info").stdout.split("\n# ")[0])
+    assert info["model"]["split_file"] == "tiny.gguf"
+    (moved / "tiny.gguf").unlink()
+    assert_one_line_error(run(exe, "--info"), "tiny.gguf", "--split")
