@@ -747,6 +747,11 @@ def test_split_writes_the_model_beside_the_executable(model, elf_stub, tmp_path)
     assert member.executable == str(out) and member.args() == ["-c", "64"]
     assert embedded.verify(member).sha256 == digest
     subprocess.run(["readelf", "-h", "-S", "-W", str(out)], check=True, capture_output=True)
+    from qpack.runtime import inspect as facts
+
+    gf, note = facts.open_model(out)  # `qpack inspect tiny.bin` describes the sibling
+    with gf:
+        assert "tiny.gguf, --split" in note and gf.architecture == "llama"
 
     data = bytearray(sibling.read_bytes())  # a changed sibling fails --verify
     data[-1] ^= 1
