@@ -11,8 +11,9 @@ from f16_models import tiny_f16
 from qpack.builder.cli import main
 from qpack.builder.imatrix import ActivationRecorder, read_imatrix, write_imatrix
 from qpack.runtime import cpu
+from qpack.runtime.facts import LAYER_MATRICES
 from qpack.runtime.gguf import open_gguf
-from qpack.runtime.model import LAYER_MATRICES, Model
+from qpack.runtime.model import Model
 from reference_forward import ReferenceModel
 from tiny_models import tiny_model
 
