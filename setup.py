@@ -75,12 +75,30 @@ def msvc() -> bool:
     return sys.platform == "win32"  # setuptools' compiler there
 
 
+# QPACK_SANITIZE=1 (gcc/clang only) adds the generic kernels built with AddressSanitizer and
+# UBSan as `_native_generic_asan`, for tests/fuzz (never imported by the runtime itself; it
+# needs the sanitizer runtime preloaded: tests/fuzz/fuzz_model.py does that).
+SANITIZE_FLAGS = [
+    "-fsanitize=address,undefined",
+    "-fno-sanitize-recover=all",
+    "-fno-omit-frame-pointer",
+    "-g",
+    "-O1",
+]
+
+
 def variants() -> dict[str, list[str]]:
     key = machine() + ("-msvc" if msvc() else "")
-    found = VARIANTS_BY_MACHINE.get(key, {"generic": []})
+    found = dict(VARIANTS_BY_MACHINE.get(key, {"generic": []}))
+    if os.environ.get("QPACK_SANITIZE") == "1" and not msvc():
+        found["generic_asan"] = found["generic"] + SANITIZE_FLAGS
     # QPACK_VARIANTS=generic,avx512 builds a subset, for quick iteration on the kernels.
     only = [v for v in os.environ.get("QPACK_VARIANTS", "").split(",") if v]
     return {k: v for k, v in found.items() if not only or k in only}
+
+
+def flags_for_link(flags: list[str]) -> list[str]:
+    return [f for f in flags if f.startswith("-fsanitize")]
 
 
 def extensions() -> list[Extension]:
@@ -106,7 +124,7 @@ def extensions() -> list[Extension]:
                     ("QPACK_VARIANT", f'"{name}"'),
                 ],
                 extra_compile_args=common + flags,
-                extra_link_args=[] if msvc() else ["-pthread"],
+                extra_link_args=[] if msvc() else ["-pthread"] + flags_for_link(flags),
                 # headers and included .pxi files: a change to any of them rebuilds every variant
                 depends=sorted(
                     str(p.relative_to(HERE))

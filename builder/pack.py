@@ -895,10 +895,9 @@ def check_model(
     """Open the GGUF with the runtime's own reader and refuse what the runtime cannot run
     (architecture, hyperparameters, tokenizer, tensor types), so no build yields a useless
     executable."""
-    from qpack.runtime.arch import HParams, get_architecture
     from qpack.runtime.errors import GGUFError, UnsupportedModel
+    from qpack.runtime.facts import read_model_facts
     from qpack.runtime.gguf import open_gguf
-    from qpack.runtime.quants import SUPPORTED_WEIGHT_TYPES
     from qpack.runtime.tokenizer import Tokenizer
 
     describe = describe or str(path)
@@ -909,36 +908,22 @@ def check_model(
         raise GGUFError(describe, where, e.problem) from None
     with gf:
         arch = gf.architecture
-        try:
-            get_architecture(arch)
-        except UnsupportedModel as e:
-            raise UnsupportedModel(f"{describe}: {e}") from None
-        HParams.from_metadata(gf.metadata, describe)
+        facts = read_model_facts(gf, describe)  # the runtime's own checks, the same object
         try:
             Tokenizer.from_metadata(gf.metadata)
         except UnsupportedModel as e:
             raise UnsupportedModel(f"{describe}: {e}") from None
         mix: dict[str, dict[str, int]] = {}
-        n_parameters = 0
         for ti in gf.tensors.values():
-            if ti.type.name not in SUPPORTED_WEIGHT_TYPES:
-                raise UnsupportedModel(
-                    f"{describe}: tensor {ti.name} has type {ti.type.name}, which qpack does not "
-                    f"run (supported: {', '.join(sorted(SUPPORTED_WEIGHT_TYPES))}); "
-                    "use a GGUF quantized to one of those"
-                )
             entry = mix.setdefault(ti.type.name, {"tensors": 0, "bytes": 0})
             entry["tensors"] += 1
             entry["bytes"] += ti.nbytes
-            n_parameters += ti.n_elements
-        if not gf.tensors:
-            raise UnsupportedModel(f"{describe}: the GGUF holds no tensors")
         name = gf.metadata.get("general.name")
         return ModelSummary(
             arch,
             name if isinstance(name, str) else None,
             len(gf.tensors),
-            n_parameters,
+            facts.n_parameters,
             dict(sorted(mix.items())),
         )
 

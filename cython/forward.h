@@ -666,12 +666,100 @@ static void *qk_alloc_aligned(size_t bytes, size_t *total) {
     return p;
 }
 
+/* Load-time invariants: everything the pass indexes with, re-checked here whoever filled m in
+ * (runtime/facts.py checks the file first; this is the C side's own guard). The hyperparameter
+ * half runs before any allocation sized by them; the weights half once every field is set.
+ * Both return QK_OK or a code that qk_check_message names; *where gets the layer (or -1). */
+enum {
+    QK_OK = 0,
+    QK_BAD_SIZES,     /* a size or count below 1 */
+    QK_BAD_HEADS,     /* kv heads do not divide the heads, or a group larger than 256 */
+    QK_BAD_HEAD_DIM,  /* head size above 1024 */
+    QK_BAD_ROPE,      /* rope dimension odd, negative or above the head size */
+    QK_BAD_PRODUCT,   /* a product of sizes does not fit an int */
+    QK_BAD_SCALAR,    /* eps, scales or a rope base not finite or out of range */
+    QK_BAD_MATRIX,    /* a matrix missing, of another shape, or not whole blocks */
+    QK_BAD_VECTOR,    /* a required norm missing */
+    QK_BAD_WINDOW,    /* a negative sliding window */
+    QK_BAD_STATE,     /* KV cache or scratch missing */
+};
+
+static const char *qk_check_message(int code) {
+    switch (code) {
+    case QK_OK: return "ok";
+    case QK_BAD_SIZES: return "a size or count is below 1";
+    case QK_BAD_HEADS: return "the kv heads do not divide the heads into groups of at most 256";
+    case QK_BAD_HEAD_DIM: return "a head size is above 1024";
+    case QK_BAD_ROPE: return "the rope dimension is odd, negative or above the head size";
+    case QK_BAD_PRODUCT: return "a product of sizes does not fit a 32-bit int";
+    case QK_BAD_SCALAR: return "eps, a scale or a rope base is not finite or out of range";
+    case QK_BAD_MATRIX: return "a weight matrix is missing, has another shape or is not whole blocks";
+    case QK_BAD_VECTOR: return "a required norm vector is missing";
+    case QK_BAD_WINDOW: return "a sliding window is negative";
+    case QK_BAD_STATE: return "the KV cache or scratch is missing";
+    default: return "unknown problem";
+    }
+}
+
+static int qk_check_hparams(const qk_model *m) {
+    if (m->n_layer < 1 || m->n_embd < 1 || m->n_ff < 1 || m->n_head < 1 || m->n_head_kv < 1 ||
+        m->head_dim < 1 || m->head_dim_v < 1 || m->n_ctx < 1 || m->n_seq < 1 || m->n_batch < 1 ||
+        m->n_threads < 1 || m->n_layer > (INT32_MAX - 4) / 10)
+        return QK_BAD_SIZES;
+    if (m->n_head % m->n_head_kv || m->n_head / m->n_head_kv > 256) return QK_BAD_HEADS;
+    if (m->head_dim > 1024 || m->head_dim_v > 1024) return QK_BAD_HEAD_DIM;
+    if (m->n_rot < 0 || m->n_rot % 2 || m->n_rot > m->head_dim) return QK_BAD_ROPE;
+    const int64_t products[4] = {(int64_t)m->n_head * m->head_dim, (int64_t)m->n_head_kv * m->head_dim,
+                                 (int64_t)m->n_head_kv * m->head_dim_v, (int64_t)m->n_head * m->head_dim_v};
+    for (int k = 0; k < 4; k++)
+        if (products[k] > INT32_MAX) return QK_BAD_PRODUCT;
+    if (!(isfinite(m->norm_eps) && m->norm_eps >= 0.0f) || !isfinite(m->embd_scale) ||
+        !isfinite(m->attn_scale) || (m->activation != QK_ACT_FN_SILU && m->activation != QK_ACT_FN_GELU_TANH))
+        return QK_BAD_SCALAR;
+    return QK_OK;
+}
+
+static int qk_matrix_ok(const qk_matrix *w, int64_t cols, int64_t rows) {
+    return w->data && w->tr && w->cols == cols && w->rows == rows && w->tr->block_elems > 0 &&
+           cols % w->tr->block_elems == 0 &&
+           w->row_bytes == (size_t)(cols / w->tr->block_elems) * (size_t)w->tr->block_bytes;
+}
+
+static int qk_check_weights(const qk_model *m, int *where) {
+    *where = -1;
+    const int E = m->n_embd, hd = m->head_dim, hdv = m->head_dim_v;
+    const int64_t q_dim = (int64_t)m->n_head * hd, kv_dim = (int64_t)m->n_head_kv * hd;
+    const int64_t kv_dim_v = (int64_t)m->n_head_kv * hdv, att_dim = (int64_t)m->n_head * hdv;
+    if (m->n_vocab < 1 || !qk_matrix_ok(&m->tok_embd, E, m->n_vocab) || !qk_matrix_ok(&m->output, E, m->n_vocab))
+        return QK_BAD_MATRIX;
+    if (!m->output_norm || !m->layers) return QK_BAD_VECTOR;
+    for (int l = 0; l < m->n_layer; l++) {
+        const qk_layer *L = &m->layers[l];
+        *where = l;
+        if (!qk_matrix_ok(&L->wq, E, q_dim) || !qk_matrix_ok(&L->wk, E, kv_dim) ||
+            !qk_matrix_ok(&L->wv, E, kv_dim_v) || !qk_matrix_ok(&L->wo, att_dim, E) ||
+            !qk_matrix_ok(&L->gate, E, m->n_ff) || !qk_matrix_ok(&L->up, E, m->n_ff) ||
+            !qk_matrix_ok(&L->down, m->n_ff, E))
+            return QK_BAD_MATRIX;
+        if (!L->attn_norm || !L->ffn_norm || (m->post_norms && (!L->post_attn_norm || !L->post_ffn_norm)) ||
+            (m->qk_norm && (!L->q_norm || !L->k_norm)))
+            return QK_BAD_VECTOR;
+        if (L->window < 0) return QK_BAD_WINDOW;
+        if (!(isfinite(L->rope_base) && L->rope_base > 0.0f)) return QK_BAD_SCALAR;
+    }
+    *where = -1;
+    if (!m->k_cache || !m->v_cache || !m->x || !m->xn || !m->q || !m->k || !m->v || !m->attn_out ||
+        !m->tmp || !m->ff_a || !m->ff_b)
+        return QK_BAD_STATE;
+    return QK_OK;
+}
+
 /* Threads and scratch, after every other field of m is set. Returns 0, or -1 when out of
  * memory (m is then left for qk_model_free). */
 static int qk_model_init(qk_model *m) {
-    if (m->n_rot > 1024 || m->head_dim > 1024 || m->n_head_kv < 1 || m->n_head % m->n_head_kv ||
-        m->n_head / m->n_head_kv > 256)
-        return -1; /* shapes the tables and tiles below do not take */
+    int where;
+    if (qk_check_hparams(m) != QK_OK || qk_check_weights(m, &where) != QK_OK)
+        return -1; /* model.pxi ran both checks first and named the problem */
     qk_runtime *rt = (qk_runtime *)calloc(1, sizeof(qk_runtime));
     if (!rt) return -1;
     m->rt = rt;

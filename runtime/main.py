@@ -133,6 +133,11 @@ def server_options(f):
                 help="Require this key (Authorization: Bearer KEY or X-Api-Key); /health stays public.",
             ),
             click.option(
+                "--no-api-key",
+                is_flag=True,
+                help="Serve a non-loopback --host without an API key, on purpose (refused otherwise).",
+            ),
+            click.option(
                 "--parallel",
                 "-np",
                 default=4,
@@ -197,22 +202,12 @@ def serve(gguf, kw: dict) -> None:
     from . import server
     from .openai_api import ServerDefaults
 
-    params = sampling_params(kw)
-    defaults = ServerDefaults(
-        temperature=params.temperature,
-        top_k=params.top_k,
-        top_p=params.top_p,
-        min_p=params.min_p,
-        repeat_penalty=params.repeat_penalty,
-        seed=params.seed,
-        stop=params.stop,
-        max_tokens=params.max_tokens,
-        system=kw.get("system"),
-    )
+    defaults = ServerDefaults(sampling=sampling_params(kw), system=kw.get("system"))
     options = server.ServerOptions(
         host=kw["host"],
         port=kw["port"],
         api_key=kw["api_key"] or None,
+        no_api_key=kw["no_api_key"],
         cors_origin=kw["cors_origin"],
         max_body=kw["max_body"],
         parallel=kw["parallel"],

@@ -14,6 +14,29 @@ from typing import Any
 from urllib.parse import urlsplit
 
 
+def http_request(host: str, port: int, method: str, path: str, body: Any = None,
+                 headers: dict[str, str] | None = None, raw: bytes | None = None,
+                 timeout: float = 300.0) -> tuple[int, dict[str, str], Any]:  # fmt: skip
+    """One request on a fresh connection: (status, headers, JSON or text)."""
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        h = dict(headers or {})
+        data = raw
+        if body is not None:
+            data = json.dumps(body).encode()
+            h.setdefault("Content-Type", "application/json")
+        conn.request(method, path, body=data, headers=h)
+        resp = conn.getresponse()
+        payload = resp.read()
+        heads = {k.lower(): v for k, v in resp.getheaders()}
+        ctype = heads.get("content-type", "")
+        if ctype.startswith("application/json") and payload:
+            return resp.status, heads, json.loads(payload)
+        return resp.status, heads, payload.decode("utf-8", errors="replace")
+    finally:
+        conn.close()
+
+
 class ServerProcess:
     """A running server: its URL, its stderr so far, and a way to stop it."""
 
@@ -68,23 +91,7 @@ class ServerProcess:
     def request(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None,
                 raw: bytes | None = None, timeout: float = 300.0) -> tuple[int, dict[str, str], Any]:  # fmt: skip
         """One request on a fresh connection: (status, headers, JSON or text)."""
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
-        try:
-            h = dict(headers or {})
-            data = raw
-            if body is not None:
-                data = json.dumps(body).encode()
-                h.setdefault("Content-Type", "application/json")
-            conn.request(method, path, body=data, headers=h)
-            resp = conn.getresponse()
-            payload = resp.read()
-            heads = {k.lower(): v for k, v in resp.getheaders()}
-            ctype = heads.get("content-type", "")
-            if ctype.startswith("application/json") and payload:
-                return resp.status, heads, json.loads(payload)
-            return resp.status, heads, payload.decode("utf-8", errors="replace")
-        finally:
-            conn.close()
+        return http_request(self.host, self.port, method, path, body, headers, raw, timeout)
 
     def metric(self, name: str) -> float:
         _, _, text = self.request("GET", "/metrics")

@@ -21,6 +21,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from server_process import ServerProcess
+from test_routes import BAD_REQUESTS
 
 openai = pytest.importorskip("openai")
 
@@ -65,7 +66,7 @@ def test_listens_before_loading_and_reports_loading():
     s = Server(ServerOptions(port=0, open_browser=False))
     s.listen()
     try:
-        host, port = s.httpd.server_address[:2]
+        host, port = s.address
 
         def get(path):
             conn = http.client.HTTPConnection(host, port, timeout=10)
@@ -323,80 +324,7 @@ def test_api_key(smollm2_path):
         s.stop()
 
 
-# --- bad requests ---------------------------------------------------------------------------
-
-CHAT = "/v1/chat/completions"
-MSG = [{"role": "user", "content": "hi"}]
-
-BAD_REQUESTS = [
-    # (name, method, path, JSON body or raw bytes, extra headers, status, error code)
-    ("invalid json", "POST", CHAT, b"{not json", {}, 400, "invalid_json"),
-    ("not utf-8", "POST", CHAT, b'{"messages": "\xff"}', {}, 400, "invalid_json"),
-    ("json array", "POST", CHAT, b"[1, 2]", {}, 400, "invalid_json"),
-    ("NaN constant", "POST", CHAT, b'{"messages": [], "temperature": NaN}', {}, 400, "invalid_json"),
-    ("deep nesting", "POST", CHAT, b"[" * 100000 + b"]" * 100000, {}, 400, "invalid_json"),
-    ("missing messages", "POST", CHAT, {"model": "m"}, {}, 400, "missing_required_parameter"),
-    ("messages not list", "POST", CHAT, {"messages": "hi"}, {}, 400, "invalid_type"),
-    ("empty messages", "POST", CHAT, {"messages": []}, {}, 400, "invalid_value"),
-    ("bad role", "POST", CHAT, {"messages": [{"role": "wizard", "content": "x"}]}, {}, 400, "invalid_value"),
-    ("content number", "POST", CHAT, {"messages": [{"role": "user", "content": 5}]}, {}, 400, "invalid_type"),
-    ("image part", "POST", CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, {}, 400, "invalid_value"),
-    ("model number", "POST", CHAT, {"messages": MSG, "model": 3}, {}, 400, "invalid_type"),
-    ("temperature string", "POST", CHAT, {"messages": MSG, "temperature": "hot"}, {}, 400, "invalid_value"),
-    ("temperature negative", "POST", CHAT, {"messages": MSG, "temperature": -1}, {}, 400, "invalid_value"),
-    ("top_p > 1", "POST", CHAT, {"messages": MSG, "top_p": 1.5}, {}, 400, "invalid_value"),
-    ("top_k float", "POST", CHAT, {"messages": MSG, "top_k": 2.5}, {}, 400, "invalid_value"),
-    ("max_tokens negative", "POST", CHAT, {"messages": MSG, "max_tokens": -5}, {}, 400, "invalid_value"),
-    ("max_tokens zero", "POST", CHAT, {"messages": MSG, "max_tokens": 0}, {}, 400, "invalid_value"),
-    ("max_tokens absurd", "POST", CHAT, {"messages": MSG, "max_tokens": 10**30}, {}, 400, "invalid_value"),
-    ("max_tokens string", "POST", CHAT, {"messages": MSG, "max_tokens": "10"}, {}, 400, "invalid_type"),
-    ("max_completion_tokens bool", "POST", CHAT, {"messages": MSG, "max_completion_tokens": True}, {}, 400, "invalid_type"),
-    ("n = 2", "POST", CHAT, {"messages": MSG, "n": 2}, {}, 400, "invalid_value"),
-    ("stream string", "POST", CHAT, {"messages": MSG, "stream": "yes"}, {}, 400, "invalid_type"),
-    ("stop number", "POST", CHAT, {"messages": MSG, "stop": 7}, {}, 400, "invalid_type"),
-    ("seed negative", "POST", CHAT, {"messages": MSG, "seed": -1}, {}, 400, "invalid_value"),
-    ("logit_bias outside vocab", "POST", CHAT, {"messages": MSG, "logit_bias": {"999999": 5}}, {}, 400, "invalid_value"),
-    ("logit_bias bad key", "POST", CHAT, {"messages": MSG, "logit_bias": {"abc": 5}}, {}, 400, "invalid_value"),
-    ("top_logprobs without logprobs", "POST", CHAT, {"messages": MSG, "top_logprobs": 2}, {}, 400, "invalid_value"),
-    ("top_logprobs 99", "POST", CHAT, {"messages": MSG, "logprobs": True, "top_logprobs": 99}, {}, 400, "invalid_value"),
-    ("json_schema", "POST", CHAT, {"messages": MSG, "response_format": {"type": "json_schema"}}, {}, 400, "invalid_value"),
-    ("prompt too long", "POST", CHAT, {"messages": [{"role": "user", "content": "word " * 3000}]}, {}, 400, "context_length_exceeded"),
-    ("completion without prompt", "POST", "/v1/completions", {"max_tokens": 3}, {}, 400, "missing_required_parameter"),
-    ("completion prompt number", "POST", "/v1/completions", {"prompt": 3}, {}, 400, "invalid_type"),
-    ("completion prompt bad ids", "POST", "/v1/completions", {"prompt": [1, -4]}, {}, 400, "invalid_value"),
-    ("completion too long", "POST", "/v1/completions", {"prompt": "word " * 3000}, {}, 400, "context_length_exceeded"),
-    ("embedding no input", "POST", "/v1/embeddings", {}, {}, 400, "missing_required_parameter"),
-    ("embedding bad input", "POST", "/v1/embeddings", {"input": {"a": 1}}, {}, 400, "invalid_type"),
-    ("embedding empty", "POST", "/v1/embeddings", {"input": ""}, {}, 400, "invalid_value"),
-    ("embedding too long", "POST", "/v1/embeddings", {"input": "word " * 3000}, {}, 400, "context_length_exceeded"),
-    ("tokenize no content", "POST", "/tokenize", {}, {}, 400, "missing_required_parameter"),
-    ("detokenize bad id", "POST", "/detokenize", {"tokens": [1, 10**9]}, {}, 400, "invalid_value"),
-    ("form content type", "POST", CHAT, b"messages=hi", {"Content-Type": "application/x-www-form-urlencoded"}, 415, "unsupported_media_type"),
-    ("unknown route", "GET", "/v2/everything", None, {}, 404, "not_found"),
-    ("unknown POST route", "POST", "/v1/images", {"x": 1}, {}, 404, "not_found"),
-    ("wrong method", "GET", CHAT, None, {}, 405, "method_not_allowed"),
-    ("wrong method 2", "DELETE", "/v1/models", None, {}, 405, "method_not_allowed"),
-    ("foreign Host", "GET", "/v1/models", None, {"Host": "evil.example:8080"}, 403, "forbidden_host"),
-]  # fmt: skip
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("case", BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
-def test_bad_request(server, case):
-    name, method, path, body, headers, want_status, want_code = case
-    raw = body if isinstance(body, bytes) else None
-    js = body if isinstance(body, dict) else None
-    h = dict(headers)
-    if raw is not None:
-        h.setdefault("Content-Type", "application/json")
-    status, heads, reply = server.request(method, path, js, h, raw)
-    assert status == want_status, reply
-    assert heads["content-type"].startswith("application/json")
-    assert set(reply) == {"error"} and set(reply["error"]) == {"message", "type", "param", "code"}
-    assert reply["error"]["code"] == want_code and reply["error"]["message"]
-    assert "Traceback" not in reply["error"]["message"]
-    if want_status == 405:
-        assert heads.get("allow")
+# --- bad requests (each case is a fast test in test_routes.py; here, the real server) ---------
 
 
 @pytest.mark.slow

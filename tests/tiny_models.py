@@ -29,10 +29,13 @@ def tiny_model(
     window: int = 4,
     tied: bool = False,
     seed: int = 0,
+    metadata: dict | None = None,
+    tensors: dict | None = None,
 ) -> Path:
     """A random model of `arch` (llama, qwen2, gemma3). Matrices in weight_type (K-quants and
     IQ types as random blocks); norms and biases F32. n_embd/n_ff are multiples of 256 so that
-    every quant type fits."""
+    every quant type fits. `metadata` and `tensors` override entries (a value of None drops
+    one): hostile variants for the fuzz and boundary tests."""
     rng = np.random.default_rng(seed)
     tokens, scores, types = tiny_llama_vocab()
     n_vocab = len(tokens)
@@ -92,6 +95,12 @@ def tiny_model(
             t[p + "attn_k_norm.weight"] = vec(hd)
             t[p + "post_attention_norm.weight"] = vec(n_embd)
             t[p + "post_ffw_norm.weight"] = vec(n_embd)
+    for overrides, target in ((metadata, md), (tensors, t)):
+        for key, value in (overrides or {}).items():
+            if value is None:
+                target.pop(key, None)
+            else:
+                target[key] = value
     return write_gguf(path, md, t, arch=arch)
 
 
