@@ -54,6 +54,19 @@ static inline void qk_iq4_quads_x86(const uint8_t *const rp[8], size_t off, uint
 }
 #endif
 
+#if QK_TILES_NEON
+/* NEON: the same through a 16-byte table lookup. */
+static inline void qk_iq4_quads_neon(const uint8_t *const rp[8], size_t off, uint8_t (*dst)[QK_PANEL_ROWS][4]) {
+    const uint8x16_t lut = vld1q_u8(qk_iq4_u), lo4 = vdupq_n_u8(0x0f);
+    uint8x16_t g[4], h[4];
+    qk_groups4_neon(rp, off, g, h);
+    for (int k = 0; k < 4; k++) {
+        qk_store_q_neon(dst[k], vqtbl1q_u8(lut, vandq_u8(g[k], lo4)), vqtbl1q_u8(lut, vandq_u8(h[k], lo4)));
+        qk_store_q_neon(dst[k + 4], vqtbl1q_u8(lut, vshrq_n_u8(g[k], 4)), vqtbl1q_u8(lut, vshrq_n_u8(h[k], 4)));
+    }
+}
+#endif
+
 /* ---------------------------------------------------------------- IQ4_NL */
 
 static void qk_dequant_iq4_nl(const void *restrict src, float *restrict y, int64_t n) {
@@ -91,6 +104,12 @@ static inline void qk_pack_iq4_nl(const uint8_t *const rp[8], size_t o, qk_panel
     qk_iq4_quads_x86(rp, o + 2, p->q);
     _mm256_store_ps(p->d, d);
     _mm256_store_ps(p->m, QK_IQ4_MIN ? _mm256_mul_ps(d, _mm256_set1_ps(-128.0f)) : _mm256_setzero_ps());
+#elif QK_TILES_NEON
+    qk_iq4_quads_neon(rp, o + 2, p->q);
+    for (int i = 0; i < QK_PANEL_ROWS; i++) {
+        p->d[i] = qk_half_at(rp[i] + o);
+        p->m[i] = 0.0f; /* signed panel */
+    }
 #else
     qk_pack32_rows(rp, o, p, qk_row_iq4_nl);
 #endif
@@ -127,9 +146,8 @@ static float qk_dot_iq4_xs(int64_t n, const void *restrict w, const void *restri
     return sum;
 }
 
-static inline void qk_row_iq4_xs(const uint8_t *x, uint8_t u[QK_SUPER], qk_panel256 *p, int i) {
+static inline void qk_iq4_xs_row_scales(const uint8_t *x, qk_panel256 *p, int i) {
     for (int ib = 0; ib < 8; ib++) {
-        qk_u_iq4(x + 8 + 16 * ib, u + 32 * ib);
         const int ls = qk_iq4xs_scale(x, ib);
         p->sc[ib][i] = ls;
         p->mn[ib][i] = qk_pair16(QK_IQ4_MIN * ls, QK_IQ4_MIN * ls);
@@ -137,6 +155,11 @@ static inline void qk_row_iq4_xs(const uint8_t *x, uint8_t u[QK_SUPER], qk_panel
     const float d = qk_half_at(x);
     p->d[i] = d;
     p->nd[i] = -d; /* x = d*ls*(u - 128) */
+}
+
+static inline void qk_row_iq4_xs(const uint8_t *x, uint8_t u[QK_SUPER], qk_panel256 *p, int i) {
+    for (int ib = 0; ib < 8; ib++) qk_u_iq4(x + 8 + 16 * ib, u + 32 * ib);
+    qk_iq4_xs_row_scales(x, p, i);
 }
 
 static inline void qk_pack_iq4_xs(const uint8_t *const rp[8], size_t o, qk_panel256 *p) {
@@ -158,6 +181,9 @@ static inline void qk_pack_iq4_xs(const uint8_t *const rp[8], size_t o, qk_panel
     qk_split_f16x2(dh, &d, &junk);
     _mm256_store_ps(p->d, d);
     _mm256_store_ps(p->nd, _mm256_sub_ps(_mm256_setzero_ps(), d));
+#elif QK_TILES_NEON
+    for (int ib = 0; ib < 8; ib++) qk_iq4_quads_neon(rp, o + 8 + 16 * ib, p->q + 8 * ib);
+    for (int i = 0; i < QK_PANEL_ROWS; i++) qk_iq4_xs_row_scales(rp[i] + o, p, i);
 #else
     qk_pack256_rows(rp, o, p, qk_row_iq4_xs);
 #endif

@@ -69,12 +69,16 @@ static float qk_dot_q2_k(int64_t n, const void *restrict w, const void *restrict
     return sum;
 }
 
-static inline void qk_row_q2_k(const uint8_t *x, uint8_t u[QK_SUPER], qk_panel256 *p, int i) {
-    qk_unpack_q23_k(x + 16, NULL, u);
+static inline void qk_q2_k_row_scales(const uint8_t *x, qk_panel256 *p, int i) {
     for (int g = 0; g < 16; g++) p->sc[g][i] = x[g] & 0xf;
     for (int q = 0; q < 8; q++) p->mn[q][i] = qk_pair16(x[2 * q] >> 4, x[2 * q + 1] >> 4);
     p->d[i] = qk_k_half(x + 80);
     p->nd[i] = -qk_k_half(x + 82);
+}
+
+static inline void qk_row_q2_k(const uint8_t *x, uint8_t u[QK_SUPER], qk_panel256 *p, int i) {
+    qk_unpack_q23_k(x + 16, NULL, u);
+    qk_q2_k_row_scales(x, p, i);
 }
 
 /* ---------------------------------------------------------------- Q3_K */
@@ -111,9 +115,8 @@ static float qk_dot_q3_k(int64_t n, const void *restrict w, const void *restrict
     return sum;
 }
 
-static inline void qk_row_q3_k(const uint8_t *x, uint8_t u[QK_SUPER], qk_panel256 *p, int i) {
+static inline void qk_q3_k_row_scales(const uint8_t *x, qk_panel256 *p, int i) {
     int8_t sc[16];
-    qk_unpack_q23_k(x + 32, x, u);
     qk_k3_scales(x + 96, sc);
     for (int g = 0; g < 16; g++) p->sc[g][i] = sc[g];
     for (int q = 0; q < 8; q++) p->mn[q][i] = qk_pair16(4 * sc[2 * q], 4 * sc[2 * q + 1]);
@@ -121,6 +124,33 @@ static inline void qk_row_q3_k(const uint8_t *x, uint8_t u[QK_SUPER], qk_panel25
     p->d[i] = d;
     p->nd[i] = -d; /* x = d*sc*(u - 4) */
 }
+
+static inline void qk_row_q3_k(const uint8_t *x, uint8_t u[QK_SUPER], qk_panel256 *p, int i) {
+    qk_unpack_q23_k(x + 32, x, u);
+    qk_q3_k_row_scales(x, p, i);
+}
+
+#if QK_TILES_NEON
+/* The 2-bit quants of eight rows (as qk_q23_k_quads_x86). */
+static inline void qk_q23_k_quads_neon(const uint8_t *const rp[8], size_t o, int three, qk_panel256 *p) {
+    const uint8x16_t m3 = vdupq_n_u8(3), one = vdupq_n_u8(1);
+    uint8x16_t x[2][8], h[2][8];
+    if (three) qk_groups8_neon(rp, o, h[0], h[1]);
+    for (int half = 0; half < 2; half++) {
+        qk_groups8_neon(rp, o + (three ? 32 : 16) + 32 * half, x[0], x[1]);
+        for (int j = 0; j < 4; j++)
+            for (int k = 0; k < 8; k++) {
+                uint8x16_t q[2];
+                for (int r = 0; r < 2; r++) {
+                    q[r] = vandq_u8(qk_shr_u8(x[r][k], 2 * j), m3);
+                    if (three)
+                        q[r] = vorrq_u8(q[r], vshlq_n_u8(vandq_u8(qk_shr_u8(h[r][k], 4 * half + j), one), 2));
+                }
+                qk_store_q_neon(p->q[32 * half + 8 * j + k], q[0], q[1]);
+            }
+    }
+}
+#endif
 
 /* ---------------------------------------------------------------- eight rows at once, x86 */
 
@@ -197,6 +227,9 @@ static inline void qk_pack_q2_k(const uint8_t *const rp[8], size_t o, qk_panel25
 #if QK_TILES_X86
     qk_q23_k_quads_x86(rp, o, 0, p);
     qk_q2_k_scales_x86(rp, o, p);
+#elif QK_TILES_NEON
+    qk_q23_k_quads_neon(rp, o, 0, p);
+    for (int i = 0; i < QK_PANEL_ROWS; i++) qk_q2_k_row_scales(rp[i] + o, p, i);
 #else
     qk_pack256_rows(rp, o, p, qk_row_q2_k);
 #endif
@@ -206,6 +239,9 @@ static inline void qk_pack_q3_k(const uint8_t *const rp[8], size_t o, qk_panel25
 #if QK_TILES_X86
     qk_q23_k_quads_x86(rp, o, 1, p);
     qk_q3_k_scales_x86(rp, o, p);
+#elif QK_TILES_NEON
+    qk_q23_k_quads_neon(rp, o, 1, p);
+    for (int i = 0; i < QK_PANEL_ROWS; i++) qk_q3_k_row_scales(rp[i] + o, p, i);
 #else
     qk_pack256_rows(rp, o, p, qk_row_q3_k);
 #endif

@@ -66,6 +66,33 @@ static inline void qk_q5_quads_x86(const uint8_t *const rp[8], size_t qh_off, __
 }
 #endif
 
+#if QK_TILES_NEON
+/* Bits 4k..4k+3 of each lane's qh -> bit 4 of bytes 0..3 (as qk_qh_quad). */
+static inline uint8x16_t qk_qh_quad_neon(uint32x4_t qh, int k) {
+    const uint32x4_t v = vandq_u32(vshlq_u32(qh, vdupq_n_s32(-4 * k)), vdupq_n_u32(0xf));
+    return vreinterpretq_u8_u32(vandq_u32(vmulq_u32(v, vdupq_n_u32(0x02040810)), vdupq_n_u32(0x10101010)));
+}
+
+/* Eight rows of a Q5 block: qh at qh_off, qs right after it. */
+static inline void qk_q5_quads_neon(const uint8_t *const rp[8], size_t qh_off, uint8_t (*q)[QK_PANEL_ROWS][4]) {
+    const uint8x16_t lo4 = vdupq_n_u8(0x0f);
+    uint32_t w[8];
+    for (int i = 0; i < 8; i++) w[i] = qk_load_u32(rp[i] + qh_off);
+    const uint32x4_t qh[2] = {vld1q_u32(w), vld1q_u32(w + 4)};
+    uint8x16_t g[2][4];
+    qk_groups4_neon(rp, qh_off + 4, g[0], g[1]);
+    for (int k = 0; k < 4; k++) {
+        uint8x16_t lo[2], hi[2];
+        for (int r = 0; r < 2; r++) {
+            lo[r] = vorrq_u8(vandq_u8(g[r][k], lo4), qk_qh_quad_neon(qh[r], k));
+            hi[r] = vorrq_u8(vshrq_n_u8(g[r][k], 4), qk_qh_quad_neon(qh[r], k + 4));
+        }
+        qk_store_q_neon(q[k], lo[0], lo[1]);
+        qk_store_q_neon(q[k + 4], hi[0], hi[1]);
+    }
+}
+#endif
+
 /* ---------------------------------------------------------------- Q5_0 */
 
 QK_NO_CONTRACT static void qk_dequant_q5_0(const void *restrict src, float *restrict dst, int64_t n) {
@@ -104,6 +131,12 @@ static inline void qk_pack_q5_0(const uint8_t *const rp[8], size_t o, qk_panel32
     for (int k = 0; k < 8; k++) qk_store_q(p->q[k][0], q[k]);
     _mm256_store_ps(p->d, d);
     _mm256_store_ps(p->m, _mm256_mul_ps(d, _mm256_set1_ps(-16.0f)));
+#elif QK_TILES_NEON
+    qk_q5_quads_neon(rp, o + 2, p->q);
+    for (int i = 0; i < QK_PANEL_ROWS; i++) {
+        p->d[i] = qk_half_at(rp[i] + o);
+        p->m[i] = -16.0f * p->d[i];
+    }
 #else
     qk_pack32_rows(rp, o, p, qk_row_q5_0);
 #endif
@@ -147,6 +180,12 @@ static inline void qk_pack_q5_1(const uint8_t *const rp[8], size_t o, qk_panel32
     for (int k = 0; k < 8; k++) qk_store_q(p->q[k][0], q[k]);
     _mm256_store_ps(p->d, d);
     _mm256_store_ps(p->m, m);
+#elif QK_TILES_NEON
+    qk_q5_quads_neon(rp, o + 4, p->q);
+    for (int i = 0; i < QK_PANEL_ROWS; i++) {
+        p->d[i] = qk_half_at(rp[i] + o);
+        p->m[i] = qk_half_at(rp[i] + o + 2);
+    }
 #else
     qk_pack32_rows(rp, o, p, qk_row_q5_1);
 #endif
