@@ -407,7 +407,13 @@ class Finding:
     what: str
 
 
-def run_cases(cases: list[Case], module: Path, libs: list[str]) -> tuple[dict, list[Finding]]:
+CHUNK = 250  # cases per worker process
+CHUNK_TIMEOUT = 1800  # seconds; generous for a loaded machine (a case takes ~0.05 s of CPU)
+
+
+def run_cases(
+    cases: list[Case], module: Path, libs: list[str], progress: bool = False
+) -> tuple[dict, list[Finding]]:
     """Runs every case in sanitized workers; returns outcome counts and the findings."""
     env = {
         **os.environ,
@@ -423,14 +429,19 @@ def run_cases(cases: list[Case], module: Path, libs: list[str]) -> tuple[dict, l
     with tempfile.TemporaryDirectory() as d:
         case_file = Path(d) / "cases.json"
         while start < len(cases):
-            batch = cases[start:]
-            case_file.write_text(json.dumps([c.as_json() for c in batch]))
-            proc = subprocess.run(
-                [sys.executable, __file__, "--worker", str(module), str(case_file)],
-                env=env, capture_output=True, text=True, timeout=3600,
-            )  # fmt: skip
+            batch = cases[start : start + CHUNK]  # one worker per chunk: progress, and a hang
+            case_file.write_text(json.dumps([c.as_json() for c in batch]))  # is one case's
+            try:
+                proc = subprocess.run(
+                    [sys.executable, __file__, "--worker", str(module), str(case_file)],
+                    env=env, capture_output=True, text=True, timeout=CHUNK_TIMEOUT,
+                )  # fmt: skip
+                stdout, stderr, code = proc.stdout, proc.stderr, proc.returncode
+            except subprocess.TimeoutExpired as e:
+                stdout = e.stdout.decode() if isinstance(e.stdout, bytes) else e.stdout or ""
+                stderr, code = f"no answer within {CHUNK_TIMEOUT} s (a hang)", None
             last_started = -1
-            for line in proc.stdout.splitlines():
+            for line in stdout.splitlines():
                 if line.startswith("START "):
                     last_started = int(line.split()[1])
                 elif line.startswith("END "):
@@ -442,17 +453,18 @@ def run_cases(cases: list[Case], module: Path, libs: list[str]) -> tuple[dict, l
                     else:
                         counts[kind] += 1
                     last_started = -1
-            if proc.returncode == 0 and last_started == -1:
-                break
+            if code == 0 and last_started == -1:
+                start += len(batch)
+                if progress:
+                    print(f"{start}/{len(cases)} cases, {len(findings)} findings", file=sys.stderr)
+                continue
             if last_started == -1:  # died between cases (should not happen): report it
-                findings.append(Finding(batch[0], f"worker exit {proc.returncode} outside a case"))
-                break
-            err = proc.stderr
-            at = max(err.find("ERROR: AddressSanitizer"), err.find("runtime error:"), 0)
-            report = err[max(at - 200, 0) : at + 3000] or f"exit status {proc.returncode}"
-            findings.append(
-                Finding(batch[last_started], f"CRASH (exit {proc.returncode}):\n{report}")
-            )
+                findings.append(Finding(batch[0], f"worker exit {code} outside a case"))
+                start += len(batch)
+                continue
+            at = max(stderr.find("ERROR: AddressSanitizer"), stderr.find("runtime error:"), 0)
+            report = stderr[max(at - 200, 0) : at + 3000] or f"exit status {code}"
+            findings.append(Finding(batch[last_started], f"CRASH (exit {code}):\n{report}"))
             start += last_started + 1
     return counts, findings
 
@@ -477,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     cases = (
         quick_cases() if args.quick else systematic_cases() + random_cases(args.random, args.seed)
     )
-    counts, findings = run_cases(cases, module, libs)
+    counts, findings = run_cases(cases, module, libs, progress=True)
     for f in findings:
         print(f"FINDING {f.case.describe()}\n{f.what}\n", file=sys.stderr)
     print(
