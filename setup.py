@@ -108,7 +108,7 @@ def extensions() -> list[Extension]:
                 extra_compile_args=common + flags,
                 extra_link_args=[] if msvc() else ["-pthread"],
                 # headers and included .pxi files: a change to any of them rebuilds every variant
-                depends=sorted(str(p.relative_to(HERE)) for p in CYTHON_DIR.glob("*.[hp]*")),
+                depends=sorted(str(p.relative_to(HERE)) for p in CYTHON_DIR.glob("**/*.[hp]*")),
             )
         )
     return exts

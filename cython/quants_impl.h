@@ -8,13 +8,21 @@
 #include "quants_legacy.h"
 #include "quants_k.h"
 #include "quants_tiles.h"
+/* One file per type family, each with its block struct, dequantization and unpack-to-panel. */
+#include "types/iq1.h"
+#include "types/iq2.h"
+#include "types/iq3.h"
+#include "types/mxfp4.h"
+#include "types/tq.h"
 
 /* ggml type ids (gguf-facts.md) of the types registered below. */
 enum {
     QK_TYPE_F32 = 0, QK_TYPE_F16 = 1, QK_TYPE_Q4_0 = 2, QK_TYPE_Q4_1 = 3, QK_TYPE_Q5_0 = 6,
     QK_TYPE_Q5_1 = 7, QK_TYPE_Q8_0 = 8, QK_TYPE_Q2_K = 10, QK_TYPE_Q3_K = 11, QK_TYPE_Q4_K = 12,
     QK_TYPE_Q5_K = 13, QK_TYPE_Q6_K = 14, QK_TYPE_IQ4_NL = 20, QK_TYPE_IQ4_XS = 23,
-    QK_TYPE_BF16 = 30,
+    QK_TYPE_BF16 = 30, QK_TYPE_IQ2_XXS = 16, QK_TYPE_IQ2_XS = 17, QK_TYPE_IQ3_XXS = 18,
+    QK_TYPE_IQ1_S = 19, QK_TYPE_IQ3_S = 21, QK_TYPE_IQ2_S = 22, QK_TYPE_IQ1_M = 29,
+    QK_TYPE_TQ1_0 = 34, QK_TYPE_TQ2_0 = 35, QK_TYPE_MXFP4 = 39,
 };
 
 /* One row per supported weight type (gemm: quants_tiles.h; NULL where a type has none).
@@ -51,6 +59,18 @@ static const qk_traits qk_traits_table[] = {
 #if defined(QK_HAVE_IQ4_XS) && defined(QK_HAVE_Q8_256)
     {QK_TYPE_IQ4_XS, "IQ4_XS", 256, 136, QK_ACT_Q8_256, qk_dequant_iq4_xs, qk_dot_iq4_xs, QK_GEMM_IQ4_XS},
 #endif
+#if defined(QK_HAVE_Q8_256)
+    {QK_TYPE_IQ1_S, "IQ1_S", 256, 50, QK_ACT_Q8_256, qk_dequant_iq1_s, qk_dot_iq1_s, qk_gemm_iq1_s},
+    {QK_TYPE_IQ1_M, "IQ1_M", 256, 56, QK_ACT_Q8_256, qk_dequant_iq1_m, qk_dot_iq1_m, qk_gemm_iq1_m},
+    {QK_TYPE_IQ2_XXS, "IQ2_XXS", 256, 66, QK_ACT_Q8_256, qk_dequant_iq2_xxs, qk_dot_iq2_xxs, qk_gemm_iq2_xxs},
+    {QK_TYPE_IQ2_XS, "IQ2_XS", 256, 74, QK_ACT_Q8_256, qk_dequant_iq2_xs, qk_dot_iq2_xs, qk_gemm_iq2_xs},
+    {QK_TYPE_IQ2_S, "IQ2_S", 256, 82, QK_ACT_Q8_256, qk_dequant_iq2_s, qk_dot_iq2_s, qk_gemm_iq2_s},
+    {QK_TYPE_IQ3_XXS, "IQ3_XXS", 256, 98, QK_ACT_Q8_256, qk_dequant_iq3_xxs, qk_dot_iq3_xxs, qk_gemm_iq3_xxs},
+    {QK_TYPE_IQ3_S, "IQ3_S", 256, 110, QK_ACT_Q8_256, qk_dequant_iq3_s, qk_dot_iq3_s, qk_gemm_iq3_s},
+    {QK_TYPE_TQ1_0, "TQ1_0", 256, 54, QK_ACT_Q8_256, qk_dequant_tq1_0, qk_dot_tq1_0, qk_gemm_tq1_0},
+    {QK_TYPE_TQ2_0, "TQ2_0", 256, 66, QK_ACT_Q8_256, qk_dequant_tq2_0, qk_dot_tq2_0, qk_gemm_tq2_0},
+#endif
+    {QK_TYPE_MXFP4, "MXFP4", 32, 17, QK_ACT_Q8_32, qk_dequant_mxfp4, qk_dot_mxfp4, qk_gemm_mxfp4},
 };
 
 static const qk_traits *qk_get_traits(int ggml_type) {

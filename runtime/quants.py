@@ -79,6 +79,8 @@ SUPPORTED_WEIGHT_TYPES: frozenset[str] = frozenset(
         "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
         "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
         "IQ4_NL", "IQ4_XS",
+        "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S",
+        "TQ1_0", "TQ2_0", "MXFP4",
     }
 )  # fmt: skip
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from gguf import GGUFValueType
-from gguf_fixtures import TinyLlamaConfig, quantized, tiny_llama, write_gguf
+from gguf_fixtures import TinyLlamaConfig, tiny_llama, write_gguf
 from qpack.builder.cli import main as qpack_cli
 from qpack.runtime import inspect as facts
 from qpack.runtime.gguf import open_gguf
@@ -215,14 +215,12 @@ def test_explicit_head_dims_and_per_layer_kv_heads(tmp_path):
 
 
 def test_missing_hyperparameters_and_unsupported_types(tmp_path):
-    data, _ = quantized(np.zeros((2, 256), np.float32), "TQ2_0")
-    path = write_gguf(
-        tmp_path / "odd.gguf", {}, {"w": (np.zeros((2, 256), np.float32), "TQ2_0")}, arch="odd"
-    )
-    assert open_gguf(path).tensor("w").nbytes == data.nbytes
+    blocks = np.zeros((2, 4 * 36), np.uint8)  # NVFP4: 64 elements in 36 bytes
+    path = write_gguf(tmp_path / "odd.gguf", {}, {"w": (blocks, "NVFP4")}, arch="odd")
+    assert open_gguf(path).tensor("w").nbytes == blocks.nbytes
     f = run_json(path)
     assert f["n_layers"] is None and f["ram"]["kv_cache"] is None and f["ram"]["total"] is None
-    assert f["unsupported_types"] == ["TQ2_0"]
+    assert f["unsupported_types"] == ["NVFP4"]
     assert f["ram"]["ctx"] == facts.DEFAULT_MAX_CTX
     text = run(path).stdout
     assert "not supported by qpack" in text and "layers        ?" in text
