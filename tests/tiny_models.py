@@ -4,6 +4,7 @@ reference in reference_forward.py without a real model."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import gguf
@@ -29,10 +30,12 @@ def tiny_model(
     window: int = 4,
     tied: bool = False,
     seed: int = 0,
+    quantize: Callable[[np.ndarray, str], np.ndarray] | None = None,
 ) -> Path:
     """A random model of `arch` (llama, qwen2, gemma3). Matrices in weight_type (K-quants and
-    IQ types as random blocks); norms and biases F32. n_embd/n_ff are multiples of 256 so that
-    every quant type fits."""
+    IQ types as random blocks, or, given `quantize`, random f32 matrices passed through
+    quantize(matrix, weight_type) -> raw blocks); norms and biases F32. n_embd/n_ff are
+    multiples of 256 so that every quant type fits."""
     rng = np.random.default_rng(seed)
     tokens, scores, types = tiny_llama_vocab()
     n_vocab = len(tokens)
@@ -59,6 +62,9 @@ def tiny_model(
         md[f"{arch}.attention.sliding_window"] = (U32, window)
 
     def mat(rows: int, cols: int, scale: float = 0.05):
+        if quantize is not None:
+            f32 = (rng.standard_normal((rows, cols)) * scale).astype(np.float32)
+            return quantize(f32, weight_type), weight_type
         if weight_type in K_QUANTS:
             return scaled_blocks(
                 random_quantized((rows, cols), weight_type, rng), weight_type, scale
