@@ -91,8 +91,16 @@ static inline void qk_unpack_iq1_s(const uint8_t *blk, uint8_t *u, qk_panel256 *
     const qk_block_iq1_s *x = (const qk_block_iq1_s *)blk;
     for (int ib = 0; ib < 8; ib++) {
         const uint16_t h = qk_load_u16(x->qh + 2 * ib);
-        for (int l = 0; l < 4; l++)
-            qk_store_u64(u + 32 * ib + 8 * l, qk_iq1_u8(x->qs[4 * ib + l] | (((h >> (3 * l)) & 7) << 8), h >> 15));
+        const uint8_t *q = x->qs + 4 * ib;
+#if QK_TILES_X86
+        const uint64_t *g = qk_iq1s_grid_p1;
+        const __m256i v = qk_grid4x8(g[q[0] | (h & 7) << 8], g[q[1] | (h & 0x38) << 5], g[q[2] | (h & 0x1c0) << 2],
+                                     g[q[3] | (h & 0xe00) >> 1]);
+        _mm256_storeu_si256((__m256i *)(u + 32 * ib),
+                            _mm256_add_epi8(_mm256_slli_epi16(v, 3), _mm256_set1_epi8((char)((~h >> 14) & 2))));
+#else
+        for (int l = 0; l < 4; l++) qk_store_u64(u + 32 * ib + 8 * l, qk_iq1_u8(q[l] | (((h >> (3 * l)) & 7) << 8), h >> 15));
+#endif
         const int sc = 2 * ((h >> 12) & 7) + 1;
         p->sc[ib][i] = sc;
         p->mn[ib][i] = qk_pair16(9 * sc, 9 * sc);
@@ -104,11 +112,26 @@ static inline void qk_unpack_iq1_s(const uint8_t *blk, uint8_t *u, qk_panel256 *
 
 static inline void qk_unpack_iq1_m(const uint8_t *blk, uint8_t *u, qk_panel256 *p, int i) {
     const qk_block_iq1_m *x = (const qk_block_iq1_m *)blk;
+#if QK_TILES_X86
+    const uint64_t *g = qk_iq1s_grid_p1;
+    const uint64_t two = 0x0202020202020202ull;
+    for (int j = 0; j < 32; j += 4) {
+        const uint32_t h0 = x->qh[j / 2], h1 = x->qh[j / 2 + 1]; /* nibbles of groups j..j+3 */
+        const __m256i v = qk_grid4x8(g[x->qs[j] | (h0 & 7) << 8], g[x->qs[j + 1] | (h0 & 0x70) << 4],
+                                     g[x->qs[j + 2] | (h1 & 7) << 8], g[x->qs[j + 3] | (h1 & 0x70) << 4]);
+        const __m256i delta = qk_grid4x8((~h0 >> 3 & 1) * two, (~h0 >> 7 & 1) * two, (~h1 >> 3 & 1) * two,
+                                         (~h1 >> 7 & 1) * two); /* branch-free: the bits are random */
+        _mm256_storeu_si256((__m256i *)(u + 8 * j), _mm256_add_epi8(_mm256_slli_epi16(v, 3), delta));
+    }
+#else
     for (int j = 0; j < 32; j++) {
         const int nib = qk_iq1_m_nibble(x, j);
         qk_store_u64(u + 8 * j, qk_iq1_u8(x->qs[j] | ((nib & 7) << 8), nib & 8));
     }
-    for (int s = 0; s < 16; s++) p->sc[s][i] = 2 * qk_iq1_m_scale(x, s) + 1;
+#endif
+    const uint64_t sc4 = qk_load_u16(x->scales) | (uint64_t)qk_load_u16(x->scales + 2) << 16 |
+                         (uint64_t)qk_load_u16(x->scales + 4) << 32 | (uint64_t)qk_load_u16(x->scales + 6) << 48;
+    for (int s = 0; s < 16; s++) p->sc[s][i] = 2 * (int)((sc4 >> (16 * (s / 4) + 3 * (s % 4))) & 7) + 1;
     for (int q = 0; q < 8; q++) p->mn[q][i] = qk_pair16(9 * p->sc[2 * q][i], 9 * p->sc[2 * q + 1][i]);
     const float d = qk_iq1_m_d(x) * 0.125f;
     p->d[i] = d;

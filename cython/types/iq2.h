@@ -106,9 +106,15 @@ static inline void qk_unpack_iq2_xxs(const uint8_t *blk, uint8_t *u, qk_panel256
     for (int ib = 0; ib < 8; ib++) {
         const uint8_t *q = x->qs + 8 * ib;
         const uint32_t aux = qk_load_u32(q + 4);
+#if QK_TILES_X86
+        qk_store_signed32(u + 32 * ib,
+                          qk_grid4x8(qk_iq2xxs_grid[q[0]], qk_iq2xxs_grid[q[1]], qk_iq2xxs_grid[q[2]], qk_iq2xxs_grid[q[3]]),
+                          qk_ksigns4(aux), 43);
+#else
         for (int l = 0; l < 4; l++)
             qk_store_u64(u + 32 * ib + 8 * l,
                          qk_signed_offset8(qk_iq2xxs_grid[q[l]], qk_ksigns[(aux >> (7 * l)) & 127], QK_IQ2_OFF8));
+#endif
         const int sc = 2 * (int)(aux >> 28) + 1;
         p->sc[ib][i] = sc;
         p->mn[ib][i] = qk_pair16(43 * sc, 43 * sc);
@@ -118,18 +124,41 @@ static inline void qk_unpack_iq2_xxs(const uint8_t *blk, uint8_t *u, qk_panel256
 
 static inline void qk_unpack_iq2_xs(const uint8_t *blk, uint8_t *u, qk_panel256 *p, int i) {
     const qk_block_iq2_xs *x = (const qk_block_iq2_xs *)blk;
+#if QK_TILES_X86
+    for (int j = 0; j < 32; j += 4) {
+        const uint16_t q0 = qk_load_u16(x->qs + 2 * j), q1 = qk_load_u16(x->qs + 2 * j + 2);
+        const uint16_t q2 = qk_load_u16(x->qs + 2 * j + 4), q3 = qk_load_u16(x->qs + 2 * j + 6);
+        const uint32_t signs = (uint32_t)qk_ksigns[q0 >> 9] | (uint32_t)qk_ksigns[q1 >> 9] << 8 |
+                               (uint32_t)qk_ksigns[q2 >> 9] << 16 | (uint32_t)qk_ksigns[q3 >> 9] << 24;
+        qk_store_signed32(u + 8 * j,
+                          qk_grid4x8(qk_iq2xs_grid[q0 & 511], qk_iq2xs_grid[q1 & 511], qk_iq2xs_grid[q2 & 511],
+                                     qk_iq2xs_grid[q3 & 511]),
+                          signs, 43);
+    }
+#else
     for (int j = 0; j < 32; j++) {
         const uint16_t q = qk_load_u16(x->qs + 2 * j);
         qk_store_u64(u + 8 * j, qk_signed_offset8(qk_iq2xs_grid[q & 511], qk_ksigns[q >> 9], QK_IQ2_OFF8));
     }
+#endif
     qk_iq2_scales16(x->scales, p, i);
     qk_iq2_d(x->d, p, i);
 }
 
 static inline void qk_unpack_iq2_s(const uint8_t *blk, uint8_t *u, qk_panel256 *p, int i) {
     const qk_block_iq2_s *x = (const qk_block_iq2_s *)blk;
+#if QK_TILES_X86
+    for (int j = 0; j < 32; j += 4) {
+        const uint32_t qh = x->qh[j / 4]; /* the 2 high bits of groups j..j+3 */
+        qk_store_signed32(u + 8 * j,
+                          qk_grid4x8(qk_iq2s_grid[x->qs[j] | (qh & 3) << 8], qk_iq2s_grid[x->qs[j + 1] | (qh & 12) << 6],
+                                     qk_iq2s_grid[x->qs[j + 2] | (qh & 48) << 4], qk_iq2s_grid[x->qs[j + 3] | (qh & 192) << 2]),
+                          qk_load_u32(x->signs + j), 43);
+    }
+#else
     for (int j = 0; j < 32; j++)
         qk_store_u64(u + 8 * j, qk_signed_offset8(qk_iq2s_grid[qk_iq2_s_index(x, j)], x->signs[j], QK_IQ2_OFF8));
+#endif
     qk_iq2_scales16(x->scales, p, i);
     qk_iq2_d(x->d, p, i);
 }

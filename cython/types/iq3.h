@@ -76,10 +76,18 @@ static inline void qk_unpack_iq3_xxs(const uint8_t *blk, uint8_t *u, qk_panel256
     for (int ib = 0; ib < 8; ib++) {
         const uint32_t aux = qk_load_u32(x->sas + 4 * ib);
         const uint8_t *q = x->qs + 8 * ib;
+#if QK_TILES_X86
+        const uint32_t *g = qk_iq3xxs_grid;
+        qk_store_signed32(u + 32 * ib,
+                          _mm256_set_epi32((int)g[q[7]], (int)g[q[6]], (int)g[q[5]], (int)g[q[4]], (int)g[q[3]],
+                                           (int)g[q[2]], (int)g[q[1]], (int)g[q[0]]),
+                          qk_ksigns4(aux), 62);
+#else
         for (int l = 0; l < 4; l++)
             qk_store_u64(u + 32 * ib + 8 * l,
                          qk_signed_offset8(qk_iq3_pair(qk_iq3xxs_grid, q[2 * l], q[2 * l + 1]),
                                            qk_ksigns[(aux >> (7 * l)) & 127], 0x3e3e3e3e3e3e3e3eull));
+#endif
         const int sc = 2 * (int)(aux >> 28) + 1;
         p->sc[ib][i] = sc;
         p->mn[ib][i] = qk_pair16(62 * sc, 62 * sc);
@@ -91,10 +99,24 @@ static inline void qk_unpack_iq3_xxs(const uint8_t *blk, uint8_t *u, qk_panel256
 
 static inline void qk_unpack_iq3_s(const uint8_t *blk, uint8_t *u, qk_panel256 *p, int i) {
     const qk_block_iq3_s *x = (const qk_block_iq3_s *)blk;
+#if QK_TILES_X86
+    const uint32_t *g = qk_iq3s_grid;
+    for (int ib = 0; ib < 8; ib++) {
+        const uint8_t *q = x->qs + 8 * ib;
+        const uint32_t h = x->qh[ib]; /* bit k: bit 8 of group 8 ib + k's index */
+        qk_store_signed32(u + 32 * ib,
+                          _mm256_set_epi32((int)g[q[7] | (h & 128) << 1], (int)g[q[6] | (h & 64) << 2],
+                                           (int)g[q[5] | (h & 32) << 3], (int)g[q[4] | (h & 16) << 4],
+                                           (int)g[q[3] | (h & 8) << 5], (int)g[q[2] | (h & 4) << 6],
+                                           (int)g[q[1] | (h & 2) << 7], (int)g[q[0] | (h & 1) << 8]),
+                          qk_load_u32(x->signs + 4 * ib), 15);
+    }
+#else
     for (int j = 0; j < 64; j += 2)
         qk_store_u64(u + 4 * j,
                      qk_signed_offset8(qk_iq3_pair(qk_iq3s_grid, qk_iq3_s_index(x, j), qk_iq3_s_index(x, j + 1)),
                                        x->signs[j / 2], 0x0f0f0f0f0f0f0f0full));
+#endif
     for (int ib = 0; ib < 8; ib++) {
         const int sc = 2 * ((x->scales[ib / 2] >> (4 * (ib % 2))) & 0xf) + 1;
         p->sc[ib][i] = sc;

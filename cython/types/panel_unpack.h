@@ -13,6 +13,7 @@
 #define QPACK_TYPES_PANEL_UNPACK_H
 
 #include "../quants_tiles.h"
+#include "iq_tables.h"
 
 /* One block of one row: elements as u[0..255] (or u[0..31]), scales into lane i of p. */
 typedef void (*qk_unpack256_fn)(const uint8_t *x, uint8_t *u, qk_panel256 *p, int i);
@@ -32,6 +33,12 @@ static inline uint64_t qk_signed_offset8(uint64_t g, uint32_t signs, uint64_t of
     return ((off8 + g) & ~m) | ((off8 - g) & m);
 }
 
+/* (grid types) The four ksigns bytes of the 7-bit indices in bits 0..27 of aux, as one u32. */
+static inline uint32_t qk_ksigns4(uint32_t aux) {
+    return (uint32_t)qk_ksigns[aux & 127] | (uint32_t)qk_ksigns[(aux >> 7) & 127] << 8 |
+           (uint32_t)qk_ksigns[(aux >> 14) & 127] << 16 | (uint32_t)qk_ksigns[(aux >> 21) & 127] << 24;
+}
+
 static inline void qk_store_u64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
 
 /* Dequantization of the grid types: eight values db * grid_k, negated where bit k of signs is
@@ -45,6 +52,19 @@ QK_NO_CONTRACT static inline void qk_iq_grid8_to_f32(float db, uint64_t g, uint3
 }
 
 #if QK_TILES_X86
+/* 32 bytes off + g_k, or off - g_k where bit k of signs is set, stored at u (the x86 form of
+ * qk_signed_offset8 for four groups at once). */
+static inline void qk_store_signed32(uint8_t *u, __m256i g, uint32_t signs, char off) {
+    const __m256i m = qk_bits_to_bytes32(signs);
+    const __m256i v = _mm256_sub_epi8(_mm256_xor_si256(g, m), m);
+    _mm256_storeu_si256((__m256i *)u, _mm256_add_epi8(v, _mm256_set1_epi8(off)));
+}
+
+/* Four 8-byte grid rows as one vector, in order. */
+static inline __m256i qk_grid4x8(uint64_t g0, uint64_t g1, uint64_t g2, uint64_t g3) {
+    return _mm256_set_epi64x((long long)g3, (long long)g2, (long long)g1, (long long)g0);
+}
+
 /* Eight natural-order rows of len bytes (a multiple of 16) into the interleaved q[j][i][4]. */
 static inline void qk_lay_panel(const uint8_t *rows[8], int len, uint8_t (*q)[QK_PANEL_ROWS][4]) {
     for (int off = 0; off < len; off += 16) {
