@@ -155,13 +155,20 @@ QK_TILE_INLINE float qk_dot_unpacked32(qk_unpack32_fn unpack, int bytes, int64_t
 /* gemm and dot of a type from its unpack routine. sub: sub-block of one integer scale (16 or
  * 32); group: AVX2's int16 grouping of maddubs results (group * 2 * max(u) * 127 < 32768). */
 #define QK_UNPACKED_KERNELS256(name, unpack, BYTES, sub, group)                                       \
+    QK_TILE_INLINE void qk_pack_##name(const uint8_t *w, size_t row_bytes, int nr, int64_t nb, qk_panel256 *p) { \
+        qk_pack256_unpacked(unpack, BYTES, w, row_bytes, nr, nb, p);                                  \
+    }                                                                                                \
+    QK_PACKED_KERNELS256(name, unpack, qk_pack_##name, BYTES, sub, group)
+
+/* The same with the type's own pack (eight rows straight from the blocks into the panel). */
+#define QK_PACKED_KERNELS256(name, unpack, pack, BYTES, sub, group)                                  \
     static void qk_gemm_##name(int64_t n, const uint8_t *w, size_t row_bytes, int64_t nr,            \
                                const uint8_t *act, size_t act_stride, int64_t nt, float *out,        \
                                int64_t ldo, void *scratch) {                                         \
         qk_panel256 *p = (qk_panel256 *)scratch;                                                     \
         for (int64_t r = 0; r < nr; r += QK_PANEL_ROWS) {                                            \
             const int rows = nr - r < QK_PANEL_ROWS ? (int)(nr - r) : QK_PANEL_ROWS;                \
-            qk_pack256_unpacked(unpack, BYTES, w + (size_t)r * row_bytes, row_bytes, rows, n / 256, p); \
+            pack(w + (size_t)r * row_bytes, row_bytes, rows, n / 256, p);                            \
             qk_panel_mul(p, 256, sub, group, n / 256, rows, act, act_stride, nt, out + r, ldo);      \
         }                                                                                            \
     }                                                                                                \

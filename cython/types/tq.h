@@ -73,9 +73,35 @@ static inline void qk_tq_panel_scales(const uint8_t *d16, qk_panel256 *p, int i)
     p->nd[i] = -d;
 }
 
+#if QK_TILES_X86
+/* Trit n of bytes v (32 at a time): t = v * 3^n mod 256 by repeated byte additions, then
+ * (t * 3) >> 8 = (t >= 86) + (t >= 171). */
+static inline __m256i qk_trit_of(__m256i t) {
+    const __m256i ge86 = _mm256_cmpeq_epi8(_mm256_max_epu8(t, _mm256_set1_epi8(86)), t);
+    const __m256i ge171 = _mm256_cmpeq_epi8(_mm256_max_epu8(t, _mm256_set1_epi8((char)171)), t);
+    return _mm256_sub_epi8(_mm256_sub_epi8(_mm256_setzero_si256(), ge86), ge171);
+}
+
+static inline __m256i qk_times3_epi8(__m256i t) { return _mm256_add_epi8(_mm256_add_epi8(t, t), t); }
+#endif
+
 static inline void qk_unpack_tq1_0(const uint8_t *blk, uint8_t *u, qk_panel256 *p, int i) {
     const qk_block_tq1_0 *x = (const qk_block_tq1_0 *)blk;
+#if QK_TILES_X86
+    __m256i a = _mm256_loadu_si256((const __m256i *)x->qs);                  /* elements 32 n + m */
+    __m256i b = _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(x->qs + 32))); /* 160 + 16 n + m */
+    for (int n = 0; n < 5; n++) {
+        _mm256_storeu_si256((__m256i *)(u + 32 * n), qk_trit_of(a));
+        _mm_storeu_si128((__m128i *)(u + 160 + 16 * n), _mm256_castsi256_si128(qk_trit_of(b)));
+        a = qk_times3_epi8(a);
+        b = qk_times3_epi8(b);
+    }
+    static const uint8_t pow3[4] = {1, 3, 9, 27};
+    for (int n = 0; n < 4; n++)
+        for (int m = 0; m < 4; m++) u[240 + 4 * n + m] = (uint8_t)(((uint8_t)(x->qh[m] * pow3[n]) * 3) >> 8);
+#else
     qk_tq1_0_trits(x, u);
+#endif
     qk_tq_panel_scales(x->d, p, i);
 }
 
@@ -85,7 +111,74 @@ static inline void qk_unpack_tq2_0(const uint8_t *blk, uint8_t *u, qk_panel256 *
     qk_tq_panel_scales(x->d, p, i);
 }
 
+#if QK_TILES_X86
+/* The scales of the eight rows: sc = 1, bsums coefficient 1, d and -d from the f16 at d_off. */
+static inline void qk_tq_panel_scales_x86(const uint8_t *rp[8], size_t d_off, qk_panel256 *p) {
+    for (int s = 0; s < 8; s++) {
+        _mm256_store_si256((__m256i *)p->sc[s], _mm256_set1_epi32(1));
+        _mm256_store_si256((__m256i *)p->mn[s], _mm256_set1_epi32(qk_pair16(1, 1)));
+    }
+    uint16_t h[8];
+    for (int i = 0; i < 8; i++) h[i] = qk_load_u16(rp[i] + d_off);
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h));
+    _mm256_store_ps(p->d, d);
+    _mm256_store_ps(p->nd, _mm256_sub_ps(_mm256_setzero_ps(), d));
+}
+
+/* Eight rows straight into the panel: the byte-wise trit and bit-pair extraction works on the
+ * transposed 4-byte groups as well as on a row. */
+static inline void qk_pack_tq1_0(const uint8_t *w, size_t row_bytes, int nr, int64_t nb, qk_panel256 *p) {
+    const uint8_t *rp[8];
+    qk_panel_rows(w, row_bytes, nr, rp);
+    for (int64_t b = 0; b < nb; b++, p++) {
+        const size_t o = (size_t)b * 54;
+        qk_prefetch_next_panel(rp, row_bytes, o);
+        __m256i x[8], g[4];
+        qk_groups8(rp, o, x); /* bytes 4k..4k+3: elements 32 n + 4k.. for trit n */
+        for (int n = 0; n < 5; n++)
+            for (int k = 0; k < 8; k++) {
+                qk_store_q(p->q[8 * n + k][0], qk_trit_of(x[k]));
+                x[k] = qk_times3_epi8(x[k]);
+            }
+        qk_groups4(rp, o + 32, g); /* bytes 32 + 4k..: elements 160 + 16 n + 4k.. */
+        for (int n = 0; n < 5; n++)
+            for (int k = 0; k < 4; k++) {
+                qk_store_q(p->q[40 + 4 * n + k][0], qk_trit_of(g[k]));
+                g[k] = qk_times3_epi8(g[k]);
+            }
+        __m256i h = qk_gather_u32(rp, o + 48); /* qh: elements 240 + 4 n + m */
+        for (int n = 0; n < 4; n++) {
+            qk_store_q(p->q[60 + n][0], qk_trit_of(h));
+            h = qk_times3_epi8(h);
+        }
+        qk_tq_panel_scales_x86(rp, o + 52, p);
+    }
+}
+
+/* TQ2_0's bit pairs are laid out as Q2_K's: bit pair l of byte 32 j + m is element 128 j + 32 l + m. */
+static inline void qk_pack_tq2_0(const uint8_t *w, size_t row_bytes, int nr, int64_t nb, qk_panel256 *p) {
+    const uint8_t *rp[8];
+    qk_panel_rows(w, row_bytes, nr, rp);
+    const __m256i m3 = _mm256_set1_epi8(3);
+    for (int64_t b = 0; b < nb; b++, p++) {
+        const size_t o = (size_t)b * 66;
+        qk_prefetch_next_panel(rp, row_bytes, o);
+        for (int half = 0; half < 2; half++) {
+            __m256i x[8];
+            qk_groups8(rp, o + 32 * half, x);
+            for (int l = 0; l < 4; l++)
+                for (int k = 0; k < 8; k++)
+                    qk_store_q(p->q[32 * half + 8 * l + k][0], _mm256_and_si256(_mm256_srli_epi16(x[k], 2 * l), m3));
+        }
+        qk_tq_panel_scales_x86(rp, o + 64, p);
+    }
+}
+
+QK_PACKED_KERNELS256(tq1_0, qk_unpack_tq1_0, qk_pack_tq1_0, 54, 32, 8)
+QK_PACKED_KERNELS256(tq2_0, qk_unpack_tq2_0, qk_pack_tq2_0, 66, 32, 8)
+#else
 QK_UNPACKED_KERNELS256(tq1_0, qk_unpack_tq1_0, 54, 32, 8)
 QK_UNPACKED_KERNELS256(tq2_0, qk_unpack_tq2_0, 66, 32, 8)
+#endif
 
 #endif
