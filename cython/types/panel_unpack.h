@@ -33,10 +33,15 @@ static inline uint64_t qk_signed_offset8(uint64_t g, uint32_t signs, uint64_t of
     return ((off8 + g) & ~m) | ((off8 - g) & m);
 }
 
-/* (grid types) The four ksigns bytes of the 7-bit indices in bits 0..27 of aux, as one u32. */
+/* (grid types) The four ksigns bytes of the 7-bit indices in bits 0..27 of aux, as one u32:
+ * ksigns[i] is i with bit 7 = the parity of i, computed here without the table (fewer
+ * instructions than four lookups; the tests hold both to gguf). */
 static inline uint32_t qk_ksigns4(uint32_t aux) {
-    return (uint32_t)qk_ksigns[aux & 127] | (uint32_t)qk_ksigns[(aux >> 7) & 127] << 8 |
-           (uint32_t)qk_ksigns[(aux >> 14) & 127] << 16 | (uint32_t)qk_ksigns[(aux >> 21) & 127] << 24;
+    const uint32_t x = (aux & 0x7f) | (aux & 0x3f80) << 1 | (aux & 0x1fc000) << 2 | (aux & 0xfe00000) << 3;
+    uint32_t p = x ^ (x >> 4); /* bit 0 of each byte ends as the parity of that byte */
+    p ^= p >> 2;
+    p ^= p >> 1;
+    return x | (p & 0x01010101u) << 7;
 }
 
 static inline void qk_store_u64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
