@@ -75,12 +75,42 @@ def msvc() -> bool:
     return sys.platform == "win32"  # setuptools' compiler there
 
 
-def variants() -> dict[str, list[str]]:
-    key = machine() + ("-msvc" if msvc() else "")
-    found = VARIANTS_BY_MACHINE.get(key, {"generic": []})
+# QPACK_SANITIZE=1 (gcc/clang only) adds the generic kernels built with AddressSanitizer and
+# UBSan as `_native_generic_asan`, for tests/fuzz (never imported by the runtime itself; it
+# needs the sanitizer runtime preloaded: tests/fuzz/fuzz_model.py does that).
+SANITIZE_FLAGS = [
+    "-fsanitize=address,undefined",
+    "-fno-sanitize-recover=all",
+    "-fno-omit-frame-pointer",
+    "-g",
+    "-O1",
+]
+
+
+def variants(key: str | None = None) -> dict[str, list[str]]:
+    """Variant name -> its flags, for this machine and compiler (or a VARIANTS_BY_MACHINE key)."""
+    here = key is None
+    key = key or machine() + ("-msvc" if msvc() else "")
+    found = dict(VARIANTS_BY_MACHINE.get(key, {"generic": []}))
+    if here and os.environ.get("QPACK_SANITIZE") == "1" and not msvc():
+        found["generic_asan"] = found["generic"] + SANITIZE_FLAGS
     # QPACK_VARIANTS=generic,avx512 builds a subset, for quick iteration on the kernels.
     only = [v for v in os.environ.get("QPACK_VARIANTS", "").split(",") if v]
     return {k: v for k, v in found.items() if not only or k in only}
+
+
+def archflags(system: str, arch: str) -> str | None:
+    """ARCHFLAGS for macOS: this machine's slice only. The Pythons of python.org and
+    actions/setup-python are universal2, so setuptools compiles every extension for arm64 and
+    x86_64 at once, and each variant's -march belongs to one of them (clang rejects the other).
+    The runtime stub is built per platform anyway, so one slice is all it needs."""
+    if system != "darwin":
+        return None
+    return f"-arch {'arm64' if arch in ('arm64', 'aarch64') else 'x86_64'}"
+
+
+def flags_for_link(flags: list[str]) -> list[str]:
+    return [f for f in flags if f.startswith("-fsanitize")]
 
 
 def extensions() -> list[Extension]:
@@ -106,7 +136,7 @@ def extensions() -> list[Extension]:
                     ("QPACK_VARIANT", f'"{name}"'),
                 ],
                 extra_compile_args=common + flags,
-                extra_link_args=[] if msvc() else ["-pthread"],
+                extra_link_args=[] if msvc() else ["-pthread"] + flags_for_link(flags),
                 # headers and included .pxi files: a change to any of them rebuilds every variant
                 depends=sorted(str(p.relative_to(HERE)) for p in CYTHON_DIR.glob("**/*.[hp]*")),
             )
@@ -114,11 +144,16 @@ def extensions() -> list[Extension]:
     return exts
 
 
-setup(
-    ext_modules=cythonize(
-        extensions(),
-        nthreads=int(os.environ.get("QPACK_BUILD_JOBS", "0")) or None,
-        compiler_directives={"language_level": "3"},
-        include_path=[str(CYTHON_DIR)],
-    ),
-)
+if __name__ == "__main__":  # setuptools runs it so; tests import it for its flags
+    if (flags := archflags(sys.platform, platform.machine().lower())) and (
+        "ARCHFLAGS" not in os.environ
+    ):
+        os.environ["ARCHFLAGS"] = flags  # read by setuptools when it sets up the compiler
+    setup(
+        ext_modules=cythonize(
+            extensions(),
+            nthreads=int(os.environ.get("QPACK_BUILD_JOBS", "0")) or None,
+            compiler_directives={"language_level": "3"},
+            include_path=[str(CYTHON_DIR)],
+        ),
+    )

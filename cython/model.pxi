@@ -8,6 +8,10 @@ import numpy as np
 
 from qpack.runtime.errors import QpackError, UnsupportedModel
 
+# Sizes arrive as Python ints (exact); anything past these is refused before it reaches C.
+INT32_MAX = 2147483647
+MAX_STATE_BYTES = 1 << 46  # one allocation of the model state; beyond it, refuse
+
 
 cdef extern from "forward.h":
     ctypedef unsigned short qk_f16  # only its size is used here
@@ -19,6 +23,7 @@ cdef extern from "forward.h":
         size_t row_bytes
     ctypedef struct qk_layer:
         qk_matrix wq, wk, wv, wo, gate, up, down
+        qk_matrix router, gate_exps, up_exps, down_exps
         const float *attn_norm
         const float *ffn_norm
         const float *post_attn_norm
@@ -32,10 +37,13 @@ cdef extern from "forward.h":
         float rope_base
     ctypedef struct qk_model:
         int n_layer, n_embd, n_ff, n_head, n_head_kv, head_dim, head_dim_v, n_rot, n_vocab
+        int n_expert, n_expert_used
         int rope_neox, activation, qk_norm, post_norms
         float norm_eps, embd_scale, attn_scale
+        float attn_softcap, final_softcap, rope_attn_factor
         qk_matrix tok_embd, output
         const float *output_norm
+        const float *rope_factors
         qk_layer *layers
         int n_ctx, n_seq, n_batch, n_threads
         qk_f16 *k_cache
@@ -54,15 +62,31 @@ cdef extern from "forward.h":
                     float *hidden) noexcept nogil
     void qk_copy_seq(qk_model *m, int src, int dst, int n_pos) noexcept nogil
     int qk_model_init(qk_model *m) noexcept nogil
+    int qk_check_hparams(const qk_model *m) noexcept nogil
+    int qk_check_weights(const qk_model *m, int *where) noexcept nogil
+    const char *qk_check_message(int code) noexcept nogil
     void qk_model_free(qk_model *m) noexcept nogil
     size_t qk_model_runtime_bytes(const qk_model *m) noexcept nogil
 
 
-cdef void *_alloc(size_t n_items, size_t item_size) except NULL:
-    cdef void *p = calloc(n_items if n_items else 1, item_size)
+cdef void *_alloc(object n_items, size_t item_size) except NULL:
+    """calloc of n_items (an exact Python int) or a QpackError: never a wrapped size."""
+    if not 0 <= n_items * item_size <= MAX_STATE_BYTES:
+        raise QpackError(f"the model state would need {n_items * item_size} bytes; refused")
+    cdef size_t n = n_items
+    cdef void *p = calloc(n if n else 1, item_size)
     if p == NULL:
-        raise MemoryError(f"cannot allocate {n_items * item_size} bytes for the model state")
+        raise QpackError(
+            f"cannot allocate {n_items * item_size} bytes for the model state (try a smaller "
+            "--ctx-size)")
     return p
+
+
+cdef int _c_int(object value, str what, int low=1) except? -1:
+    """A size for an int field of the C struct, refused (not wrapped) outside low..INT32_MAX."""
+    if not isinstance(value, int) or not low <= value <= INT32_MAX:
+        raise UnsupportedModel(f"{what} = {value!r} is out of range ({low}..{INT32_MAX})")
+    return value
 
 
 cdef class NativeModel:
@@ -72,48 +96,72 @@ cdef class NativeModel:
     cdef qk_model m
     cdef list _keep
     cdef readonly int n_ctx, n_seq, n_batch, n_threads, n_vocab, n_embd
-    cdef readonly size_t kv_bytes, scratch_bytes
+    cdef readonly object kv_bytes, scratch_bytes, buffer_bytes
 
     def __cinit__(self):
         memset(&self.m, 0, sizeof(qk_model))
 
-    def __init__(self, dict hp, dict globals_, list layers, int n_ctx, int n_seq, int n_batch,
-                 int n_threads):
+    def __init__(self, dict hp, dict globals_, list layers, n_ctx, n_seq, n_batch, n_threads):
         cdef qk_model *m = &self.m
         cdef qk_layer *L
+        cdef int code, where
         self._keep = []
-        if n_ctx < 1 or n_seq < 1 or n_batch < 1 or n_threads < 1:
-            raise QpackError("context, sequences, batch and threads must all be at least 1")
-        m.n_layer = hp["n_layer"]; m.n_embd = hp["n_embd"]; m.n_ff = hp["n_ff"]
-        m.n_head = hp["n_head"]; m.n_head_kv = hp["n_head_kv"]
-        m.head_dim = hp["head_dim"]; m.head_dim_v = hp["head_dim_v"]; m.n_rot = hp["n_rot"]
-        m.rope_neox = hp["rope_neox"]; m.activation = hp["activation"]
-        m.qk_norm = hp["qk_norm"]; m.post_norms = hp["post_norms"]
+        self.buffer_bytes = 0
+        for value, what in ((n_ctx, "context"), (n_seq, "sequences"), (n_batch, "batch"),
+                            (n_threads, "threads")):
+            if not isinstance(value, int) or not 1 <= value <= INT32_MAX:
+                raise QpackError(f"{what} = {value!r} is out of range (1..{INT32_MAX})")
+        m.n_layer = _c_int(hp["n_layer"], "n_layer"); m.n_embd = _c_int(hp["n_embd"], "n_embd")
+        m.n_ff = _c_int(hp["n_ff"], "n_ff")
+        m.n_head = _c_int(hp["n_head"], "n_head"); m.n_head_kv = _c_int(hp["n_head_kv"], "n_head_kv")
+        m.head_dim = _c_int(hp["head_dim"], "head_dim")
+        m.head_dim_v = _c_int(hp["head_dim_v"], "head_dim_v")
+        m.n_rot = _c_int(hp["n_rot"], "n_rot", 0)
+        m.rope_neox = bool(hp["rope_neox"]); m.activation = _c_int(hp["activation"], "activation", 0)
+        m.qk_norm = bool(hp["qk_norm"]); m.post_norms = bool(hp["post_norms"])
         m.norm_eps = hp["norm_eps"]; m.embd_scale = hp["embd_scale"]; m.attn_scale = hp["attn_scale"]
+        m.n_expert = _c_int(hp.get("n_expert", 0), "n_expert", 0)
+        m.n_expert_used = _c_int(hp.get("n_expert_used", 0), "n_expert_used", 0)
+        m.attn_softcap = hp.get("attn_softcap", 0.0); m.final_softcap = hp.get("final_softcap", 0.0)
+        m.rope_attn_factor = hp.get("rope_attn_factor", 1.0)
         m.n_ctx = n_ctx; m.n_seq = n_seq; m.n_batch = n_batch; m.n_threads = n_threads
-        E, q_dim = m.n_embd, m.n_head * m.head_dim
-        kv_dim, kv_dim_v = m.n_head_kv * m.head_dim, m.n_head_kv * m.head_dim_v
+        code = qk_check_hparams(m)
+        if code:
+            raise UnsupportedModel(f"the compiled model refuses these hyperparameters: "
+                                   f"{qk_check_message(code).decode()}")
+        # exact products (Python ints): C's check above guarantees each fits an int
+        E, n_head, n_head_kv = int(m.n_embd), int(m.n_head), int(m.n_head_kv)
+        q_dim, att_dim = n_head * m.head_dim, n_head * m.head_dim_v
+        kv_dim, kv_dim_v = n_head_kv * m.head_dim, n_head_kv * m.head_dim_v
 
         self._set_matrix(&m.tok_embd, globals_["tok_embd"], "token_embd.weight", E)
         self._set_matrix(&m.output, globals_["output"], "output.weight", E)
-        m.n_vocab = <int>m.output.rows
+        m.n_vocab = _c_int(m.output.rows, "output.weight rows (vocabulary)")
         if m.tok_embd.rows != m.n_vocab:
             raise UnsupportedModel(f"token_embd has {m.tok_embd.rows} rows but the output head {m.n_vocab}")
         m.output_norm = self._vector(globals_["output_norm"], "output_norm.weight", E)
+        m.rope_factors = self._vector(globals_.get("rope_factors"), "rope factors", m.n_rot // 2, False)
 
-        m.layers = <qk_layer *>_alloc(m.n_layer, sizeof(qk_layer))
         if len(layers) != m.n_layer:
             raise UnsupportedModel(f"expected {m.n_layer} layers, found {len(layers)}")
+        m.layers = <qk_layer *>_alloc(m.n_layer, sizeof(qk_layer))
         for l, spec in enumerate(layers):
             L = &m.layers[l]
             p = f"blk.{l}."
             self._set_matrix(&L.wq, spec["wq"], p + "attn_q.weight", E, q_dim)
             self._set_matrix(&L.wk, spec["wk"], p + "attn_k.weight", E, kv_dim)
             self._set_matrix(&L.wv, spec["wv"], p + "attn_v.weight", E, kv_dim_v)
-            self._set_matrix(&L.wo, spec["wo"], p + "attn_output.weight", m.n_head * m.head_dim_v, E)
-            self._set_matrix(&L.gate, spec["gate"], p + "ffn_gate.weight", E, m.n_ff)
-            self._set_matrix(&L.up, spec["up"], p + "ffn_up.weight", E, m.n_ff)
-            self._set_matrix(&L.down, spec["down"], p + "ffn_down.weight", m.n_ff, E)
+            self._set_matrix(&L.wo, spec["wo"], p + "attn_output.weight", att_dim, E)
+            if m.n_expert:
+                X = int(m.n_expert)
+                self._set_matrix(&L.router, spec["router"], p + "ffn_gate_inp.weight", E, X)
+                self._set_matrix(&L.gate_exps, spec["gate_exps"], p + "ffn_gate_exps.weight", E, X * m.n_ff)
+                self._set_matrix(&L.up_exps, spec["up_exps"], p + "ffn_up_exps.weight", E, X * m.n_ff)
+                self._set_matrix(&L.down_exps, spec["down_exps"], p + "ffn_down_exps.weight", m.n_ff, X * E)
+            else:
+                self._set_matrix(&L.gate, spec["gate"], p + "ffn_gate.weight", E, m.n_ff)
+                self._set_matrix(&L.up, spec["up"], p + "ffn_up.weight", E, m.n_ff)
+                self._set_matrix(&L.down, spec["down"], p + "ffn_down.weight", m.n_ff, E)
             L.attn_norm = self._vector(spec["attn_norm"], p + "attn_norm.weight", E)
             L.ffn_norm = self._vector(spec["ffn_norm"], p + "ffn_norm.weight", E)
             L.post_attn_norm = self._vector(spec.get("post_attn_norm"), p + "post_attention_norm.weight", E, m.post_norms)
@@ -123,44 +171,56 @@ cdef class NativeModel:
             L.bq = self._vector(spec.get("bq"), p + "attn_q.bias", q_dim, False)
             L.bk = self._vector(spec.get("bk"), p + "attn_k.bias", kv_dim, False)
             L.bv = self._vector(spec.get("bv"), p + "attn_v.bias", kv_dim_v, False)
-            L.window = spec["window"]
+            L.window = _c_int(spec["window"], p + "sliding window", 0)
             L.rope_base = spec["rope_base"]
 
-        cache_items = <size_t>m.n_layer * n_seq * n_ctx
+        cache_items = int(m.n_layer) * n_seq * n_ctx
         m.k_cache = <qk_f16 *>_alloc(cache_items * kv_dim, sizeof(qk_f16))
         m.v_cache = <qk_f16 *>_alloc(cache_items * kv_dim_v, sizeof(qk_f16))
         self.kv_bytes = cache_items * (kv_dim + kv_dim_v) * sizeof(qk_f16)
-        B = <size_t>n_batch
-        m.x = <float *>_alloc(B * E, sizeof(float))
-        m.xn = <float *>_alloc(B * E, sizeof(float))
-        m.q = <float *>_alloc(B * q_dim, sizeof(float))
-        m.k = <float *>_alloc(B * kv_dim, sizeof(float))
-        m.v = <float *>_alloc(B * kv_dim_v, sizeof(float))
-        m.attn_out = <float *>_alloc(B * m.n_head * m.head_dim_v, sizeof(float))
-        m.tmp = <float *>_alloc(B * E, sizeof(float))
-        m.ff_a = <float *>_alloc(B * m.n_ff, sizeof(float))
-        m.ff_b = <float *>_alloc(B * m.n_ff, sizeof(float))
+        B = int(n_batch)
+        m.x = self._floats(B * E)
+        m.xn = self._floats(B * E)
+        m.tmp = self._floats(B * E)
+        m.q = self._floats(B * q_dim)
+        m.k = self._floats(B * kv_dim)
+        m.v = self._floats(B * kv_dim_v)
+        m.attn_out = self._floats(B * att_dim)
+        n_ff_dense = 0 if m.n_expert else m.n_ff  # the experts' buffers are forward.h's
+        m.ff_a = self._floats(B * n_ff_dense)
+        m.ff_b = self._floats(B * n_ff_dense)
+        code = qk_check_weights(m, &where)
+        if code:
+            raise UnsupportedModel(f"the compiled model refuses its weights"
+                                   f"{f' (layer {where})' if where >= 0 else ''}: "
+                                   f"{qk_check_message(code).decode()}")
         # threads, quantized activations, per-thread tiles (forward.h)
         if qk_model_init(m) != 0:
-            raise MemoryError("cannot allocate the model's threads and scratch")
-        self.scratch_bytes = sizeof(float) * (
-            B * (4 * E + q_dim + kv_dim + kv_dim_v + m.n_head * m.head_dim_v + 2 * m.n_ff)
-        ) + qk_model_runtime_bytes(m)
+            raise QpackError("cannot allocate the model's threads and scratch")
+        self.scratch_bytes = self.buffer_bytes + qk_model_runtime_bytes(m)
         self.n_ctx, self.n_seq, self.n_batch, self.n_threads = n_ctx, n_seq, n_batch, n_threads
         self.n_vocab, self.n_embd = m.n_vocab, E
 
-    cdef _set_matrix(self, qk_matrix *mat, spec, str name, int64_t cols, int64_t rows=-1):
+    cdef float *_floats(self, object n) except NULL:
+        """An activation buffer of n floats, counted into buffer_bytes."""
+        cdef float *p = <float *>_alloc(n, sizeof(float))
+        self.buffer_bytes += n * sizeof(float)
+        return p
+
+    cdef _set_matrix(self, qk_matrix *mat, spec, str name, object cols, object rows=-1):
         """spec = (ggml_type, rows, cols, uint8 array of the tensor's bytes)."""
         if spec is None:
             raise UnsupportedModel(f"tensor {name} is missing")
         cdef const qk_traits *tr
         ggml_type, n_rows, n_cols, data = spec
-        tr = qk_get_traits(ggml_type)
+        tr = qk_get_traits(ggml_type) if isinstance(ggml_type, int) and 0 <= ggml_type < 1024 else NULL
         if tr == NULL:
             raise UnsupportedModel(f"tensor {name} has ggml type {ggml_type}, which qpack cannot run")
         if n_cols != cols or (rows >= 0 and n_rows != rows):
             raise UnsupportedModel(
                 f"tensor {name} has shape [{n_cols}, {n_rows}], expected [{cols}, {rows if rows >= 0 else 'any'}]")
+        if not (isinstance(n_rows, int) and isinstance(n_cols, int) and 0 < n_rows <= INT32_MAX):
+            raise UnsupportedModel(f"tensor {name} has {n_rows!r} rows; refused")
         if n_cols % tr.block_elems:
             raise UnsupportedModel(f"tensor {name}: {n_cols} columns are not whole {tr.block_elems}-element blocks")
         cdef const uint8_t[::1] buf = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1)
@@ -174,7 +234,7 @@ cdef class NativeModel:
         mat.cols = n_cols
         mat.row_bytes = row_bytes
 
-    cdef const float *_vector(self, data, str name, int64_t n, bint required=True) except? NULL:
+    cdef const float *_vector(self, data, str name, object n, bint required=True) except? NULL:
         if data is None:
             if required:
                 raise UnsupportedModel(f"tensor {name} is missing")

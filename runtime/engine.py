@@ -92,13 +92,38 @@ class Request:
             self.done.set()
 
 
+class EmbeddingRequest:
+    """Mean-pooled, L2-normalised final hidden states of each input, filled in by the engine;
+    `done` is set when `vectors` is complete (or `error` / cancellation ended it)."""
+
+    def __init__(self, inputs: list[list[int]]):
+        self.inputs = inputs
+        self.vectors: list[np.ndarray] = []
+        self.error: str | None = None
+        self.done = threading.Event()
+        self._cancelled = threading.Event()
+        self._at = 0  # position reached in the current input
+        self._sum: np.ndarray | None = None
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def _fail(self, message: str) -> None:
+        self.error = message
+        self.done.set()
+
+
 @dataclass
 class _Slot:
     """A KV-cache sequence slot and, while busy, the request decoding in it."""
 
     index: int
     cached: list[int] = field(default_factory=list)  # tokens whose K/V are in this slot
-    request: Request | None = None
+    request: Request | EmbeddingRequest | None = None
     tokens: list[int] = field(default_factory=list)  # prompt + generated so far
     generated: int = 0
     sampler: Sampler | None = None
@@ -106,16 +131,6 @@ class _Slot:
     stopper: StopMatcher | None = None
     started: float = 0.0
     first_token_at: float = 0.0
-
-
-class _Job:
-    """Work other than generation that must run on the engine thread (embeddings)."""
-
-    def __init__(self, fn):
-        self.fn = fn
-        self.result = None
-        self.error: BaseException | None = None
-        self.done = threading.Event()
 
 
 class Engine:
@@ -127,8 +142,8 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.slots = [_Slot(i) for i in range(n_parallel)]
-        self._incoming: queue.Queue[Request | _Job | None] = queue.Queue()
-        self._waiting: list[Request] = []
+        self._incoming: queue.Queue[Request | EmbeddingRequest | None] = queue.Queue()
+        self._waiting: list[Request | EmbeddingRequest] = []
         self.stop_ids = set(tokenizer.stop_ids)
         self.stats = {"requests": 0, "prompt_tokens": 0, "generated_tokens": 0, "steps": 0}
 
@@ -151,41 +166,19 @@ class Engine:
         self._incoming.put(req)
         return req
 
-    def run_job(self, fn, wait: bool = True):
-        """Run fn() on the engine thread between steps (the model's scratch is not shared)."""
-        job = _Job(fn)
-        self._incoming.put(job)
-        if not wait:
-            return job
-        job.done.wait()
-        if job.error is not None:
-            raise job.error
-        return job.result
-
-    def embed(self, tokens: list[int]) -> np.ndarray:
-        """Mean-pooled, L2-normalised final hidden states (called on the engine thread)."""
-        if not tokens:
-            raise QpackError("cannot embed an empty input")
-        if len(tokens) > self.n_ctx:
-            raise ContextOverflow(
-                f"the input has {len(tokens)} tokens but the context holds {self.n_ctx}"
-            )
-        slot = self._free_slot_for([])
-        if slot is None:
-            raise QpackError("no free sequence slot for embeddings")
-        slot.cached = []  # its cache is about to be overwritten
-        total = np.zeros(self.model.native.n_embd, np.float64)
-        nb = self.model.n_batch
-        for b in range(0, len(tokens), nb):
-            chunk = tokens[b : b + nb]
-            n = len(chunk)
-            h = self.model.forward(
-                chunk, np.arange(b, b + n), np.full(n, slot.index), np.arange(n), hidden=True
-            )
-            total += h.sum(axis=0, dtype=np.float64)
-        v = total / len(tokens)
-        norm = np.linalg.norm(v)
-        return (v / norm if norm > 0 else v).astype(np.float32)
+    def submit_embedding(self, inputs: list[list[int]]) -> EmbeddingRequest:
+        """Queue embeddings of token lists: they wait for a slot like generations do and are
+        computed a chunk per step, so a long input does not pause the running streams."""
+        for tokens in inputs:
+            if not tokens:
+                raise QpackError("cannot embed an empty input")
+            if len(tokens) > self.n_ctx:
+                raise ContextOverflow(
+                    f"the input has {len(tokens)} tokens but the context holds {self.n_ctx}"
+                )
+        req = EmbeddingRequest(inputs)
+        self._incoming.put(req)
+        return req
 
     # ------------------------------------------------------------------ the loop (one thread)
 
@@ -208,9 +201,9 @@ class Engine:
             if s.request is not None:
                 req, s.request = s.request, None
                 s.cached = []
-                req._emit(Event(finish_reason="error", error=message))
+                _end(req, Event(finish_reason="error", error=message))
         for req in self._waiting:
-            req._emit(Event(finish_reason="error", error=message))
+            _end(req, Event(finish_reason="error", error=message))
         self._waiting = []
 
     def shutdown(self) -> None:
@@ -237,15 +230,8 @@ class Engine:
                 return
             self._accept(item)
 
-    def _accept(self, item: Request | _Job) -> None:
-        if isinstance(item, _Job):
-            try:
-                item.result = item.fn()
-            except BaseException as e:  # handed back to the caller's thread
-                item.error = e
-            item.done.set()
-        else:
-            self._waiting.append(item)
+    def _accept(self, item: Request | EmbeddingRequest) -> None:
+        self._waiting.append(item)
 
     def _busy(self) -> bool:
         return bool(self._waiting) or any(s.request is not None for s in self.slots)
@@ -257,7 +243,11 @@ class Engine:
             return None
         return max(free, key=lambda s: common_prefix(s.cached, prompt))
 
-    def _start(self, req: Request, slot: _Slot) -> None:
+    def _start(self, req: Request | EmbeddingRequest, slot: _Slot) -> None:
+        if isinstance(req, EmbeddingRequest):
+            slot.cached = []  # its cache is about to be overwritten
+            slot.request = req
+            return
         try:
             sampler = Sampler(req.params, self.model.n_vocab)
         except QpackError as e:  # e.g. a logit_bias id outside the vocabulary: only it fails
@@ -280,13 +270,17 @@ class Engine:
         """One batch through the model: decode tokens first, then prompt chunks."""
         for slot in self.slots:  # cancelled requests leave before any work is spent on them
             if slot.request is not None and slot.request.cancelled:
-                self._finish(slot, "cancelled")
+                if isinstance(slot.request, EmbeddingRequest):
+                    _end(slot.request, Event(finish_reason="cancelled"))
+                    slot.request = None
+                else:
+                    self._finish(slot, "cancelled")
         still_waiting = []
         for req in self._waiting:
             if req.cancelled:
-                req._emit(Event(finish_reason="cancelled"))
+                _end(req, Event(finish_reason="cancelled"))
                 continue
-            slot = self._free_slot_for(req.prompt)
+            slot = self._free_slot_for(req.prompt if isinstance(req, Request) else [])
             if slot is None:
                 still_waiting.append(req)
             else:
@@ -299,7 +293,8 @@ class Engine:
         slots_idx: list[int] = []
         out_rows: list[int] = []
         out_slots: list[_Slot] = []
-        busy = [s for s in self.slots if s.request is not None]
+        busy = [s for s in self.slots if isinstance(s.request, Request)]
+        embedding = [s for s in self.slots if isinstance(s.request, EmbeddingRequest)]
         decoding = [s for s in busy if len(s.cached) == len(s.tokens) - 1]
         prefilling = [s for s in busy if len(s.cached) < len(s.tokens) - 1]
         for s in decoding:
@@ -327,6 +322,8 @@ class Engine:
             if start + len(chunk) == len(s.tokens):
                 out_rows.append(len(tokens) - 1)
                 out_slots.append(s)
+        for s in embedding:  # one chunk each, as a prompt chunk would be
+            self._embed_chunk(s, min(self.model.n_batch, max(budget, PREFILL_CHUNK_WHILE_DECODING)))
         if not tokens:
             return
         logits = self.model.forward(tokens, positions, slots_idx, out_rows)
@@ -339,6 +336,29 @@ class Engine:
             self.stats["prompt_tokens"] += n
         for row, s in zip(logits, out_slots, strict=True):
             self._advance(s, row)
+
+    def _embed_chunk(self, s: _Slot, budget: int) -> None:
+        req = s.request
+        tokens = req.inputs[len(req.vectors)]
+        start = req._at
+        chunk = tokens[start : start + budget]
+        n = len(chunk)
+        h = self.model.forward(chunk, np.arange(start, start + n), np.full(n, s.index),
+                               np.arange(n), hidden=True)  # fmt: skip
+        if req._sum is None:
+            req._sum = np.zeros(self.model.native.n_embd, np.float64)
+        req._sum += h.sum(axis=0, dtype=np.float64)
+        req._at += n
+        self.stats["prompt_tokens"] += n
+        if req._at < len(tokens):
+            return
+        v = req._sum / len(tokens)
+        norm = np.linalg.norm(v)
+        req.vectors.append((v / norm if norm > 0 else v).astype(np.float32))
+        req._at, req._sum = 0, None
+        if len(req.vectors) == len(req.inputs):
+            s.request = None
+            req.done.set()
 
     def _advance(self, s: _Slot, logits: np.ndarray) -> None:
         req = s.request
@@ -384,6 +404,14 @@ class Engine:
         req.usage.generation_seconds = time.perf_counter() - (s.first_token_at or s.started)
         s.request = None
         s.sampler = s.decoder = s.stopper = None
+        req._emit(ev)
+
+
+def _end(req: Request | EmbeddingRequest, ev: Event) -> None:
+    """Tell a request that it ended without finishing (an error or a cancellation)."""
+    if isinstance(req, EmbeddingRequest):
+        req._fail(ev.error or ev.finish_reason)
+    else:
         req._emit(ev)
 
 

@@ -29,3 +29,33 @@ class EmbeddedModelError(QpackError):
 
 class ContextOverflow(QpackError):
     """A prompt (plus the requested tokens) does not fit the context."""
+
+
+class ApiError(QpackError):
+    """A request the server refuses: HTTP status plus OpenAI's error fields
+    (`{"error": {"message", "type", "param", "code"}}`)."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+    ):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type_
+        self.code = code
+        self.param = param
+
+    def body(self) -> dict:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }

@@ -3,6 +3,11 @@
 Everything here works on an already-opened GGUFFile, so the same code describes a .gguf file
 and the model inside a built executable (`open_model` picks which). The facts are a plain
 JSON-able dict; `format_facts` turns them into the text report.
+
+For a model qpack runs, the hyperparameters and the memory figures come from
+`facts.read_model_facts`, the object the runtime loads by and the builder validates with. A
+file it cannot run is still described from what its metadata declares, with the reason it
+cannot run and no memory estimate.
 """
 
 from __future__ import annotations
@@ -12,11 +17,12 @@ from typing import Any
 
 import numpy as np
 
+from .errors import UnsupportedModel
+from .facts import DEFAULT_BATCH, DEFAULT_CTX, ModelFacts, read_model_facts
 from .gguf import GGUFFile, StringArray, open_gguf
 from .quants import SUPPORTED_WEIGHT_TYPES
+from .terminal import printable
 
-DEFAULT_MAX_CTX = 4096
-PREFILL_BATCH = 512  # prompt tokens processed together; sizes the scratch estimate
 ARRAY_PREVIEW = 5  # items shown of a long metadata array
 STRING_PREVIEW = 200  # characters shown of a long metadata string
 
@@ -37,12 +43,16 @@ def open_model(path: str | os.PathLike) -> tuple[GGUFFile, str | None]:
 
         member = embedded.locate_model(path)
         if member is not None:
-            note = f"{embedded.MODEL_MEMBER} embedded at byte {member.offset} of the executable"
-            return open_gguf(path, member.offset, member.length), note
+            note = (
+                f"{embedded.MODEL_MEMBER} embedded at byte {member.offset} of the executable"
+                if member.split_from is None
+                else f"the model beside the executable ({os.path.basename(member.path)}, --split)"
+            )
+            return open_gguf(member.path, member.offset, member.length), note
     return open_gguf(path), None
 
 
-# --- reading hyperparameters defensively (the file is untrusted; keys may be missing) ---------
+# --- what the metadata declares, for files qpack cannot run (keys may be missing) -------------
 
 
 def _int(md: dict[str, Any], key: str) -> int | None:
@@ -64,15 +74,6 @@ def _per_layer(md: dict[str, Any], key: str) -> int | list[int] | None:
 def _str(md: dict[str, Any], key: str) -> str | None:
     v = md.get(key)
     return v if isinstance(v, str) else None
-
-
-def _total(value: int | list[int] | None, n_layers: int | None) -> int | None:
-    """Sum over layers of a per-layer value (an int counts once per layer)."""
-    if value is None:
-        return None
-    if isinstance(value, list):
-        return sum(value)
-    return value * n_layers if n_layers is not None else None
 
 
 def _first(value: int | list[int] | None) -> int | None:
@@ -101,33 +102,51 @@ def quant_mix(gf: GGUFFile) -> list[dict[str, Any]]:
     return rows
 
 
-def hyperparameters(gf: GGUFFile) -> dict[str, Any]:
+def declared_hyperparameters(gf: GGUFFile) -> dict[str, Any]:
+    """What the metadata says, unchecked: only to describe a file qpack cannot run."""
     md = gf.metadata
     arch = _str(md, "general.architecture") or ""
     p = arch + "."
-    n_layers = _int(md, p + "block_count")
     n_embd = _int(md, p + "embedding_length")
     n_heads = _per_layer(md, p + "attention.head_count")
     n_kv_heads = _per_layer(md, p + "attention.head_count_kv")
     if n_kv_heads is None:
         n_kv_heads = n_heads  # llama.cpp's default: no grouped-query attention
     heads = _first(n_heads)
-    default_head_dim = n_embd // heads if n_embd and heads else None
+    default_head_dim = n_embd // heads if n_embd and heads and heads > 0 else None
     key_length = _int(md, p + "attention.key_length") or default_head_dim
-    value_length = _int(md, p + "attention.value_length") or default_head_dim
-    tokens = md.get("tokenizer.ggml.tokens")
-    merges = md.get("tokenizer.ggml.merges")
-    vocab = len(tokens) if isinstance(tokens, StringArray) else _int(md, p + "vocab_size")
     return {
-        "n_layers": n_layers,
+        "n_layers": _int(md, p + "block_count"),
         "n_heads": n_heads,
         "n_kv_heads": n_kv_heads,
         "n_embd": n_embd,
         "n_ff": _per_layer(md, p + "feed_forward_length"),
         "key_length": key_length,
-        "value_length": value_length,
+        "value_length": _int(md, p + "attention.value_length") or key_length,
         "context_length": _int(md, p + "context_length"),
-        "vocab_size": vocab,
+    }
+
+
+def checked_hyperparameters(facts: ModelFacts) -> dict[str, Any]:
+    hp = facts.hp
+    return {
+        "n_layers": hp.n_layer,
+        "n_heads": hp.n_head,
+        "n_kv_heads": hp.n_head_kv,
+        "n_embd": hp.n_embd,
+        "n_ff": hp.n_ff,
+        "key_length": hp.head_dim,
+        "value_length": hp.head_dim_v,
+        "context_length": hp.n_ctx_train,
+    }
+
+
+def tokenizer_facts(gf: GGUFFile) -> dict[str, Any]:
+    md = gf.metadata
+    tokens = md.get("tokenizer.ggml.tokens")
+    merges = md.get("tokenizer.ggml.merges")
+    return {
+        "vocab_size": len(tokens) if isinstance(tokens, StringArray) else None,
         "tokenizer": _str(md, "tokenizer.ggml.model"),
         "tokenizer_pre": _str(md, "tokenizer.ggml.pre"),
         "n_merges": len(merges) if isinstance(merges, StringArray) else None,
@@ -135,44 +154,38 @@ def hyperparameters(gf: GGUFFile) -> dict[str, Any]:
     }
 
 
-def kv_cache_bytes(hp: dict[str, Any], ctx: int) -> int | None:
-    """f16 K and V for every layer and position:
-    sum over layers of ctx × n_kv_heads × (key_length + value_length) × 2 bytes."""
-    per_layer_heads = _total(hp["n_kv_heads"], hp["n_layers"])
-    if per_layer_heads is None or not hp["key_length"] or not hp["value_length"]:
-        return None
-    return ctx * per_layer_heads * (hp["key_length"] + hp["value_length"]) * 2
+def ram_estimate(facts: ModelFacts | None, ctx: int) -> dict[str, Any]:
+    """Weights (mapped), the f16 KV cache and the scratch the engine allocates at this context,
+    for prompt batches of up to DEFAULT_BATCH tokens: model.pxi's formulas (ModelFacts)."""
+    if facts is None:
+        return {"ctx": ctx, "weights": None, "kv_cache": None, "scratch": None, "total": None}
+    from .model import physical_cores
 
-
-def scratch_bytes(hp: dict[str, Any], ctx: int) -> int | None:
-    """What the engine allocates besides weights and KV cache (cython/model.pxi), for prompt
-    batches of PREFILL_BATCH tokens: per token the residual stream, normed input and matmul
-    output (3 × embd), q/k/v, the attention output, the feed-forward's gate and up, and the
-    8-bit copy of the widest activation row; one row of attention scores per thread; the
-    logits of one token."""
-    n_embd, n_ff, vocab = hp["n_embd"], _first(hp["n_ff"]), hp["vocab_size"]
-    heads, kv_heads = _first(hp["n_heads"]), _first(hp["n_kv_heads"])
-    k, v = hp["key_length"], hp["value_length"]
-    if None in (n_embd, n_ff, heads, kv_heads, k, v):
-        return None
-    batch = min(ctx, PREFILL_BATCH)
-    floats = 3 * n_embd + heads * k + kv_heads * (k + v) + heads * v + 2 * n_ff
-    act = max(n_embd, n_ff, heads * v) * 4  # f32 activations for float weights: the upper bound
-    threads = os.cpu_count() or 1
-    return batch * (4 * floats + act) + 4 * (threads * ctx + (vocab or 0))
+    kv = facts.kv_bytes(ctx)
+    batch = min(DEFAULT_BATCH, ctx)  # as Model sizes it
+    scratch = facts.buffer_bytes(batch) + facts.runtime_bytes_estimate(batch, physical_cores())
+    return {
+        "ctx": ctx,
+        "weights": facts.weight_bytes,
+        "kv_cache": kv,
+        "scratch": scratch,
+        "total": facts.weight_bytes + kv + scratch,
+    }
 
 
 def model_facts(gf: GGUFFile, ctx: int | None = None) -> dict[str, Any]:
     """Everything `qpack inspect` reports, as a JSON-able dict."""
-    hp = hyperparameters(gf)
+    try:
+        facts: ModelFacts | None = read_model_facts(gf)
+        problem = None
+    except UnsupportedModel as e:
+        facts, problem = None, str(e)
+    hp = checked_hyperparameters(facts) if facts else declared_hyperparameters(gf)
     mix = quant_mix(gf)
     n_params = sum(ti.n_elements for ti in gf.tensors.values())
     weight_bytes = sum(ti.nbytes for ti in gf.tensors.values())
-    model_ctx = hp["context_length"]
     if ctx is None:
-        ctx = min(model_ctx, DEFAULT_MAX_CTX) if model_ctx else DEFAULT_MAX_CTX
-    kv = kv_cache_bytes(hp, ctx)
-    scratch = scratch_bytes(hp, ctx)
+        ctx = facts.default_ctx if facts else DEFAULT_CTX
     return {
         "file": gf.path,
         "file_size": gf.file_size,
@@ -184,19 +197,14 @@ def model_facts(gf: GGUFFile, ctx: int | None = None) -> dict[str, Any]:
         "name": _str(gf.metadata, "general.name"),
         "parameters": n_params,
         **hp,
+        **tokenizer_facts(gf),
+        "runs": problem is None,
+        "problem": problem,
         "quant_mix": mix,
         "weight_bytes": weight_bytes,
         "bits_per_weight": round(8 * weight_bytes / n_params, 4) if n_params else None,
         "unsupported_types": [m["type"] for m in mix if not m["supported"]],
-        "ram": {
-            "ctx": ctx,
-            "weights": weight_bytes,
-            "kv_cache": kv,
-            "scratch": scratch,
-            "total": weight_bytes + kv + scratch
-            if kv is not None and scratch is not None
-            else None,
-        },
+        "ram": ram_estimate(facts, ctx),
     }
 
 
@@ -293,6 +301,8 @@ def format_facts(f: dict[str, Any], note: str | None = None) -> str:
         ("tensors", f"{f['n_tensors']} ({human_bytes(f['weight_bytes'])}, "
                     f"{f['bits_per_weight'] or 0:.2f} bits per weight on average)"),
     ]  # fmt: skip
+    if f["problem"]:
+        rows.append(("runs", f"no: {f['problem']}"))
     lines += [f"  {k:<14}{v}" for k, v in rows]
     lines.append(f"  {'quant types':<14}{'type':<9}{'tensors':>8}{'bytes':>12}{'bits/weight':>13}")
     for m in f["quant_mix"]:
@@ -307,7 +317,7 @@ def format_facts(f: dict[str, Any], note: str | None = None) -> str:
         f"{human_bytes(ram['weights'])} + KV cache (f16) {human_bytes(ram['kv_cache'])} + "
         f"scratch {human_bytes(ram['scratch'])} (estimate)"
     )
-    return "\n".join(lines)
+    return printable("\n".join(lines), keep="\n")  # names and values come from the file
 
 
 def format_tensors(table: list[dict[str, Any]]) -> str:
@@ -318,7 +328,7 @@ def format_tensors(table: list[dict[str, Any]]) -> str:
         lines.append(
             f"{t['name']:<{width}}  {t['type']:<8}{shape:<22}{t['bytes']:>12}{t['offset']:>14}"
         )
-    return "\n".join(lines)
+    return printable("\n".join(lines), keep="\n")  # names and values come from the file
 
 
 def format_metadata(listing: list[dict[str, Any]]) -> str:
@@ -332,4 +342,4 @@ def format_metadata(listing: list[dict[str, Any]]) -> str:
         else:
             shown = repr(v)
         lines.append(f"{item['key']} ({item['type']}) = {shown}")
-    return "\n".join(lines)
+    return printable("\n".join(lines), keep="\n")  # names and values come from the file

@@ -6,7 +6,6 @@ rows, plus the facts a user wants reported at load (KV cache and scratch memory)
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from types import ModuleType
@@ -15,33 +14,14 @@ from typing import Any
 import numpy as np
 
 from . import cpu
-from .arch import ACT_GELU_TANH, HParams
 from .errors import UnsupportedModel
-from .quants import SUPPORTED_WEIGHT_TYPES
-
-DEFAULT_CTX = 4096
-
-# GGUF tensor name (per layer) -> field of the C layer struct.
-LAYER_MATRICES = {
-    "wq": "attn_q.weight",
-    "wk": "attn_k.weight",
-    "wv": "attn_v.weight",
-    "wo": "attn_output.weight",
-    "gate": "ffn_gate.weight",
-    "up": "ffn_up.weight",
-    "down": "ffn_down.weight",
-}
-LAYER_VECTORS = {
-    "attn_norm": "attn_norm.weight",
-    "ffn_norm": "ffn_norm.weight",
-    "post_attn_norm": "post_attention_norm.weight",
-    "post_ffn_norm": "post_ffw_norm.weight",
-    "q_norm": "attn_q_norm.weight",
-    "k_norm": "attn_k_norm.weight",
-    "bq": "attn_q.bias",
-    "bk": "attn_k.bias",
-    "bv": "attn_v.bias",
-}
+from .facts import (
+    DEFAULT_BATCH,
+    LAYER_VECTORS,
+    MAX_LENGTH,
+    ModelFacts,
+    read_model_facts,
+)
 
 
 def physical_cores() -> int:
@@ -90,72 +70,23 @@ class Model:
         gguf: Any,
         n_ctx: int | None = None,
         n_seq: int = 1,
-        n_batch: int = 512,
+        n_batch: int = DEFAULT_BATCH,
         threads: int | None = None,
         kernels: ModuleType | None = None,
     ):
         self.gguf = gguf
-        path = getattr(gguf, "path", "model")
-        check_tensor_types(gguf)
-        self.hp = hp = HParams.from_metadata(gguf.metadata, path)
-        self.n_ctx = min(hp.n_ctx_train, DEFAULT_CTX) if n_ctx is None else int(n_ctx)
-        if self.n_ctx < 8:
-            raise UnsupportedModel(f"context size {self.n_ctx} is too small (at least 8)")
+        self.facts: ModelFacts = read_model_facts(gguf)
+        self.hp = self.facts.hp
+        self.n_ctx = self.facts.default_ctx if n_ctx is None else int(n_ctx)
+        if not 8 <= self.n_ctx <= MAX_LENGTH:
+            raise UnsupportedModel(f"context size {self.n_ctx} is out of range (8..{MAX_LENGTH})")
         self.threads = threads or physical_cores()
         self.kernels = kernels or cpu.current()
-        self.n_batch = n_batch
-        tensors = gguf.tensors
-
-        def matrix(name: str, required: bool = True):
-            ti = tensors.get(name)
-            if ti is None:
-                if required:
-                    raise UnsupportedModel(f"{path}: tensor {name} is missing")
-                return None
-            if len(ti.shape) != 2:
-                raise UnsupportedModel(f"{path}: tensor {name} should be 2-D, is {list(ti.shape)}")
-            return (ti.ggml_type, int(ti.shape[1]), int(ti.shape[0]), ti.data)
-
-        def vector(name: str):
-            ti = tensors.get(name)
-            if ti is None:
-                return None
-            return as_f32(ti, self.kernels)
-
-        tok_embd = matrix("token_embd.weight")
-        output = matrix("output.weight", required=False) or tok_embd  # tied embeddings
-        globals_ = {
-            "tok_embd": tok_embd,
-            "output": output,
-            "output_norm": vector("output_norm.weight"),
-        }
-        layers = []
-        for i in range(hp.n_layer):
-            spec: dict[str, Any] = {k: matrix(f"blk.{i}.{v}") for k, v in LAYER_MATRICES.items()}
-            spec.update({k: vector(f"blk.{i}.{v}") for k, v in LAYER_VECTORS.items()})
-            swa = hp.is_swa_layer(i)
-            spec["window"] = hp.sliding_window if swa else 0
-            spec["rope_base"] = hp.arch.swa_rope_base if swa else hp.rope_base
-            layers.append(spec)
-        c_hp = {
-            "n_layer": hp.n_layer,
-            "n_embd": hp.n_embd,
-            "n_ff": hp.n_ff,
-            "n_head": hp.n_head,
-            "n_head_kv": hp.n_head_kv,
-            "head_dim": hp.head_dim,
-            "head_dim_v": hp.head_dim_v,
-            "n_rot": hp.n_rot,
-            "rope_neox": int(hp.arch.rope_neox),
-            "activation": int(hp.arch.activation == ACT_GELU_TANH),
-            "qk_norm": int(hp.arch.qk_norm),
-            "post_norms": int(hp.arch.post_norms),
-            "norm_eps": hp.norm_eps,
-            "embd_scale": math.sqrt(hp.n_embd) if hp.arch.embed_scale else 1.0,
-            "attn_scale": hp.attn_scale,
-        }
+        # a batch never holds more tokens than the sequences' contexts together
+        self.n_batch = min(n_batch, self.n_ctx * n_seq)
+        c_hp, globals_, layers = native_arguments(gguf, self.facts, self.kernels, self.n_ctx)
         self.native = self.kernels.NativeModel(
-            c_hp, globals_, layers, self.n_ctx, n_seq, n_batch, self.threads
+            c_hp, globals_, layers, self.n_ctx, n_seq, self.n_batch, self.threads
         )
         self.n_vocab = self.native.n_vocab
         self.report = LoadReport(
@@ -163,7 +94,7 @@ class Model:
             threads=self.threads,
             n_ctx=self.n_ctx,
             n_seq=n_seq,
-            weights_bytes=sum(t.nbytes for t in tensors.values()),
+            weights_bytes=self.facts.weight_bytes,
             kv_bytes=self.native.kv_bytes,
             scratch_bytes=self.native.scratch_bytes,
         )
@@ -186,18 +117,80 @@ class Model:
         return np.concatenate(outs) if all_rows else outs[-1][0]
 
 
+def native_arguments(
+    gguf: Any, facts: ModelFacts, kernels: ModuleType, n_ctx: int | None = None
+) -> tuple[dict, dict, list]:
+    """What NativeModel takes: hyperparameters, global tensors and per-layer tensors (matrices
+    as (ggml type, rows, cols, bytes), vectors as float32), all views of the mapping. Shapes
+    were checked by read_model_facts; model.pxi and forward.h check them again. Fused
+    matrices (phi3's attn_qkv and gate+up) are cut into row ranges of the same bytes; a 3-D
+    stack of experts is one matrix of n_expert x rows rows."""
+    tensors = gguf.tensors
+    hp = facts.hp
+
+    def matrix(name: str):
+        ti = tensors.get(name)
+        return None if ti is None else (ti.ggml_type, ti.n_rows, int(ti.shape[0]), ti.data)
+
+    def vector(name: str):
+        ti = tensors.get(name)
+        return None if ti is None else as_f32(ti, kernels)
+
+    # rope angle divisors as llama.cpp picks them: llama 3's rope_freqs, else phi3's long
+    # factors when the context passes the original one, else its short ones
+    rope_factors = vector("rope_freqs.weight")
+    if rope_factors is None:
+        long = (facts.default_ctx if n_ctx is None else n_ctx) > hp.n_ctx_orig
+        rope_factors = vector("rope_factors_long.weight" if long else "rope_factors_short.weight")
+    tok_embd = matrix("token_embd.weight")
+    globals_ = {
+        "tok_embd": tok_embd,
+        "output": matrix("output.weight") or tok_embd,  # tied embeddings
+        "output_norm": vector("output_norm.weight"),
+        "rope_factors": rope_factors,
+    }
+    layers = []
+    for i in range(hp.n_layer):
+        p = f"blk.{i}."
+        spec: dict[str, Any] = {"wo": matrix(p + "attn_output.weight")}
+        fused_qkv = matrix(p + "attn_qkv.weight")
+        if fused_qkv is not None:
+            qkv = split_rows(fused_qkv, hp.q_dim, hp.kv_dim)
+            spec.update(zip(("wq", "wk", "wv"), qkv, strict=True))
+        else:
+            spec.update({k: matrix(p + f"attn_{k[1]}.weight") for k in ("wq", "wk", "wv")})
+        if hp.arch.moe:
+            spec["router"] = matrix(p + "ffn_gate_inp.weight")
+            for k in ("gate", "up", "down"):
+                spec[k + "_exps"] = matrix(p + f"ffn_{k}_exps.weight")
+        elif hp.arch.fused_gate_up:
+            spec["gate"], spec["up"] = split_rows(matrix(p + "ffn_up.weight"), hp.n_ff)
+            spec["down"] = matrix(p + "ffn_down.weight")
+        else:
+            spec.update({k: matrix(p + f"ffn_{k}.weight") for k in ("gate", "up", "down")})
+        spec.update({k: vector(p + v) for k, v in LAYER_VECTORS.items()})
+        spec["window"] = hp.layer_window(i)
+        spec["rope_base"] = hp.layer_rope_base(i)
+        layers.append(spec)
+    return facts.c_hparams(), globals_, layers
+
+
+def split_rows(spec: tuple, *counts: int) -> list[tuple]:
+    """A matrix (type, rows, cols, bytes) cut into consecutive row ranges of the given counts,
+    the last range taking the rest: views of the same bytes."""
+    ggml_type, rows, cols, data = spec
+    row_bytes = len(data) // rows
+    parts, at = [], 0
+    for n in (*counts, rows - sum(counts)):
+        if n <= 0:
+            raise UnsupportedModel(f"a fused matrix of {rows} rows cannot hold parts of {counts}")
+        parts.append((ggml_type, n, cols, data[at * row_bytes : (at + n) * row_bytes]))
+        at += n
+    return parts
+
+
 def as_f32(ti: Any, kernels: ModuleType) -> np.ndarray:
     """A small vector (norm weights, biases) as float32: the F32 view itself, or a converted copy."""
     if ti.ggml_type == 0:
         return ti.data.view(np.float32)
     return kernels.dequantize(ti.ggml_type, ti.data, ti.n_elements)
-
-
-def check_tensor_types(gguf: Any) -> None:
-    """Refuse at load, naming the type, rather than give a wrong answer."""
-    for ti in gguf.tensors.values():
-        if ti.type.name not in SUPPORTED_WEIGHT_TYPES:
-            raise UnsupportedModel(
-                f"{getattr(gguf, 'path', 'model')}: tensor {ti.name} has type {ti.type.name}, which "
-                f"qpack does not run (supported: {', '.join(sorted(SUPPORTED_WEIGHT_TYPES))})"
-            )

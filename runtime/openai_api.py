@@ -1,107 +1,40 @@
 """The OpenAI API's shapes, without HTTP: request bodies checked and turned into prompt tokens
 plus SamplingParams, engine events turned into response objects and stream chunks.
 
-server.py moves bytes; this module decides what they mean. Every problem with a request is an
-ApiError carrying its HTTP status and OpenAI's error fields, so that the server can answer
-`{"error": {"message", "type", "param", "code"}}` and carry on.
+transport.py moves bytes and routes.py calls this module, which decides what they mean. Every
+problem with a request is an ApiError carrying its HTTP status and OpenAI's error fields, so
+that the server answers `{"error": {"message", "type", "param", "code"}}` and carries on.
+
+A new request field is one row in CHAT_FIELDS (or another endpoint's tuple): its JSON type,
+default and limits, and if it needs more, a `convert(value, limits)` hook that checks it and
+returns what the rest of the code uses. chat_prompt keeps every value read in `Prompt.fields`;
+the answer is shaped by chat_message / chat_chunk over one `envelope`.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import re
 import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import tools
+from .chat_request import ChatFeatures, ReasoningDefaults, chat_features, chat_messages
 from .engine import Event, Usage
-from .sampler import MAX_LOGPROBS, SamplingParams, SamplingParamsError
+from .errors import ApiError
+from .fields import Field, ModelLimits, kind_name, read_fields, sampling_params
+from .grammar import SchemaError
+from .sampler import MAX_LOGPROBS, SamplingParams
 from .session import Loaded
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
-MAX_STOP_STRINGS = 16
 MAX_EMBEDDING_INPUTS = 2048
-JSON_MODE_INSTRUCTION = "Answer with one valid JSON object and nothing else."
+MAX_EMBEDDING_TOKENS = 65536  # per request, all inputs together
+MAX_EMBEDDING_VALUES = 1 << 20  # numbers in one answer (~20 MB of JSON floats)
 
 
-class ApiError(Exception):
-    """A request the server refuses: HTTP status plus OpenAI's error fields."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type_: str = "invalid_request_error",
-        code: str | None = None,
-        param: str | None = None,
-    ):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type_
-        self.code = code
-        self.param = param
-
-    def body(self) -> dict[str, Any]:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
-
-
-# --- reading fields -------------------------------------------------------------------------
-
-_KIND_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
-               list: "an array", dict: "an object"}  # fmt: skip
-
-
-def _kind_name(value: Any) -> str:
-    if value is None:
-        return "null"
-    for kind, name in _KIND_NAMES.items():
-        if type(value) is kind:
-            return name
-    return type(value).__name__
-
-
-def _is_kind(value: Any, kind: type) -> bool:
-    if type(value) is bool:  # bool is an int in Python, never in JSON
-        return kind is bool
-    if kind is float:
-        return type(value) in (int, float)
-    return isinstance(value, kind)
-
-
-def get_field(body: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any = None,
-              required: bool = False) -> Any:  # fmt: skip
-    """body[name] if it has the right JSON type; null counts as absent. bool is never taken
-    for a number, and an integer is a fine float."""
-    value = body.get(name)
-    if value is None:
-        if required:
-            raise ApiError(
-                400, f"'{name}' is required", code="missing_required_parameter", param=name
-            )
-        return default
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    ok = any(_is_kind(value, k) for k in kinds)
-    if not ok:
-        wanted = " or ".join(_KIND_NAMES.get(k, k.__name__) for k in kinds)
-        raise ApiError(
-            400,
-            f"'{name}' must be {wanted}, got {_kind_name(value)}",
-            code="invalid_type",
-            param=name,
-        )
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ApiError(400, f"'{name}' must be a finite number", code="invalid_value", param=name)
-    return value
+# --- the body -------------------------------------------------------------------------------
 
 
 def parse_json_body(raw: bytes) -> dict[str, Any]:
@@ -125,98 +58,126 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
         raise ApiError(400, f"invalid JSON in the body: {e}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(
-            400, f"the body must be a JSON object, got {_kind_name(body)}", code="invalid_json"
+            400, f"the body must be a JSON object, got {kind_name(body)}", code="invalid_json"
         )
     return body
 
 
-# --- sampling parameters --------------------------------------------------------------------
-
-
 @dataclass
 class ServerDefaults:
-    """What a request gets for the fields it leaves out: the command line's sampling options."""
+    """What a request gets for the fields it leaves out: the command line's sampling options
+    (one SamplingParams, whose own defaults are llama.cpp's) and its system message."""
 
-    temperature: float = 0.8
-    top_k: int = 40
-    top_p: float = 0.95
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    max_tokens: int | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
     system: str | None = None
+    reasoning: ReasoningDefaults = field(default_factory=ReasoningDefaults)
 
 
-def sampling_params(body: dict[str, Any], defaults: ServerDefaults, n_ctx: int, n_vocab: int,
-                    n_logprobs: int | None) -> SamplingParams:  # fmt: skip
-    n = get_field(body, "n", int, 1)
-    if n != 1:
-        raise ApiError(
-            400, f"'n' must be 1 (one choice per request), got {n}", code="invalid_value", param="n"
-        )
-    max_tokens = get_field(body, "max_completion_tokens", int)
-    param = "max_completion_tokens"
-    if max_tokens is None:
-        max_tokens = get_field(body, "max_tokens", int)
-        param = "max_tokens"
-    if max_tokens is not None and not 1 <= max_tokens <= n_ctx:
-        raise ApiError(400, f"'{param}' must be between 1 and the context size {n_ctx}, got {max_tokens}",
-                       code="invalid_value", param=param)  # fmt: skip
-    if max_tokens is None:
-        max_tokens = defaults.max_tokens
-    stop = body.get("stop")
-    if stop is None:
-        stop = list(defaults.stop)
-    elif isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+# --- the fields of each endpoint ------------------------------------------------------------
+
+
+def _stop(value: Any, limits: ModelLimits) -> list[str]:
+    stop = [value] if isinstance(value, str) else value
+    if not all(isinstance(s, str) for s in stop):
         raise ApiError(
             400, "'stop' must be a string or an array of strings", code="invalid_type", param="stop"
         )
-    if len(stop) > MAX_STOP_STRINGS:
-        raise ApiError(
-            400,
-            f"'stop' holds at most {MAX_STOP_STRINGS} strings",
-            code="invalid_value",
-            param="stop",
-        )
-    stop = [s for s in stop if s]  # OpenAI ignores empty stop strings
-    bias = get_field(body, "logit_bias", dict, {})
+    return [s for s in stop if s]  # OpenAI ignores empty stop strings
+
+
+def _logit_bias(bias: dict[str, Any], limits: ModelLimits) -> dict[str, Any]:
     for key, value in bias.items():
         try:
             token = int(key)
         except ValueError:
             raise ApiError(400, f"'logit_bias' key {key!r} is not a token id", code="invalid_value",
                            param="logit_bias") from None  # fmt: skip
-        if not 0 <= token < n_vocab:
-            raise ApiError(400, f"'logit_bias' token id {token} is outside the vocabulary (0..{n_vocab - 1})",
+        if not 0 <= token < limits.n_vocab:
+            raise ApiError(400, f"'logit_bias' token id {token} is outside the vocabulary (0..{limits.n_vocab - 1})",
                            code="invalid_value", param="logit_bias")  # fmt: skip
         if type(value) not in (int, float) or not -100 <= value <= 100:
             raise ApiError(400, f"'logit_bias' values must be numbers from -100 to 100, got {value!r} for {key}",
                            code="invalid_value", param="logit_bias")  # fmt: skip
+    return bias
 
-    def pick(name: str, default: Any) -> Any:
-        value = body.get(name)
-        return default if value is None else value
 
-    try:
-        return SamplingParams(
-            temperature=pick("temperature", defaults.temperature),
-            top_k=pick("top_k", defaults.top_k),
-            top_p=pick("top_p", defaults.top_p),
-            min_p=pick("min_p", defaults.min_p),
-            repeat_penalty=pick("repeat_penalty", defaults.repeat_penalty),
-            presence_penalty=pick("presence_penalty", 0.0),
-            frequency_penalty=pick("frequency_penalty", 0.0),
-            seed=pick("seed", defaults.seed),
-            logit_bias=bias,
-            n_logprobs=n_logprobs,
-            stop=stop,
-            max_tokens=max_tokens,
-        )
-    except SamplingParamsError as e:
-        raise ApiError(400, str(e), code="invalid_value", param=e.param) from None
+def _include_usage(options: dict[str, Any], limits: ModelLimits) -> bool:
+    include_usage = options.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise ApiError(400, "'stream_options.include_usage' must be a boolean", code="invalid_type",
+                       param="stream_options")  # fmt: skip
+    return include_usage
+
+
+# Fields every generation takes. Ranges of the sampling ones are SamplingParams'.
+GENERATION_FIELDS: tuple[Field, ...] = (
+    Field("model", str),
+    Field("n", int, default=1, low=1, high=1),  # one choice per request
+    Field("stream", bool, default=False),
+    Field("stream_options", dict, default=False, convert=_include_usage),
+    Field("temperature", float, sampling="temperature"),
+    Field("top_k", int, sampling="top_k"),
+    Field("top_p", float, sampling="top_p"),
+    Field("min_p", float, sampling="min_p"),
+    Field("repeat_penalty", float, sampling="repeat_penalty"),
+    Field("presence_penalty", float, sampling="presence_penalty"),
+    Field("frequency_penalty", float, sampling="frequency_penalty"),
+    Field("seed", int, sampling="seed"),
+    Field("logit_bias", dict, convert=_logit_bias, sampling="logit_bias"),
+    Field("stop", (str, list), convert=_stop, sampling="stop"),
+    Field("max_tokens", int, low=1, high="n_ctx", sampling="max_tokens"),
+)
+
+CHAT_FIELDS: tuple[Field, ...] = (
+    *GENERATION_FIELDS,
+    Field("max_completion_tokens", int, low=1, high="n_ctx", sampling="max_tokens"),
+    Field("messages", list, required=True),
+    # Read further (tools, schema, reasoning) by chat_request.chat_features.
+    Field("response_format", dict),
+    Field("tools", list),
+    Field("tool_choice", (str, dict)),
+    Field("parallel_tool_calls", bool),
+    Field("reasoning_format", str),
+    Field("enable_thinking", bool),
+    Field("chat_template_kwargs", dict),
+    Field("logprobs", bool, default=False),
+    Field("top_logprobs", int, low=0, high=MAX_LOGPROBS),
+)
+
+COMPLETION_FIELDS: tuple[Field, ...] = (
+    *GENERATION_FIELDS,
+    Field("prompt", (str, list), required=True),
+    Field("logprobs", int, low=0, high=MAX_LOGPROBS),
+    Field("echo", bool, default=False),
+)
+
+EMBEDDING_FIELDS: tuple[Field, ...] = (
+    Field("model", str),
+    Field("input", (str, list), required=True),
+    Field("encoding_format", str, default="float", choices=("float", "base64")),
+)
+
+TOKENIZE_FIELDS: tuple[Field, ...] = (
+    Field("content", str, required=True),
+    Field("add_special", bool, default=False),
+    Field("parse_special", bool, default=False),
+    Field("with_pieces", bool, default=False),
+)
+
+
+def _token_ids(ids: list[Any], limits: ModelLimits) -> list[int]:
+    for t in ids:
+        if type(t) is not int or not 0 <= t < limits.n_vocab:
+            raise ApiError(400, f"'tokens' must hold token ids 0..{limits.n_vocab - 1}, got {t!r}",
+                           code="invalid_value", param="tokens")  # fmt: skip
+    return ids
+
+
+DETOKENIZE_FIELDS: tuple[Field, ...] = (Field("tokens", list, required=True, convert=_token_ids),)
+
+
+def model_limits(loaded: Loaded) -> ModelLimits:
+    return ModelLimits(n_ctx=loaded.model.n_ctx, n_vocab=loaded.model.n_vocab)
 
 
 # --- prompts --------------------------------------------------------------------------------
@@ -224,21 +185,20 @@ def sampling_params(body: dict[str, Any], defaults: ServerDefaults, n_ctx: int, 
 
 @dataclass
 class Prompt:
-    """A request turned into what the engine needs, and how to shape the answer."""
+    """A request turned into what the engine needs, and how to shape the answer. `fields`
+    holds every declared field as read (for hooks that shape the answer)."""
 
     tokens: list[int]
     params: SamplingParams
     stream: bool
     include_usage: bool
     logprobs: bool
-    json_mode: bool = False
+    features: ChatFeatures | None = None  # chat: tools, response format, reasoning
     echo: str = ""
+    fields: dict[str, Any] = field(default_factory=dict)
 
 
-def _messages(
-    body: dict[str, Any], defaults: ServerDefaults, json_mode: bool
-) -> list[dict[str, str]]:
-    messages = get_field(body, "messages", list, required=True)
+def _messages(messages: list[Any], defaults: ServerDefaults) -> list[dict[str, Any]]:
     if not messages:
         raise ApiError(
             400, "'messages' must hold at least one message", code="invalid_value", param="messages"
@@ -268,68 +228,61 @@ def _messages(
                 texts.append(part["text"])
             content = "".join(texts)
         elif not isinstance(content, str):
-            raise ApiError(400, f"'{where}.content' must be a string or an array of text parts, got {_kind_name(content)}",
+            raise ApiError(400, f"'{where}.content' must be a string or an array of text parts, got {kind_name(content)}",
                            code="invalid_type", param=f"{where}.content")  # fmt: skip
-        # Only role and content reach the template: other keys (name ...) would be one more
-        # place for text to slip into the prompt unescaped.
-        out.append({"role": "system" if role == "developer" else role, "content": content})
-    extra_system = [s for s in (defaults.system if out[0]["role"] != "system" else None,
-                                JSON_MODE_INSTRUCTION if json_mode else None) if s]  # fmt: skip
-    if extra_system:
-        if out[0]["role"] == "system":
-            out[0] = {"role": "system", "content": "\n\n".join([out[0]["content"], *extra_system])}
-        else:
-            out.insert(0, {"role": "system", "content": "\n\n".join(extra_system)})
+        # Only these keys reach the template: others (name ...) would be one more place for
+        # text to slip into the prompt unescaped.
+        message: dict[str, Any] = {"role": "system" if role == "developer" else role,
+                                   "content": content}  # fmt: skip
+        if role == "assistant" and m.get("tool_calls"):
+            try:
+                message["tool_calls"] = tools.checked_tool_calls(m, where)
+            except tools.ToolRequestError as e:
+                raise ApiError(400, str(e), code="invalid_value", param=e.param) from None
+        if role == "tool":
+            call_id = m.get("tool_call_id")
+            if not isinstance(call_id, str):
+                raise ApiError(400, f"'{where}.tool_call_id' must be the id of the call this answers",
+                               code="invalid_value", param=f"{where}.tool_call_id")  # fmt: skip
+            message["tool_call_id"] = call_id
+        out.append(message)
+    if defaults.system and out[0]["role"] != "system":
+        out.insert(0, {"role": "system", "content": defaults.system})
     return out
 
 
-def _json_mode(body: dict[str, Any]) -> bool:
-    fmt = get_field(body, "response_format", dict)
-    if fmt is None:
-        return False
-    kind = fmt.get("type")
-    if kind == "text":
-        return False
-    if kind == "json_object":
-        return True
-    raise ApiError(400, f"'response_format.type' must be 'text' or 'json_object', got {kind!r}"
-                   " (JSON schemas are not supported)", code="invalid_value", param="response_format")  # fmt: skip
-
-
-def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
-    stream = get_field(body, "stream", bool, False)
-    options = get_field(body, "stream_options", dict, {})
-    include_usage = options.get("include_usage", False)
-    if not isinstance(include_usage, bool):
-        raise ApiError(400, "'stream_options.include_usage' must be a boolean", code="invalid_type",
-                       param="stream_options")  # fmt: skip
-    return stream, stream and include_usage
+def _features(v: dict[str, Any], loaded: Loaded, defaults: ServerDefaults) -> ChatFeatures:
+    """tools, tool_choice, response_format, reasoning: a 400 naming the field (or the schema
+    keyword) that cannot be honoured."""
+    try:
+        return chat_features(v, loaded.template, defaults.reasoning)
+    except tools.ToolRequestError as e:
+        raise ApiError(400, str(e), code="invalid_value", param=e.param) from None
+    except SchemaError as e:
+        param = "tools" if str(e).startswith("tool ") else "response_format"
+        raise ApiError(400, str(e), code="unsupported_schema", param=param) from None
 
 
 def chat_prompt(body: dict[str, Any], loaded: Loaded, defaults: ServerDefaults) -> Prompt:
-    get_field(body, "model", str)
-    json_mode = _json_mode(body)
-    messages = _messages(body, defaults, json_mode)
-    logprobs = get_field(body, "logprobs", bool, False)
-    top = get_field(body, "top_logprobs", int)
+    v = read_fields(body, CHAT_FIELDS, model_limits(loaded))
+    features = _features(v, loaded, defaults)
+    messages = chat_messages(features, _messages(v["messages"], defaults))
+    logprobs, top = v["logprobs"], v["top_logprobs"]
     if top is not None and not logprobs:
         raise ApiError(
             400, "'top_logprobs' needs 'logprobs': true", code="invalid_value", param="top_logprobs"
         )
-    if top is not None and not 0 <= top <= MAX_LOGPROBS:
-        raise ApiError(400, f"'top_logprobs' must be between 0 and {MAX_LOGPROBS}", code="invalid_value",
-                       param="top_logprobs")  # fmt: skip
-    params = sampling_params(
-        body, defaults, loaded.model.n_ctx, loaded.model.n_vocab, (top or 0) if logprobs else None
-    )
-    stream, include_usage = _stream_flags(body)
-    tokens = chat_tokens_escaped(loaded, messages)
-    return Prompt(tokens, params, stream, include_usage, logprobs, json_mode)
+    params = sampling_params(v, CHAT_FIELDS, defaults.sampling,
+                             n_logprobs=(top or 0) if logprobs else None)  # fmt: skip
+    tokens, text = chat_tokens_escaped(loaded, messages, features.template_kwargs)
+    features.note_prompt(text)
+    return Prompt(tokens, params, v["stream"], v["stream"] and v["stream_options"], logprobs,
+                  features, fields=v)  # fmt: skip
 
 
 def completion_prompt(body: dict[str, Any], loaded: Loaded, defaults: ServerDefaults) -> Prompt:
-    get_field(body, "model", str)
-    prompt = body.get("prompt")
+    v = read_fields(body, COMPLETION_FIELDS, model_limits(loaded))
+    prompt = v["prompt"]
     tok = loaded.tokenizer
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
@@ -338,45 +291,19 @@ def completion_prompt(body: dict[str, Any], loaded: Loaded, defaults: ServerDefa
     elif isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):
         bad = [t for t in prompt if not 0 <= t < loaded.model.n_vocab]
         if bad:
-            raise ApiError(
-                400,
-                f"'prompt' token id {bad[0]} is outside the vocabulary",
-                code="invalid_value",
-                param="prompt",
-            )
+            raise ApiError(400, f"'prompt' token id {bad[0]} is outside the vocabulary",
+                           code="invalid_value", param="prompt")  # fmt: skip
         tokens, text = list(prompt), tok.decode(prompt)
-    elif prompt is None:
-        raise ApiError(
-            400, "'prompt' is required", code="missing_required_parameter", param="prompt"
-        )
     elif isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, str) for p in prompt):
-        raise ApiError(
-            400,
-            "'prompt' may hold one text only (one choice per request)",
-            code="invalid_value",
-            param="prompt",
-        )
+        raise ApiError(400, "'prompt' may hold one text only (one choice per request)",
+                       code="invalid_value", param="prompt")  # fmt: skip
     else:
-        raise ApiError(
-            400,
-            "'prompt' must be a string or an array of token ids",
-            code="invalid_type",
-            param="prompt",
-        )
-    logprobs = get_field(body, "logprobs", int)
-    if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
-        raise ApiError(
-            400,
-            f"'logprobs' must be between 0 and {MAX_LOGPROBS}",
-            code="invalid_value",
-            param="logprobs",
-        )
-    params = sampling_params(body, defaults, loaded.model.n_ctx, loaded.model.n_vocab, logprobs)
-    stream, include_usage = _stream_flags(body)
-    echo = get_field(body, "echo", bool, False)
-    return Prompt(
-        tokens, params, stream, include_usage, logprobs is not None, echo=text if echo else ""
-    )
+        raise ApiError(400, "'prompt' must be a string or an array of token ids",
+                       code="invalid_type", param="prompt")  # fmt: skip
+    logprobs = v["logprobs"]
+    params = sampling_params(v, COMPLETION_FIELDS, defaults.sampling, n_logprobs=logprobs)
+    return Prompt(tokens, params, v["stream"], v["stream"] and v["stream_options"],
+                  logprobs is not None, echo=text if v["echo"] else "", fields=v)  # fmt: skip
 
 
 def special_texts(loaded: Loaded) -> list[str]:
@@ -391,25 +318,35 @@ def special_texts(loaded: Loaded) -> list[str]:
     return cached
 
 
-def chat_tokens_escaped(loaded: Loaded, messages: list[dict[str, str]]) -> list[int]:
+def chat_tokens_escaped(
+    loaded: Loaded, messages: list[dict[str, Any]], template_kwargs: dict[str, Any] | None = None
+) -> tuple[list[int], str]:
     """The chat prompt's tokens, with the template's own special tokens parsed but none taken
     from message text: "<|im_end|>" typed by a user stays plain text.
 
     When no message holds the text of a special token (the usual case) this is exactly the
     template rendered and encoded whole. Otherwise the rendered prompt is cut around those
-    messages' text, which is encoded with parse_special=False.
+    messages' text, which is encoded with parse_special=False. Returns the tokens and the
+    rendered text.
     """
     from .chat import ChatTemplateError
 
     tok = loaded.tokenizer
     specials = special_texts(loaded)
     try:
-        text = loaded.template.render(messages, add_generation_prompt=True)
+        text = loaded.template.render(
+            messages, add_generation_prompt=True, **(template_kwargs or {})
+        )
     except ChatTemplateError as e:
         raise ApiError(400, str(e), code="invalid_value", param="messages") from None
+    for m in messages:
+        for call in m.get("tool_calls") or []:
+            if any(s in json.dumps(call["function"], ensure_ascii=False) for s in specials):
+                raise ApiError(400, "a tool call in 'messages' holds the text of a special token; remove it",
+                               code="invalid_value", param="messages")  # fmt: skip
     risky = [m["content"] for m in messages if any(s in m["content"] for s in specials)]
     if not risky:
-        return tok.encode(text, parse_special=True)  # as ChatTemplate.encode
+        return tok.encode(text, parse_special=True), text  # as ChatTemplate.encode
     # Pieces of (text, is_user_text), found in order in the rendered prompt.
     pieces: list[tuple[str, bool]] = []
     pos = 0
@@ -427,64 +364,51 @@ def chat_tokens_escaped(loaded: Loaded, messages: list[dict[str, str]]) -> list[
         if piece or i == 0:
             tokens += tok.encode(piece, add_bos=None if i == 0 else False,
                                  add_eos=None if i == last else False, parse_special=not is_user)  # fmt: skip
-    return tokens
+    return tokens, text
 
 
 def embedding_inputs(body: dict[str, Any], loaded: Loaded) -> tuple[list[list[int]], str]:
-    """Token lists to embed, and the encoding ('float' or 'base64') of the answer."""
-    get_field(body, "model", str)
-    encoding = get_field(body, "encoding_format", str, "float")
-    if encoding not in ("float", "base64"):
-        raise ApiError(
-            400,
-            "'encoding_format' must be 'float' or 'base64'",
-            code="invalid_value",
-            param="encoding_format",
-        )
-    value = body.get("input")
-    if value is None:
-        raise ApiError(400, "'input' is required", code="missing_required_parameter", param="input")
-    if isinstance(value, str) or (
-        isinstance(value, list) and value and all(type(t) is int for t in value)
-    ):
+    """Token lists to embed, and the encoding ('float' or 'base64') of the answer. Bounded so
+    that one request cannot hold the engine (tokens) or the server's memory (answer size)."""
+    v = read_fields(body, EMBEDDING_FIELDS, model_limits(loaded))
+    value = v["input"]
+    if isinstance(value, str) or (value and all(type(t) is int for t in value)):
         items = [value]
-    elif isinstance(value, list) and value and all(isinstance(v, (str, list)) for v in value):
+    elif value and all(isinstance(x, (str, list)) for x in value):
         items = value
     else:
-        raise ApiError(
-            400,
-            "'input' must be a string, an array of strings, or token ids",
-            code="invalid_type",
-            param="input",
-        )
-    if len(items) > MAX_EMBEDDING_INPUTS:
-        raise ApiError(
-            400,
-            f"'input' holds at most {MAX_EMBEDDING_INPUTS} items",
-            code="invalid_value",
-            param="input",
-        )
+        raise ApiError(400, "'input' must be a string, an array of strings, or token ids",
+                       code="invalid_type", param="input")  # fmt: skip
+    n_embd = loaded.model.hp.n_embd
+    most = min(MAX_EMBEDDING_INPUTS, max(1, MAX_EMBEDDING_VALUES // n_embd))
+    if len(items) > most:
+        raise ApiError(400, f"'input' holds at most {most} items for this model (answers are bounded "
+                       f"to {MAX_EMBEDDING_VALUES} numbers)", code="invalid_value", param="input")  # fmt: skip
     out = []
+    total = 0
     n_ctx, n_vocab = loaded.model.n_ctx, loaded.model.n_vocab
     for i, item in enumerate(items):
+        if not item:
+            raise ApiError(400, f"'input[{i}]' is empty", code="invalid_value", param="input")
         if isinstance(item, str):
+            if len(item) > MAX_EMBEDDING_TOKENS * 64:  # no tokenizer makes tokens longer
+                raise ApiError(400, f"'input' holds more than {MAX_EMBEDDING_TOKENS} tokens",
+                               code="invalid_value", param="input")  # fmt: skip
             tokens = loaded.tokenizer.encode(item, parse_special=False)
         elif all(type(t) is int and 0 <= t < n_vocab for t in item):
             tokens = list(item)
         else:
-            raise ApiError(
-                400,
-                f"'input[{i}]' must be a string or valid token ids",
-                code="invalid_value",
-                param="input",
-            )
-        if not tokens:
-            raise ApiError(400, f"'input[{i}]' is empty", code="invalid_value", param="input")
+            raise ApiError(400, f"'input[{i}]' must be a string or valid token ids",
+                           code="invalid_value", param="input")  # fmt: skip
         if len(tokens) > n_ctx:
             raise ApiError(400, f"'input[{i}]' has {len(tokens)} tokens but the context holds {n_ctx}",
                            code="context_length_exceeded", param="input")  # fmt: skip
+        total += len(tokens)
+        if total > MAX_EMBEDDING_TOKENS:
+            raise ApiError(400, f"'input' holds more than {MAX_EMBEDDING_TOKENS} tokens in all; "
+                           "split it over several requests", code="invalid_value", param="input")  # fmt: skip
         out.append(tokens)
-    return out, encoding
+    return out, v["encoding_format"]
 
 
 # --- answers --------------------------------------------------------------------------------
@@ -559,59 +483,49 @@ def completion_logprobs(entries: list[dict[str, Any]], offset: int = 0) -> dict[
     }
 
 
-def chat_response(
-    a: Answer, model: str, fingerprint: str, usage: Usage, content: str
-) -> dict[str, Any]:
-    return {
-        "id": a.id,
-        "object": "chat.completion",
-        "created": a.created,
-        "model": model,
-        "system_fingerprint": fingerprint,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": content, "refusal": None},
-            "logprobs": {"content": a.logprobs, "refusal": None} if a.want_logprobs else None,
-            "finish_reason": a.finish_reason,
-        }],
-        "usage": usage_object(usage),
-    }  # fmt: skip
+def envelope(a: Answer, model: str, fingerprint: str, obj: str, choices: list[dict[str, Any]],
+             usage: Usage | None = None) -> dict[str, Any]:  # fmt: skip
+    """The fields every response and chunk shares; `usage` only when given."""
+    out = {"id": a.id, "object": obj, "created": a.created, "model": model,
+           "system_fingerprint": fingerprint, "choices": choices}  # fmt: skip
+    if usage is not None:
+        out["usage"] = usage_object(usage)
+    return out
+
+
+def chat_response(a: Answer, model: str, fingerprint: str, usage: Usage, message: dict[str, Any],
+                  finish_reason: str | None) -> dict[str, Any]:  # fmt: skip
+    """`message` and `finish_reason` as chat_output.ChatOutput splits the answer."""
+    choice = {
+        "index": 0,
+        "message": message,
+        "logprobs": {"content": a.logprobs, "refusal": None} if a.want_logprobs else None,
+        "finish_reason": finish_reason,
+    }
+    return envelope(a, model, fingerprint, "chat.completion", [choice], usage)
 
 
 def completion_response(
     a: Answer, model: str, fingerprint: str, usage: Usage, echo: str
 ) -> dict[str, Any]:
-    return {
-        "id": a.id,
-        "object": "text_completion",
-        "created": a.created,
-        "model": model,
-        "system_fingerprint": fingerprint,
-        "choices": [{
-            "index": 0,
-            "text": echo + a.content,
-            "logprobs": completion_logprobs(a.logprobs, len(echo)) if a.want_logprobs else None,
-            "finish_reason": a.finish_reason,
-        }],
-        "usage": usage_object(usage),
-    }  # fmt: skip
+    choice = {
+        "index": 0,
+        "text": echo + a.content,
+        "logprobs": completion_logprobs(a.logprobs, len(echo)) if a.want_logprobs else None,
+        "finish_reason": a.finish_reason,
+    }
+    return envelope(a, model, fingerprint, "text_completion", [choice], usage)
 
 
 def chat_chunk(a: Answer, model: str, fingerprint: str, delta: dict[str, Any], finish: str | None = None,
                logprobs: list[dict[str, Any]] | None = None, with_usage_field: bool = False) -> dict[str, Any]:  # fmt: skip
-    chunk = {
-        "id": a.id,
-        "object": "chat.completion.chunk",
-        "created": a.created,
-        "model": model,
-        "system_fingerprint": fingerprint,
-        "choices": [{
-            "index": 0,
-            "delta": delta,
-            "logprobs": {"content": logprobs, "refusal": None} if logprobs is not None else None,
-            "finish_reason": finish,
-        }],
-    }  # fmt: skip
+    choice = {
+        "index": 0,
+        "delta": delta,
+        "logprobs": {"content": logprobs, "refusal": None} if logprobs is not None else None,
+        "finish_reason": finish,
+    }
+    chunk = envelope(a, model, fingerprint, "chat.completion.chunk", [choice])
     if with_usage_field:
         chunk["usage"] = None  # as OpenAI: every chunk but the last has "usage": null
     return chunk
@@ -619,14 +533,8 @@ def chat_chunk(a: Answer, model: str, fingerprint: str, delta: dict[str, Any], f
 
 def completion_chunk(a: Answer, model: str, fingerprint: str, text: str, finish: str | None = None,
                      logprobs: dict[str, Any] | None = None, with_usage_field: bool = False) -> dict[str, Any]:  # fmt: skip
-    chunk = {
-        "id": a.id,
-        "object": "text_completion",
-        "created": a.created,
-        "model": model,
-        "system_fingerprint": fingerprint,
-        "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}],
-    }
+    choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
+    chunk = envelope(a, model, fingerprint, "text_completion", [choice])
     if with_usage_field:
         chunk["usage"] = None
     return chunk
@@ -635,46 +543,5 @@ def completion_chunk(a: Answer, model: str, fingerprint: str, text: str, finish:
 def usage_chunk(
     a: Answer, model: str, fingerprint: str, usage: Usage, chat: bool
 ) -> dict[str, Any]:
-    return {
-        "id": a.id,
-        "object": "chat.completion.chunk" if chat else "text_completion",
-        "created": a.created,
-        "model": model,
-        "system_fingerprint": fingerprint,
-        "choices": [],
-        "usage": usage_object(usage),
-    }
-
-
-# --- JSON mode ------------------------------------------------------------------------------
-
-_FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.S)
-
-
-def extract_json_object(text: str, max_tries: int = 64) -> str | None:
-    """The JSON object in a model's answer: the whole answer, a fenced block, or the first
-    {...} that parses. None if there is none."""
-    for candidate in [text] + [m.group(1) for m in _FENCE.finditer(text)]:
-        try:
-            if isinstance(json.loads(candidate), dict):
-                return candidate.strip()
-        except ValueError:
-            pass
-    decoder = json.JSONDecoder()
-    start = text.find("{")
-    for _ in range(max_tries):
-        if start < 0:
-            break
-        try:
-            value, end = decoder.raw_decode(text, start)
-            if isinstance(value, dict):
-                return text[start:end]
-        except ValueError:
-            pass
-        start = text.find("{", start + 1)
-    return None
-
-
-def json_mode_error(a: Answer) -> ApiError:
-    return ApiError(500, "JSON mode: the model's answer is not a JSON object; try again",
-                    type_="server_error", code="invalid_json_output")  # fmt: skip
+    obj = "chat.completion.chunk" if chat else "text_completion"
+    return envelope(a, model, fingerprint, obj, [], usage)

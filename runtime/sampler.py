@@ -18,6 +18,10 @@ import numpy as np
 from .errors import QpackError
 
 MAX_LOGPROBS = 20
+# Stop strings are checked at every token on the engine thread that serves every request:
+# their number and length bound that work (and the text held back while one may be starting).
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
 
 
 class SamplingParamsError(QpackError):
@@ -152,6 +156,15 @@ class SamplingParams:
             )
         if any(s == "" for s in stop):
             raise SamplingParamsError("stop", "an empty stop string would stop at once")
+        if len(stop) > MAX_STOP_STRINGS:
+            raise SamplingParamsError(
+                "stop", f"at most {MAX_STOP_STRINGS} strings, got {len(stop)}"
+            )
+        longest = max((len(s) for s in stop), default=0)
+        if longest > MAX_STOP_CHARS:
+            raise SamplingParamsError(
+                "stop", f"stop strings are at most {MAX_STOP_CHARS} characters, got {longest}"
+            )
         return list(stop)
 
 
@@ -162,6 +175,11 @@ class StopMatcher:
     feed decides it. The cut falls where a stop string is first complete reading left to
     right (the longest one if several end there), so how the text was split into pieces
     never changes the result.
+
+    The stop strings are one Aho-Corasick automaton: each character fed moves it one state
+    (failure links amortized), and the state's depth is the length of text to hold back. So a
+    token costs O(its text + held text), never O(stop length squared); stop strings are at
+    most MAX_STOP_CHARS long (SamplingParams checks), which bounds the held text.
     """
 
     def __init__(self, stop_strings: Sequence[str]):
@@ -171,6 +189,49 @@ class StopMatcher:
         self.stopped = False
         self.matched: str | None = None  # the stop string that ended the text
         self._held = ""
+        self._state = 0
+        # The trie: goto[state][char] -> state; depth = length of the prefix it spells.
+        self._goto: list[dict[str, int]] = [{}]
+        self._depth = [0]
+        self._word: list[str | None] = [None]  # the stop string a state completes
+        for stop in self.stop_strings:
+            state = 0
+            for ch in stop:
+                nxt = self._goto[state].get(ch)
+                if nxt is None:
+                    nxt = len(self._goto)
+                    self._goto[state][ch] = nxt
+                    self._goto.append({})
+                    self._depth.append(self._depth[state] + 1)
+                    self._word.append(None)
+                state = nxt
+            self._word[state] = stop
+        # Failure links (longest proper suffix that is a trie state) and, per state, the
+        # longest stop string ending there, in breadth-first order.
+        self._fail = [0] * len(self._goto)
+        self._ends: list[str | None] = list(self._word)
+        order = list(self._goto[0].values())
+        for state in order:
+            for ch, nxt in self._goto[state].items():
+                order.append(nxt)
+                if state == 0:
+                    continue
+                f = self._fail[state]
+                while ch not in self._goto[f] and f != 0:
+                    f = self._fail[f]
+                self._fail[nxt] = self._goto[f].get(ch, 0)
+            if self._ends[state] is None and state != 0:
+                self._ends[state] = self._ends[self._fail[state]]
+
+    def _step(self, state: int, ch: str) -> int:
+        goto, fail = self._goto, self._fail
+        while True:
+            nxt = goto[state].get(ch)
+            if nxt is not None:
+                return nxt
+            if state == 0:
+                return 0
+            state = fail[state]
 
     def feed(self, text: str) -> tuple[str, bool]:
         """Returns the text that is safe to show now, and whether a stop string was reached."""
@@ -179,39 +240,24 @@ class StopMatcher:
         if not self.stop_strings:
             return text, False
         buffer = self._held + text
-        found = self._first_stop(buffer)
-        if found is not None:
-            cut, self.matched = found
-            self.stopped = True
-            self._held = ""
-            return buffer[:cut], True
-        keep = self._pending_length(buffer)
+        base = len(self._held)
+        state, ends = self._state, self._ends
+        for i, ch in enumerate(text):
+            state = self._step(state, ch)
+            if ends[state] is not None:
+                self.matched = ends[state]
+                self.stopped = True
+                self._held = ""
+                return buffer[: base + i + 1 - len(self.matched)], True
+        self._state = state
+        keep = self._depth[state]
         self._held = buffer[len(buffer) - keep :]
         return buffer[: len(buffer) - keep], False
 
     def flush(self) -> str:
         """The held-back text, at the end of generation (it turned out not to be a stop)."""
-        held, self._held = self._held, ""
+        held, self._held, self._state = self._held, "", 0
         return held
-
-    def _first_stop(self, buffer: str) -> tuple[int, str] | None:
-        """(start, stop string) of the occurrence that ends first, the longest on a tie."""
-        best = None
-        for s in self.stop_strings:
-            start = buffer.find(s)
-            if start >= 0 and (best is None or (start + len(s), start) < best[0]):
-                best = ((start + len(s), start), s)
-        return None if best is None else (best[0][1], best[1])
-
-    def _pending_length(self, buffer: str) -> int:
-        """Length of the longest suffix of buffer that is a proper prefix of a stop string."""
-        longest = 0
-        for s in self.stop_strings:
-            for n in range(min(len(s) - 1, len(buffer)), longest, -1):
-                if buffer.endswith(s[:n]):
-                    longest = n
-                    break
-        return longest
 
 
 @dataclass(frozen=True)

@@ -195,11 +195,14 @@ def tiny_llama(path: str | Path, config: TinyLlamaConfig | None = None) -> Path:
 
 
 def sparse_gguf(path: Path, n_bytes: int) -> Path:
-    """A valid llama-metadata GGUF whose one F32 tensor is `n_bytes` of zeros, left as a hole."""
+    """A llama GGUF of the shape qpack runs (1 layer, embedding 64) whose weights, all zeros,
+    are left as a hole of at least `n_bytes`: the feed-forward is as wide as that takes."""
+    E = 64
+    n_ff = -(-n_bytes // (3 * E * 4))
     w = gguf.GGUFWriter(str(path), "llama")
     for key, value in {
-        "block_count": 1, "context_length": 64, "embedding_length": 64,
-        "feed_forward_length": 128, "attention.head_count": 4,
+        "block_count": 1, "context_length": 64, "embedding_length": E,
+        "feed_forward_length": n_ff, "attention.head_count": 4,
     }.items():  # fmt: skip
         w.add_uint32(f"llama.{key}", value)
     w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
@@ -210,14 +213,26 @@ def sparse_gguf(path: Path, n_bytes: int) -> Path:
     w.add_token_types(types)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
-    w.add_tensor_info("huge.weight", (n_bytes // 4,), np.dtype(np.float32), n_bytes)
+    shapes = {  # numpy order: (rows, row length)
+        "token_embd.weight": (len(tokens), E), "output_norm.weight": (E,),
+        "blk.0.attn_norm.weight": (E,), "blk.0.ffn_norm.weight": (E,),
+        "blk.0.attn_q.weight": (E, E), "blk.0.attn_k.weight": (E, E),
+        "blk.0.attn_v.weight": (E, E), "blk.0.attn_output.weight": (E, E),
+        "blk.0.ffn_gate.weight": (n_ff, E), "blk.0.ffn_up.weight": (n_ff, E),
+        "blk.0.ffn_down.weight": (E, n_ff),
+    }  # fmt: skip
+    data_bytes = 0
+    for name, shape in shapes.items():
+        nbytes = 4 * int(np.prod(shape))
+        w.add_tensor_info(name, shape, np.dtype(np.float32), nbytes)
+        data_bytes += nbytes + (-nbytes % 32)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
     w.close()
     size = path.stat().st_size
     with open(path, "r+b") as f:
-        f.truncate(size + (-size % 32) + n_bytes)
+        f.truncate(size + (-size % 32) + data_bytes)
     return path
 
 

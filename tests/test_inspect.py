@@ -4,7 +4,6 @@ gguf.GGUFReader where the test is marked slow, by our reader elsewhere), and its
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 
 import gguf
@@ -15,7 +14,9 @@ from gguf import GGUFValueType
 from gguf_fixtures import TinyLlamaConfig, tiny_llama, write_gguf
 from qpack.builder.cli import main as qpack_cli
 from qpack.runtime import inspect as facts
+from qpack.runtime.facts import DEFAULT_CTX, read_model_facts
 from qpack.runtime.gguf import open_gguf
+from tiny_models import tiny_model
 
 
 def run(*args: str):
@@ -128,7 +129,7 @@ def test_ram_estimate(smollm2_path):
     small = run_json(smollm2_path, "--ctx", "256")["ram"]
     assert small["ctx"] == 256
     assert small["kv_cache"] * 16 == ram["kv_cache"]
-    assert small["scratch"] < ram["scratch"]
+    assert small["scratch"] < ram["scratch"]  # batches never hold more than the context
 
 
 def test_all_metadata_summarizes_long_arrays(smollm2_path):
@@ -207,8 +208,9 @@ def test_explicit_head_dims_and_per_layer_kv_heads(tmp_path):
     f = run_json(path, "--all")
     assert f["n_kv_heads"] == [2, 1, 2]
     assert f["key_length"] == 32 and f["value_length"] == 16
-    assert f["ram"]["ctx"] == 1000
-    assert f["ram"]["kv_cache"] == 1000 * (2 + 1 + 2) * (32 + 16) * 2
+    # qpack does not run it: described from its metadata, with the reason and no RAM figures
+    assert not f["runs"] and "architecture 'test' is not supported" in f["problem"]
+    assert f["ram"]["kv_cache"] is None and f["ram"]["total"] is None
     assert f["vocab_size"] is None and f["tokenizer"] is None
     text = run(path).stdout
     assert "1-2 (per layer)" in text and "head dim 32/16" in text
@@ -221,7 +223,7 @@ def test_missing_hyperparameters_and_unsupported_types(tmp_path):
     f = run_json(path)
     assert f["n_layers"] is None and f["ram"]["kv_cache"] is None and f["ram"]["total"] is None
     assert f["unsupported_types"] == ["NVFP4"]
-    assert f["ram"]["ctx"] == facts.DEFAULT_MAX_CTX
+    assert f["ram"]["ctx"] == DEFAULT_CTX
     text = run(path).stdout
     assert "not supported by qpack" in text and "layers        ?" in text
 
@@ -259,11 +261,66 @@ def test_inspect_a_built_executable(tmp_path):
 def test_ram_estimate_matches_what_the_engine_allocates(smollm2_path):
     """inspect's KV and scratch figures against the engine's own allocation at the same ctx."""
     from qpack.runtime.inspect import model_facts
-    from qpack.runtime.model import Model
+    from qpack.runtime.model import Model, physical_cores
 
     with open_gguf(str(smollm2_path)) as gf:
         facts = model_facts(gf, 1024)
-        model = Model(gf, n_ctx=1024, threads=os.cpu_count() or 1)
+        model = Model(gf, n_ctx=1024, threads=physical_cores())
         ram = facts["ram"]
         assert ram["kv_cache"] == model.native.kv_bytes
         assert abs(ram["scratch"] / model.native.scratch_bytes - 1) < 0.2
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_one_source_of_memory_facts(tmp_path, arch):
+    """The KV cache and activation buffers model.pxi allocates are exactly ModelFacts' figures
+    (they had drifted apart: 3 x n_embd allocated, 4 x n_embd reported)."""
+    from qpack.runtime import cpu
+    from qpack.runtime.model import Model
+
+    path = tiny_model(tmp_path / "m.gguf", arch, "Q8_0", n_heads=4, n_kv_heads=2, head_dim=48)
+    with open_gguf(str(path)) as gf:
+        mf = read_model_facts(gf)
+        model = Model(gf, n_ctx=96, n_seq=3, n_batch=40, threads=2, kernels=cpu._import("generic"))
+        assert model.facts == mf
+        assert model.native.kv_bytes == mf.kv_bytes(96, 3)
+        assert model.native.buffer_bytes == mf.buffer_bytes(40)
+        runtime = model.native.scratch_bytes - model.native.buffer_bytes
+        assert 0 < runtime <= mf.runtime_bytes_estimate(40, 2)
+        report = facts.model_facts(gf, 96)
+        assert report["runs"] and report["ram"]["kv_cache"] == mf.kv_bytes(96)
+        assert (
+            (report["n_heads"], report["key_length"]) == (mf.hp.n_head, mf.hp.head_dim) == (4, 48)
+        )
+
+
+# --- hostile strings ---------------------------------------------------------------------------
+
+
+def test_metadata_reaches_the_terminal_escaped(tmp_path):
+    """A name, a metadata value and a tensor name carrying terminal escape sequences (retitle
+    the window, clear the screen) and a bidi override are printed as visible escapes."""
+    from qpack.runtime.terminal import printable
+
+    evil = "x\x1b]0;pwned\x07\x1b[2J\u202eevil\x9b"
+    path = write_gguf(
+        tmp_path / "evil.gguf",
+        {"general.name": evil, "evil.key": evil},
+        {f"w{evil}": (np.ones((2, 32), np.float32), "F32")},
+        arch="odd",
+    )
+    for args in ((), ("--all",), ("--tensors",)):
+        out = run(path, *args).stdout
+        assert evil not in out and printable(evil) in out
+        assert not any(ch in out for ch in "\x1b\x07\u202e\x9b")
+    assert printable(evil) == "x\\x1b]0;pwned\\x07\\x1b[2J\\u202eevil\\x9b"
+    assert printable("a\tb\nc", keep="\n") == "a\\x09b\nc"
+
+
+def test_error_lines_are_escaped(tmp_path):
+    """An error naming a tensor from the file (an unsupported type) is one escaped line."""
+    data = np.zeros((4, 4 * 36), np.uint8)  # NVFP4 blocks, a type qpack refuses
+    path = write_gguf(tmp_path / "t.gguf", {}, {"tok\x1b[31mred": (data, "NVFP4")})
+    result = CliRunner().invoke(qpack_cli, ["run", str(path), "-p", "hi"])
+    assert result.exit_code == 1
+    assert "tok\\x1b[31mred has type NVFP4" in result.output and "\x1b" not in result.output

@@ -498,3 +498,35 @@ def test_held_back_text_comes_out_at_flush():
     matcher = StopMatcher(["###"])
     assert matcher.feed("total ##") == ("total ", False)
     assert matcher.flush() == "##"
+
+
+def test_stop_matching_costs_linear_time_in_the_text_fed():
+    """The issue's attack: 16 long stop strings that the text keeps almost matching. Work is
+    counted, not timed: an Aho-Corasick failure link is followed at most once per character
+    fed (amortized), whatever the stop strings' length."""
+
+    class CountingList(list):
+        reads = 0
+
+        def __getitem__(self, i):
+            CountingList.reads += 1
+            return super().__getitem__(i)
+
+    stops = ["a" * 255 + chr(ord("b") + i) for i in range(16)]
+    matcher = StopMatcher(stops)
+    matcher._fail = CountingList(matcher._fail)
+    fed = 0
+    for i in range(3000):
+        piece = "aaa" if i % 100 else "aax"  # nearly a stop, then broken off
+        fed += len(piece)
+        out, stopped = matcher.feed(piece)
+        assert not stopped and len(matcher._held) < 256
+    assert CountingList.reads <= fed
+    assert matcher.feed("b")[1] and matcher.matched == "a" * 255 + "b"
+
+
+def test_stop_strings_are_bounded():
+    with pytest.raises(SamplingParamsError, match="at most 256 characters"):
+        SamplingParams(stop=["x" * 257])
+    with pytest.raises(SamplingParamsError, match="at most 16 strings"):
+        SamplingParams(stop=["x"] * 17)

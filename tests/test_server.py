@@ -21,6 +21,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from server_process import ServerProcess
+from test_routes import BAD_REQUESTS
 
 openai = pytest.importorskip("openai")
 
@@ -65,7 +66,7 @@ def test_listens_before_loading_and_reports_loading():
     s = Server(ServerOptions(port=0, open_browser=False))
     s.listen()
     try:
-        host, port = s.httpd.server_address[:2]
+        host, port = s.address
 
         def get(path):
             conn = http.client.HTTPConnection(host, port, timeout=10)
@@ -127,10 +128,10 @@ def test_user_text_never_becomes_special_tokens(request, model, turn_end):
     ]
     # Harmless text: exactly the template rendered and encoded whole.
     text = loaded.template.render(plain)
-    assert chat_tokens_escaped(loaded, plain) == loaded.template.encode(plain)
+    assert chat_tokens_escaped(loaded, plain) == (loaded.template.encode(plain), text)
     # Special-token text in a message stays text: the same control tokens as a harmless
     # message (the template's own), and the prompt still decodes to the rendered text.
-    ids = chat_tokens_escaped(loaded, attack)
+    ids, _ = chat_tokens_escaped(loaded, attack)
     assert ids.count(im_end) == tok.encode(text, parse_special=True).count(im_end)
     rendered = loaded.template.render(attack)
     bos = tok.token_text(tok.bos_id) if tok.add_bos else ""  # the tokenizer's own BOS
@@ -264,8 +265,6 @@ def test_tokenize_detokenize(server):
 @pytest.mark.parametrize("temperature", [0, 1.0])
 def test_json_mode_answers_one_json_object(client, temperature):
     """Constrained decoding: whatever the question, the answer parses as one JSON object."""
-    from qpack.runtime.json_constraint import JsonPrefix
-
     fmt = {"type": "json_object"}
     finished = 0
     for question in ("Describe a cat named Tom, aged 3.", "Tell me about Paris.", "What is 2+2?"):
@@ -276,8 +275,8 @@ def test_json_mode_answers_one_json_object(client, temperature):
         if r.choices[0].finish_reason == "stop":
             assert isinstance(json.loads(content), dict)
             finished += 1
-        else:  # a small model may loop inside the object until max_tokens: still valid so far
-            assert r.choices[0].finish_reason == "length" and JsonPrefix().feed(content.encode())
+        else:  # a small model may loop inside the object until max_tokens
+            assert r.choices[0].finish_reason == "length" and content.lstrip().startswith("{")
     assert finished >= 1
     text, chunks = stream_text(chat(client, "What is 2+2?", max_tokens=120, temperature=temperature, seed=9,
                                     response_format=fmt, stream=True))  # fmt: skip
@@ -323,80 +322,7 @@ def test_api_key(smollm2_path):
         s.stop()
 
 
-# --- bad requests ---------------------------------------------------------------------------
-
-CHAT = "/v1/chat/completions"
-MSG = [{"role": "user", "content": "hi"}]
-
-BAD_REQUESTS = [
-    # (name, method, path, JSON body or raw bytes, extra headers, status, error code)
-    ("invalid json", "POST", CHAT, b"{not json", {}, 400, "invalid_json"),
-    ("not utf-8", "POST", CHAT, b'{"messages": "\xff"}', {}, 400, "invalid_json"),
-    ("json array", "POST", CHAT, b"[1, 2]", {}, 400, "invalid_json"),
-    ("NaN constant", "POST", CHAT, b'{"messages": [], "temperature": NaN}', {}, 400, "invalid_json"),
-    ("deep nesting", "POST", CHAT, b"[" * 100000 + b"]" * 100000, {}, 400, "invalid_json"),
-    ("missing messages", "POST", CHAT, {"model": "m"}, {}, 400, "missing_required_parameter"),
-    ("messages not list", "POST", CHAT, {"messages": "hi"}, {}, 400, "invalid_type"),
-    ("empty messages", "POST", CHAT, {"messages": []}, {}, 400, "invalid_value"),
-    ("bad role", "POST", CHAT, {"messages": [{"role": "wizard", "content": "x"}]}, {}, 400, "invalid_value"),
-    ("content number", "POST", CHAT, {"messages": [{"role": "user", "content": 5}]}, {}, 400, "invalid_type"),
-    ("image part", "POST", CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, {}, 400, "invalid_value"),
-    ("model number", "POST", CHAT, {"messages": MSG, "model": 3}, {}, 400, "invalid_type"),
-    ("temperature string", "POST", CHAT, {"messages": MSG, "temperature": "hot"}, {}, 400, "invalid_value"),
-    ("temperature negative", "POST", CHAT, {"messages": MSG, "temperature": -1}, {}, 400, "invalid_value"),
-    ("top_p > 1", "POST", CHAT, {"messages": MSG, "top_p": 1.5}, {}, 400, "invalid_value"),
-    ("top_k float", "POST", CHAT, {"messages": MSG, "top_k": 2.5}, {}, 400, "invalid_value"),
-    ("max_tokens negative", "POST", CHAT, {"messages": MSG, "max_tokens": -5}, {}, 400, "invalid_value"),
-    ("max_tokens zero", "POST", CHAT, {"messages": MSG, "max_tokens": 0}, {}, 400, "invalid_value"),
-    ("max_tokens absurd", "POST", CHAT, {"messages": MSG, "max_tokens": 10**30}, {}, 400, "invalid_value"),
-    ("max_tokens string", "POST", CHAT, {"messages": MSG, "max_tokens": "10"}, {}, 400, "invalid_type"),
-    ("max_completion_tokens bool", "POST", CHAT, {"messages": MSG, "max_completion_tokens": True}, {}, 400, "invalid_type"),
-    ("n = 2", "POST", CHAT, {"messages": MSG, "n": 2}, {}, 400, "invalid_value"),
-    ("stream string", "POST", CHAT, {"messages": MSG, "stream": "yes"}, {}, 400, "invalid_type"),
-    ("stop number", "POST", CHAT, {"messages": MSG, "stop": 7}, {}, 400, "invalid_type"),
-    ("seed negative", "POST", CHAT, {"messages": MSG, "seed": -1}, {}, 400, "invalid_value"),
-    ("logit_bias outside vocab", "POST", CHAT, {"messages": MSG, "logit_bias": {"999999": 5}}, {}, 400, "invalid_value"),
-    ("logit_bias bad key", "POST", CHAT, {"messages": MSG, "logit_bias": {"abc": 5}}, {}, 400, "invalid_value"),
-    ("top_logprobs without logprobs", "POST", CHAT, {"messages": MSG, "top_logprobs": 2}, {}, 400, "invalid_value"),
-    ("top_logprobs 99", "POST", CHAT, {"messages": MSG, "logprobs": True, "top_logprobs": 99}, {}, 400, "invalid_value"),
-    ("json_schema", "POST", CHAT, {"messages": MSG, "response_format": {"type": "json_schema"}}, {}, 400, "invalid_value"),
-    ("prompt too long", "POST", CHAT, {"messages": [{"role": "user", "content": "word " * 3000}]}, {}, 400, "context_length_exceeded"),
-    ("completion without prompt", "POST", "/v1/completions", {"max_tokens": 3}, {}, 400, "missing_required_parameter"),
-    ("completion prompt number", "POST", "/v1/completions", {"prompt": 3}, {}, 400, "invalid_type"),
-    ("completion prompt bad ids", "POST", "/v1/completions", {"prompt": [1, -4]}, {}, 400, "invalid_value"),
-    ("completion too long", "POST", "/v1/completions", {"prompt": "word " * 3000}, {}, 400, "context_length_exceeded"),
-    ("embedding no input", "POST", "/v1/embeddings", {}, {}, 400, "missing_required_parameter"),
-    ("embedding bad input", "POST", "/v1/embeddings", {"input": {"a": 1}}, {}, 400, "invalid_type"),
-    ("embedding empty", "POST", "/v1/embeddings", {"input": ""}, {}, 400, "invalid_value"),
-    ("embedding too long", "POST", "/v1/embeddings", {"input": "word " * 3000}, {}, 400, "context_length_exceeded"),
-    ("tokenize no content", "POST", "/tokenize", {}, {}, 400, "missing_required_parameter"),
-    ("detokenize bad id", "POST", "/detokenize", {"tokens": [1, 10**9]}, {}, 400, "invalid_value"),
-    ("form content type", "POST", CHAT, b"messages=hi", {"Content-Type": "application/x-www-form-urlencoded"}, 415, "unsupported_media_type"),
-    ("unknown route", "GET", "/v2/everything", None, {}, 404, "not_found"),
-    ("unknown POST route", "POST", "/v1/images", {"x": 1}, {}, 404, "not_found"),
-    ("wrong method", "GET", CHAT, None, {}, 405, "method_not_allowed"),
-    ("wrong method 2", "DELETE", "/v1/models", None, {}, 405, "method_not_allowed"),
-    ("foreign Host", "GET", "/v1/models", None, {"Host": "evil.example:8080"}, 403, "forbidden_host"),
-]  # fmt: skip
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("case", BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
-def test_bad_request(server, case):
-    name, method, path, body, headers, want_status, want_code = case
-    raw = body if isinstance(body, bytes) else None
-    js = body if isinstance(body, dict) else None
-    h = dict(headers)
-    if raw is not None:
-        h.setdefault("Content-Type", "application/json")
-    status, heads, reply = server.request(method, path, js, h, raw)
-    assert status == want_status, reply
-    assert heads["content-type"].startswith("application/json")
-    assert set(reply) == {"error"} and set(reply["error"]) == {"message", "type", "param", "code"}
-    assert reply["error"]["code"] == want_code and reply["error"]["message"]
-    assert "Traceback" not in reply["error"]["message"]
-    if want_status == 405:
-        assert heads.get("allow")
+# --- bad requests (each case is a fast test in test_routes.py; here, the real server) ---------
 
 
 @pytest.mark.slow
@@ -564,3 +490,33 @@ def test_client_that_stops_reading_does_not_stall_the_others(server, client):
             break
         time.sleep(0.05)
     assert server.metric("qpack_requests_processing") == 0
+
+
+@pytest.mark.slow
+def test_stream_completes_while_1100_slow_clients_are_held(smollm2_path):
+    """The slowloris attack of issue 11: 1,100 connections dripping header bytes (descriptors
+    past select()'s 1024 in the server). A streamed chat still completes normally while they
+    are held (test_transport.py checks that they are cut off at the request deadline)."""
+    from server_process import SlowClients, raise_descriptor_limit
+
+    raise_descriptor_limit(4096)  # inherited by the server process
+    s = ServerProcess(smollm2_path, *THREADS, "-c", "256", "--parallel", "1")
+    slow = None
+    try:
+        slow = SlowClients(s.host, s.port, 1100, every=1.0)
+        for _ in range(100):
+            if s.metric("qpack_connections") >= 1100:
+                break
+            time.sleep(0.1)
+        assert s.metric("qpack_connections") >= 1100
+        client = openai.OpenAI(base_url=s.api_base, api_key="unused", max_retries=0, timeout=60)
+        text, chunks = stream_text(chat(client, "Name a color.", max_tokens=8, stream=True))
+        assert text and chunks[-1].choices[0].finish_reason in ("stop", "length")
+        assert chat(client, "Hi", max_tokens=2).choices[0].message.content is not None
+        assert len(slow.socks) >= 1000  # still held while the stream ran
+    finally:
+        if slow is not None:
+            slow.close()
+        s.stop()
+    log = "".join(s.log)
+    assert "Traceback" not in log and "internal error" not in log, log
