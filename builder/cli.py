@@ -157,8 +157,15 @@ def _quantize_for_build(model: Path, quant: str) -> Path:
     return final
 
 
-def _run_quantize(src: Path, dst: Path, ftype: str, imatrix=None, allow_requantize=False,
-                  threads=None):  # fmt: skip
+def _run_quantize(
+    src: Path,
+    dst: Path,
+    ftype: str,
+    imatrix: dict | None = None,
+    allow_requantize: bool = False,
+    threads: int | None = None,
+):
+    """Quantize with a progress bar on stderr and a one-line summary."""
     from qpack.builder.quantize import quantize_file, tensor_work_bytes
 
     total = tensor_work_bytes(src, ftype)

@@ -217,3 +217,25 @@ def test_smollm2_k_and_iq4_mixes_close_to_llama_cpp(smollm2_f16, tmp_path, ftype
     assert abs(out.stat().st_size / ref["size"] - 1) < 0.02
     ppl = engine_ppl(out)
     assert abs(ppl / ref["ppl"] - 1) < 0.01, (ppl, ref["ppl"])
+
+
+@pytest.mark.slow
+def test_build_quant_packs_the_quantized_model(tiny_inputs, tmp_path):
+    """`qpack build model-f16.gguf --quant Q4_K_M`: the executable holds the Q4_K_M model,
+    named after the input without its precision suffix."""
+    from click.testing import CliRunner
+    from qpack.builder.cli import main
+    from qpack.runtime.inspect import open_model
+
+    src = tmp_path / "tiny-f16.gguf"
+    src.write_bytes(tiny_inputs["tiny256"].read_bytes())
+    r = CliRunner().invoke(main, ["build", str(src), "--quant", "Q4_K_M", "-o", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    exe = next(p for p in tmp_path.iterdir() if p.suffix not in (".gguf",))
+    assert exe.name.startswith("tiny")
+    gf, note = open_model(exe)
+    assert note
+    with gf:
+        types = {t.type.name for t in gf.tensors.values()}
+        assert gf.metadata["general.file_type"] == 15
+    assert {"Q4_K", "Q6_K"} <= types and "F16" not in types

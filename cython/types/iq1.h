@@ -138,7 +138,7 @@ static inline void qk_unpack_iq1_m(const uint8_t *blk, uint8_t *u, qk_panel256 *
     p->nd[i] = -d;
 }
 
-QK_UNPACKED_KERNELS256(iq1_s, qk_unpack_iq1_s, 50, 32, 4)
-QK_UNPACKED_KERNELS256(iq1_m, qk_unpack_iq1_m, 56, 16, 4)
+QK_UNPACKED_TYPE256(iq1_s, qk_unpack_iq1_s, 50, 32)
+QK_UNPACKED_TYPE256(iq1_m, qk_unpack_iq1_m, 56, 16)
 
 #endif

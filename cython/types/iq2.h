@@ -163,8 +163,8 @@ static inline void qk_unpack_iq2_s(const uint8_t *blk, uint8_t *u, qk_panel256 *
     qk_iq2_d(x->d, p, i);
 }
 
-QK_UNPACKED_KERNELS256(iq2_xxs, qk_unpack_iq2_xxs, 66, 32, 1)
-QK_UNPACKED_KERNELS256(iq2_xs, qk_unpack_iq2_xs, 74, 16, 1)
-QK_UNPACKED_KERNELS256(iq2_s, qk_unpack_iq2_s, 82, 16, 1)
+QK_UNPACKED_TYPE256(iq2_xxs, qk_unpack_iq2_xxs, 66, 32)
+QK_UNPACKED_TYPE256(iq2_xs, qk_unpack_iq2_xs, 74, 16)
+QK_UNPACKED_TYPE256(iq2_s, qk_unpack_iq2_s, 82, 16)
 
 #endif

@@ -127,7 +127,7 @@ static inline void qk_unpack_iq3_s(const uint8_t *blk, uint8_t *u, qk_panel256 *
     p->nd[i] = -d;
 }
 
-QK_UNPACKED_KERNELS256(iq3_xxs, qk_unpack_iq3_xxs, 98, 32, 1)
-QK_UNPACKED_KERNELS256(iq3_s, qk_unpack_iq3_s, 110, 32, 4)
+QK_UNPACKED_TYPE256(iq3_xxs, qk_unpack_iq3_xxs, 98, 32)
+QK_UNPACKED_TYPE256(iq3_s, qk_unpack_iq3_s, 110, 32)
 
 #endif

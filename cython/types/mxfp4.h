@@ -2,12 +2,13 @@
  * E2M1 codes (element j in the low nibble of byte j, element j + 16 in the high one).
  * x = e8m0_half(e) * kvalues[code], kvalues the doubled E2M1 values (gguf-py's MXFP4,
  * ggml's kvalues_mxfp4 and ggml_e8m0_to_fp32_half).
- * Panel form (panel32 of quants_tiles.h): u = kvalue + 12 in 0..24, m = -12 d. AVX2 group 4.
+ * Panel form (qk_panel32 of panel.h): u = kvalue + 12 in 0..24, m = -12 d. AVX2 group 4.
  */
 #ifndef QPACK_TYPES_MXFP4_H
 #define QPACK_TYPES_MXFP4_H
 
 #include "panel_unpack.h"
+#include "q4.h"
 
 typedef struct {
     uint8_t e;
@@ -39,44 +40,44 @@ QK_NO_CONTRACT static void qk_dequant_mxfp4(const void *restrict src, float *res
     }
 }
 
-static inline void qk_unpack_mxfp4(const uint8_t *blk, uint8_t *u, qk_panel32 *p, int i) {
+static inline void qk_row_mxfp4(const uint8_t *blk, uint8_t u[32], float *d, float *m) {
     const qk_block_mxfp4 *x = (const qk_block_mxfp4 *)blk;
     for (int j = 0; j < 16; j++) {
         u[j] = qk_mxfp4_u[x->qs[j] & 0xf];
         u[j + 16] = qk_mxfp4_u[x->qs[j] >> 4];
     }
-    const float d = qk_e8m0_to_fp32_half(x->e);
-    p->d[i] = d;
-    p->m[i] = -12.0f * d;
+    *d = qk_e8m0_to_fp32_half(x->e);
+    *m = -12.0f * *d;
 }
 
-/* Eight rows into the panel: nibbles to u by one byte shuffle, as IQ4_NL's x86 path. */
-static inline void qk_pack_mxfp4(const uint8_t *w, size_t row_bytes, int nr, int64_t nb, qk_panel32 *p) {
+static float qk_dot_mxfp4(int64_t n, const void *restrict w, const void *restrict act) {
+    return qk_dot_unpacked32(qk_row_mxfp4, 17, n, (const uint8_t *)w, (const qk_act_q8_32 *)act);
+}
+
+/* Eight rows into the panel: the nibble quads of q4.h, then kvalue + 12 by a byte table. */
+static inline void qk_pack_mxfp4(const uint8_t *const rp[8], size_t o, qk_panel32 *p) {
 #if QK_TILES_X86
-    const uint8_t *rp[8];
-    qk_panel_rows(w, row_bytes, nr, rp);
-    const __m256i lo4 = _mm256_set1_epi8(0x0f);
     const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)qk_mxfp4_u));
-    for (int64_t b = 0; b < nb; b++, p++) {
-        const size_t o = (size_t)b * 17;
-        qk_prefetch_next_panel(rp, row_bytes, o);
-        __m256i g[4];
-        qk_groups4(rp, o + 1, g);
-        for (int k = 0; k < 4; k++) {
-            qk_store_q(p->q[k][0], _mm256_shuffle_epi8(lut, _mm256_and_si256(g[k], lo4)));
-            qk_store_q(p->q[k + 4][0], _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(g[k], 4), lo4)));
-        }
-        for (int i = 0; i < 8; i++) {
-            const float d = qk_e8m0_to_fp32_half(rp[i][o]);
-            p->d[i] = d;
-            p->m[i] = -12.0f * d;
-        }
+    __m256i q[8];
+    qk_nibble_quads_x86(rp, o + 1, q);
+    for (int k = 0; k < 8; k++) qk_store_q(p->q[k][0], _mm256_shuffle_epi8(lut, q[k]));
+#elif QK_TILES_NEON
+    const uint8x16_t lut = vld1q_u8(qk_mxfp4_u);
+    qk_nibble_quads_neon(rp, o + 1, p->q);
+    for (int k = 0; k < 16; k++) { /* the table byte by byte, whatever the layout */
+        uint8_t *q = (uint8_t *)p->q + 16 * k;
+        vst1q_u8(q, vqtbl1q_u8(lut, vld1q_u8(q)));
     }
 #else
-    qk_pack32_unpacked(qk_unpack_mxfp4, 17, w, row_bytes, nr, nb, p);
+    qk_pack32_rows(rp, o, p, qk_row_mxfp4);
+    return;
+#endif
+#if QK_TILES_X86 || QK_TILES_NEON
+    for (int i = 0; i < 8; i++) {
+        p->d[i] = qk_e8m0_to_fp32_half(rp[i][o]);
+        p->m[i] = -12.0f * p->d[i];
+    }
 #endif
 }
-
-QK_UNPACKED_KERNELS32(mxfp4, qk_unpack_mxfp4, qk_pack_mxfp4, 17, 4)
 
 #endif

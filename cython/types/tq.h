@@ -113,7 +113,7 @@ static inline void qk_unpack_tq2_0(const uint8_t *blk, uint8_t *u, qk_panel256 *
 
 #if QK_TILES_X86
 /* The scales of the eight rows: sc = 1, bsums coefficient 1, d and -d from the f16 at d_off. */
-static inline void qk_tq_panel_scales_x86(const uint8_t *rp[8], size_t d_off, qk_panel256 *p) {
+static inline void qk_tq_panel_scales_x86(const uint8_t *const rp[8], size_t d_off, qk_panel256 *p) {
     for (int s = 0; s < 8; s++) {
         _mm256_store_si256((__m256i *)p->sc[s], _mm256_set1_epi32(1));
         _mm256_store_si256((__m256i *)p->mn[s], _mm256_set1_epi32(qk_pair16(1, 1)));
@@ -127,58 +127,46 @@ static inline void qk_tq_panel_scales_x86(const uint8_t *rp[8], size_t d_off, qk
 
 /* Eight rows straight into the panel: the byte-wise trit and bit-pair extraction works on the
  * transposed 4-byte groups as well as on a row. */
-static inline void qk_pack_tq1_0(const uint8_t *w, size_t row_bytes, int nr, int64_t nb, qk_panel256 *p) {
-    const uint8_t *rp[8];
-    qk_panel_rows(w, row_bytes, nr, rp);
-    for (int64_t b = 0; b < nb; b++, p++) {
-        const size_t o = (size_t)b * 54;
-        qk_prefetch_next_panel(rp, row_bytes, o);
-        __m256i x[8], g[4];
-        qk_groups8(rp, o, x); /* bytes 4k..4k+3: elements 32 n + 4k.. for trit n */
-        for (int n = 0; n < 5; n++)
-            for (int k = 0; k < 8; k++) {
-                qk_store_q(p->q[8 * n + k][0], qk_trit_of(x[k]));
-                x[k] = qk_times3_epi8(x[k]);
-            }
-        qk_groups4(rp, o + 32, g); /* bytes 32 + 4k..: elements 160 + 16 n + 4k.. */
-        for (int n = 0; n < 5; n++)
-            for (int k = 0; k < 4; k++) {
-                qk_store_q(p->q[40 + 4 * n + k][0], qk_trit_of(g[k]));
-                g[k] = qk_times3_epi8(g[k]);
-            }
-        __m256i h = qk_gather_u32(rp, o + 48); /* qh: elements 240 + 4 n + m */
-        for (int n = 0; n < 4; n++) {
-            qk_store_q(p->q[60 + n][0], qk_trit_of(h));
-            h = qk_times3_epi8(h);
+static inline void qk_pack_tq1_0(const uint8_t *const rp[8], size_t o, qk_panel256 *p) {
+    __m256i x[8], g[4];
+    qk_groups8(rp, o, x); /* bytes 4k..4k+3: elements 32 n + 4k.. for trit n */
+    for (int n = 0; n < 5; n++)
+        for (int k = 0; k < 8; k++) {
+            qk_store_q(p->q[8 * n + k][0], qk_trit_of(x[k]));
+            x[k] = qk_times3_epi8(x[k]);
         }
-        qk_tq_panel_scales_x86(rp, o + 52, p);
+    qk_groups4(rp, o + 32, g); /* bytes 32 + 4k..: elements 160 + 16 n + 4k.. */
+    for (int n = 0; n < 5; n++)
+        for (int k = 0; k < 4; k++) {
+            qk_store_q(p->q[40 + 4 * n + k][0], qk_trit_of(g[k]));
+            g[k] = qk_times3_epi8(g[k]);
+        }
+    __m256i h = qk_gather_u32(rp, o + 48); /* qh: elements 240 + 4 n + m */
+    for (int n = 0; n < 4; n++) {
+        qk_store_q(p->q[60 + n][0], qk_trit_of(h));
+        h = qk_times3_epi8(h);
     }
+    qk_tq_panel_scales_x86(rp, o + 52, p);
 }
 
 /* TQ2_0's bit pairs are laid out as Q2_K's: bit pair l of byte 32 j + m is element 128 j + 32 l + m. */
-static inline void qk_pack_tq2_0(const uint8_t *w, size_t row_bytes, int nr, int64_t nb, qk_panel256 *p) {
-    const uint8_t *rp[8];
-    qk_panel_rows(w, row_bytes, nr, rp);
+static inline void qk_pack_tq2_0(const uint8_t *const rp[8], size_t o, qk_panel256 *p) {
     const __m256i m3 = _mm256_set1_epi8(3);
-    for (int64_t b = 0; b < nb; b++, p++) {
-        const size_t o = (size_t)b * 66;
-        qk_prefetch_next_panel(rp, row_bytes, o);
-        for (int half = 0; half < 2; half++) {
-            __m256i x[8];
-            qk_groups8(rp, o + 32 * half, x);
-            for (int l = 0; l < 4; l++)
-                for (int k = 0; k < 8; k++)
-                    qk_store_q(p->q[32 * half + 8 * l + k][0], _mm256_and_si256(_mm256_srli_epi16(x[k], 2 * l), m3));
-        }
-        qk_tq_panel_scales_x86(rp, o + 64, p);
+    for (int half = 0; half < 2; half++) {
+        __m256i x[8];
+        qk_groups8(rp, o + 32 * half, x);
+        for (int l = 0; l < 4; l++)
+            for (int k = 0; k < 8; k++)
+                qk_store_q(p->q[32 * half + 8 * l + k][0], _mm256_and_si256(_mm256_srli_epi16(x[k], 2 * l), m3));
     }
+    qk_tq_panel_scales_x86(rp, o + 64, p);
 }
 
-QK_PACKED_KERNELS256(tq1_0, qk_unpack_tq1_0, qk_pack_tq1_0, 54, 32, 8)
-QK_PACKED_KERNELS256(tq2_0, qk_unpack_tq2_0, qk_pack_tq2_0, 66, 32, 8)
+QK_UNPACKED_DOT256(tq1_0, qk_unpack_tq1_0, 54, 32)
+QK_UNPACKED_DOT256(tq2_0, qk_unpack_tq2_0, 66, 32)
 #else
-QK_UNPACKED_KERNELS256(tq1_0, qk_unpack_tq1_0, 54, 32, 8)
-QK_UNPACKED_KERNELS256(tq2_0, qk_unpack_tq2_0, 66, 32, 8)
+QK_UNPACKED_TYPE256(tq1_0, qk_unpack_tq1_0, 54, 32)
+QK_UNPACKED_TYPE256(tq2_0, qk_unpack_tq2_0, 66, 32)
 #endif
 
 #endif
