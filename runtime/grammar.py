@@ -101,6 +101,7 @@ def vocabulary(tokenizer: Tokenizer, n_vocab: int | None = None) -> llguidance.L
 
 _UNIMPLEMENTED = re.compile(r"Unimplemented keys: \[(.*?)\]")
 _UNKNOWN_FORMAT = re.compile(r"Unknown format: (\S+)")
+_NOT_SUPPORTED = re.compile(r"(\$?\w+) constraints are not supported")
 
 
 def _refusal(message: str) -> SchemaError:
@@ -119,6 +120,18 @@ def _refusal(message: str) -> SchemaError:
             f"JSON schema 'format': {found.group(1)!r} is not supported by the constrained "
             "decoder; remove it",
             keyword="format",
+        )
+    found = _NOT_SUPPORTED.search(message)
+    if found:
+        return SchemaError(
+            f"JSON schema keyword {found.group(1)!r} is not supported by the constrained "
+            "decoder; remove it",
+            keyword=found.group(1),
+        )
+    if "Resource '" in message:  # a $ref outside the schema: nothing is fetched
+        return SchemaError(
+            "JSON schema '$ref' to a resource outside the schema is not supported; inline it",
+            keyword="$ref",
         )
     if "regex" in message:
         first = message.strip().splitlines()
