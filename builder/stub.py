@@ -55,8 +55,15 @@ EXCLUDES = [
     "isal",
     "llama_cpp",
     "yaml",  # numpy.__config__ uses it only to pretty-print show_config()
-    "ssl",  # the server speaks plain HTTP on localhost; hashlib keeps its own libcrypto
+    "ssl",  # the server speaks plain HTTP on localhost
     "_ssl",
+    # hashlib's OpenSSL backend: libcrypto is 4.5 MB extracted at every start, for the one
+    # SHA-256 the runtime computes (--verify), which hashlib's built-in _sha256 then does
+    "_hashlib",
+    "lzma",  # zipfile's optional methods; the executable's zip is stored
+    "_lzma",
+    "bz2",
+    "_bz2",
 ]
 
 # Third-party distributions the stub bundles (their versions are part of the cache key).
@@ -181,11 +188,7 @@ def get_stub(target: str | None = None, rebuild: bool = False) -> Path:
     """The cached stub for this platform, built first if missing (or if `rebuild`)."""
     here = current_platform()
     if target not in (None, here):
-        raise QpackError(
-            f"--target {target}: PyInstaller cannot cross-build; a stub is built on the platform "
-            f"it runs on (this is {here}). Run `qpack build --rebuild-stub` there and pass the "
-            "stub from its cache with --stub"
-        )
+        return foreign_stub(target, rebuild)
     files = runtime_files()
     natives = [rel for rel, _ in files if rel.startswith("_native_")]
     if not natives:
@@ -199,6 +202,45 @@ def get_stub(target: str | None = None, rebuild: bool = False) -> Path:
     build_stub(files, path)
     prune_cache(here, keep=path)
     return path
+
+
+def foreign_stub(target: str, rebuild: bool = False) -> Path:
+    """The newest stub of another platform in the cache (PyInstaller cannot cross-build: each
+    platform's stub is built there; the build workflow publishes them as artifacts)."""
+    here = current_platform()
+    if rebuild:
+        raise QpackError(
+            f"--rebuild-stub --target {target}: a stub is built on the platform it runs on "
+            f"(this is {here})"
+        )
+    directory = cache_dir()
+    found = sorted(
+        (p for p in directory.glob(f"qpack-stub-{__version__}-{target}-*") if p.is_file()),
+        key=lambda p: p.stat().st_mtime,
+    )
+    if not found:
+        raise QpackError(
+            f"--target {target}: no {target} runtime stub of qpack {__version__} in {directory}. "
+            f"PyInstaller cannot cross-build: put the stub built on {target} there (the build "
+            "workflow's `qpack-stub-*` artifact, or `qpack build --rebuild-stub` run on "
+            f"{target}), or pass it with --stub FILE"
+        )
+    return found[-1]
+
+
+# CArchive entry types the one-file bootloader writes to its temporary directory at every
+# start (binaries, data files, zipfiles, symlinks); the PYZ and the scripts are read in place.
+EXTRACTED_TYPES = "bxZl"
+
+
+def extracted_files(stub: Path) -> list[tuple[str, int]]:
+    """(name, bytes) of every file the one-file bootloader extracts from `stub` at each start
+    (antivirus scanners read each of them on Windows and macOS), largest first."""
+    from PyInstaller.archive.readers import CArchiveReader
+
+    toc = CArchiveReader(str(stub)).toc
+    files = [(name, entry[2]) for name, entry in toc.items() if entry[4] in EXTRACTED_TYPES]
+    return sorted(files, key=lambda f: -f[1])
 
 
 def prune_cache(platform_tag: str, keep: Path, n_kept: int = 2) -> None:

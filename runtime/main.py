@@ -15,6 +15,8 @@ import click
 
 from . import cpu, embedded
 from .errors import EmbeddedModelError, QpackError
+from .terminal import printable
+from .transport import Limits
 from .version import __version__
 
 PROG = "qpack"
@@ -156,6 +158,13 @@ def server_options(f):
                 help="Largest request body in bytes.",
             ),
             click.option(
+                "--max-connections",
+                default=Limits.max_connections,
+                show_default=True,
+                type=click.IntRange(min=8),
+                help="Open client connections at most; beyond, a new one gets 503.",
+            ),
+            click.option(
                 "--nobrowser", is_flag=True, help="Do not open the chat page in a browser."
             ),
             click.option(
@@ -229,6 +238,7 @@ def serve(gguf, kw: dict) -> None:
         no_api_key=kw["no_api_key"],
         cors_origin=kw["cors_origin"],
         max_body=kw["max_body"],
+        limits=Limits(max_connections=kw["max_connections"]),
         parallel=kw["parallel"],
         ctx_size=kw["ctx_size"],
         threads=kw["threads"],
@@ -384,7 +394,7 @@ def run(argv: list[str] | None = None) -> int:
     except QpackError as e:
         if debug:
             raise
-        click.echo(f"{PROG}: error: {e}", err=True)
+        click.echo(f"{PROG}: error: {printable(str(e))}", err=True)
         return 1
     except click.exceptions.Abort:
         click.echo(f"{PROG}: interrupted", err=True)

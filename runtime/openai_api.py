@@ -1,9 +1,14 @@
 """The OpenAI API's shapes, without HTTP: request bodies checked and turned into prompt tokens
 plus SamplingParams, engine events turned into response objects and stream chunks.
 
-server.py moves bytes; this module decides what they mean. Every problem with a request is an
-ApiError carrying its HTTP status and OpenAI's error fields, so that the server can answer
-`{"error": {"message", "type", "param", "code"}}` and carry on.
+transport.py moves bytes and routes.py calls this module, which decides what they mean. Every
+problem with a request is an ApiError carrying its HTTP status and OpenAI's error fields, so
+that the server answers `{"error": {"message", "type", "param", "code"}}` and carries on.
+
+A new request field is one row in CHAT_FIELDS (or another endpoint's tuple): its JSON type,
+default and limits, and if it needs more, a `convert(value, limits)` hook that checks it and
+returns what the rest of the code uses. chat_prompt keeps every value read in `Prompt.fields`;
+the answer is shaped by chat_message / chat_chunk over one `envelope`.
 """
 
 from __future__ import annotations

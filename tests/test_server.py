@@ -490,3 +490,33 @@ def test_client_that_stops_reading_does_not_stall_the_others(server, client):
             break
         time.sleep(0.05)
     assert server.metric("qpack_requests_processing") == 0
+
+
+@pytest.mark.slow
+def test_stream_completes_while_1100_slow_clients_are_held(smollm2_path):
+    """The slowloris attack of issue 11: 1,100 connections dripping header bytes (descriptors
+    past select()'s 1024 in the server). A streamed chat still completes normally while they
+    are held (test_transport.py checks that they are cut off at the request deadline)."""
+    from server_process import SlowClients, raise_descriptor_limit
+
+    raise_descriptor_limit(4096)  # inherited by the server process
+    s = ServerProcess(smollm2_path, *THREADS, "-c", "256", "--parallel", "1")
+    slow = None
+    try:
+        slow = SlowClients(s.host, s.port, 1100, every=1.0)
+        for _ in range(100):
+            if s.metric("qpack_connections") >= 1100:
+                break
+            time.sleep(0.1)
+        assert s.metric("qpack_connections") >= 1100
+        client = openai.OpenAI(base_url=s.api_base, api_key="unused", max_retries=0, timeout=60)
+        text, chunks = stream_text(chat(client, "Name a color.", max_tokens=8, stream=True))
+        assert text and chunks[-1].choices[0].finish_reason in ("stop", "length")
+        assert chat(client, "Hi", max_tokens=2).choices[0].message.content is not None
+        assert len(slow.socks) >= 1000  # still held while the stream ran
+    finally:
+        if slow is not None:
+            slow.close()
+        s.stop()
+    log = "".join(s.log)
+    assert "Traceback" not in log and "internal error" not in log, log
