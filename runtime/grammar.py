@@ -192,6 +192,7 @@ class GrammarConstraint:
 
     def __init__(self, tokenizer: Tokenizer, grammar: str, n_vocab: int):
         self.n_vocab = n_vocab
+        self.stop_ids = np.array(sorted(tokenizer.stop_ids), dtype=np.intp)
         self.matcher = llguidance.LLMatcher(vocabulary(tokenizer, n_vocab), grammar)
         if self.matcher.is_error():
             raise _refusal(self.matcher.get_error())
@@ -208,6 +209,9 @@ class GrammarConstraint:
         n = min(len(logits), self.n_vocab)
         out = np.full(logits.shape, -np.inf, dtype=np.float32)
         allowed = self.allowed()[:n]
+        if not allowed.any():  # the matcher failed (a limit hit): end rather than write garbage
+            allowed = np.zeros(n, dtype=bool)
+            allowed[self.stop_ids[self.stop_ids < n]] = True
         out[:n][allowed] = logits[:n][allowed]
         return out
 
