@@ -138,7 +138,11 @@ def extensions() -> list[Extension]:
                 extra_compile_args=common + flags,
                 extra_link_args=[] if msvc() else ["-pthread"] + flags_for_link(flags),
                 # headers and included .pxi files: a change to any of them rebuilds every variant
-                depends=sorted(str(p.relative_to(HERE)) for p in CYTHON_DIR.glob("*.[hp]*")),
+                depends=sorted(
+                    str(p.relative_to(HERE))
+                    for p in CYTHON_DIR.rglob("*")
+                    if p.suffix in (".h", ".pxi", ".def")
+                ),
             )
         )
     return exts

@@ -403,6 +403,9 @@ def build_executable(
         if split:
             sibling = output.parent / sibling_model_name(name)
             with atomic_output(sibling, source.size + (1 << 20), mode=0o644) as (out, tmp_path):
+                # sized first, as the embedded member's place is: the digest threads map
+                # windows of it before the copy has reached them
+                os.ftruncate(out.fileno(), source.size)
                 digests, _ = copier.copy_model(
                     out.fileno(), tmp_path, 0, source, None, 0, show_progress,
                     check_plain if source.member is None else None, known, "",

@@ -3,10 +3,10 @@
  * prompt, or one decode step of many requests: continuous batching).
  *
  * Weights are pointers into the GGUF mapping (never copied); activations are quantized once per
- * row to the format each weight type's kernels want (quants.h). Products go through the type's
- * tile kernel (quants_tiles.h: each unpacked weight panel meets every token of the batch), or
- * through its per-row dot where it has none; either way a token's result does not depend on
- * the rest of the batch.
+ * row to the format each weight type's kernels want (quants.h). Products of quantized weights
+ * go through the type's tile kernel (tiles.h: each unpacked weight panel meets every token of
+ * the batch), float weights through their per-row dot; either way a token's result does not
+ * depend on the rest of the batch.
  *
  * Threads: the pass is a fixed sequence of ops (per layer: norm, QKV, rope, attention, ...) that
  * every thread of a small pool walks (workers.h); each op is cut into chunks taken dynamically,

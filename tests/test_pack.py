@@ -775,6 +775,27 @@ def test_split_of_a_zipped_model_writes_the_gguf(model, elf_stub, tmp_path):
     assert (tmp_path / "out" / "tiny.gguf").read_bytes() == model.read_bytes()
 
 
+def test_split_digests_wait_for_a_slow_copy(model, elf_stub, tmp_path, monkeypatch):
+    """The digest threads map the sibling before the copy reaches it (a loaded machine made
+    this race real): the sibling must already have its size."""
+    import time
+
+    from qpack.builder import copier
+
+    slow = copier._copy_zipped
+
+    def late_copy(*args):
+        time.sleep(0.3)
+        slow(*args)
+
+    monkeypatch.setattr(copier, "_copy_zipped", late_copy)
+    zipped = tmp_path / "model.zip"
+    with zipfile.ZipFile(zipped, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.write(model, "tiny.gguf")
+    build(zipped, elf_stub, tmp_path / "tiny.bin", split=True)
+    assert (tmp_path / "tiny.gguf").read_bytes() == model.read_bytes()
+
+
 def test_windows_target_over_4_gib_is_refused_naming_split(tmp_path):
     stub = tmp_path / "stub.exe"
     stub.write_bytes(synthetic_pe(ARCHIVE))
