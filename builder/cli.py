@@ -11,6 +11,7 @@ import click
 from qpack.runtime import cpu as qpack_cpu
 from qpack.runtime import main as runtime_main
 from qpack.runtime.errors import QpackError
+from qpack.runtime.terminal import printable
 from qpack.runtime.version import __version__
 
 
@@ -23,7 +24,7 @@ class QpackGroup(click.Group):
         except QpackError as e:
             if ctx.params.get("debug"):
                 raise
-            click.echo(f"qpack: error: {e}", err=True)
+            click.echo(f"qpack: error: {printable(str(e))}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
             click.echo("qpack: interrupted", err=True)
@@ -61,7 +62,12 @@ def main(debug: bool) -> None:
     default="",
     help='Default arguments baked into the executable, e.g. --args "-c 2048 --port 9000".',
 )
-@click.option("--target", help="Platform of the executable, e.g. linux-x86_64 (default: this one).")
+@click.option(
+    "--target",
+    help="Platform of the executable: linux-x86_64, linux-arm64, macos-arm64, macos-x86_64, "
+    "windows-x86_64 (default: this one). Another platform's stub comes from the cache "
+    "or --stub.",
+)
 @click.option(
     "--stub",
     "stub_path",
@@ -74,7 +80,13 @@ def main(debug: bool) -> None:
     "quant",
     help="Quantize an F32/F16/BF16 MODEL to this type first (e.g. Q4_K_M; see `qpack quantize`).",
 )
-def build(model, output, name, default_args, target, stub_path, rebuild_stub, quant) -> None:  # fmt: skip
+@click.option(
+    "--split",
+    is_flag=True,
+    help="Write the model beside the executable as NAME.gguf (found there at run time): for "
+    "models over Windows' 4 GiB limit, or to update the runtime without re-copying the weights.",
+)
+def build(model, output, name, default_args, target, stub_path, rebuild_stub, quant, split) -> None:  # fmt: skip
     """Write one executable holding the runtime and MODEL (a .gguf, or a .zip holding one;
     default: SmolLM2-135M-Instruct)."""
     import shlex
@@ -107,11 +119,17 @@ def build(model, output, name, default_args, target, stub_path, rebuild_stub, qu
         args=args,
         show_progress=True,
         digest_cache=DigestCache(stub.cache_dir()),
+        split=split,
     )
     mix = ", ".join(f"{t} x{v['tensors']}" for t, v in report.model.quant_mix.items())
+    where = (
+        f"model beside it: {output.parent / pack.sibling_model_name(name)}"
+        if split
+        else f"model data at byte {report.data_offset}"
+    )
     click.echo(
         f"wrote {report.output} ({report.size / 2**20:.1f} MiB): {report.model.architecture}, "
-        f"{mix}; model data at byte {report.data_offset} ({report.layout} layout)"
+        f"{mix}; {where} ({report.layout} layout)"
     )
 
 
@@ -418,7 +436,7 @@ def perplexity_command(model, text_file, ctx_size, threads, cpu_choice, kld_base
     """Perplexity of MODEL on a text, as llama-perplexity computes it: how much did
     quantization cost? Prints running estimates, then PPL ± its standard error."""
     from qpack.runtime.model import Model
-    from qpack.runtime.perplexity import perplexity
+    from qpack.runtime.perplexity import perplexity, scoring_stream
     from qpack.runtime.tokenizer import Tokenizer
 
     gf = _open_model(model)
@@ -429,8 +447,7 @@ def perplexity_command(model, text_file, ctx_size, threads, cpu_choice, kld_base
         text = text_file.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise QpackError(f"{text_file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    tokens = tok.encode(text, add_bos=False)
-    bos = tok.bos_id if tok.add_bos else None
+    tokens, bos = scoring_stream(tok, text)
     n_windows = len(tokens) // ctx_size
     click.echo(f"{len(tokens)} tokens, {n_windows} windows of {ctx_size}", err=True)
     last = None

@@ -24,11 +24,9 @@ import numpy as np
 from qpack.builder.gguf_write import KeyValue, TensorPlan, data_offsets, header_bytes
 from qpack.runtime.arch import ACT_GELU_TANH
 from qpack.runtime.errors import QpackError
-from qpack.runtime.facts import LAYER_MATRICES, HParams
+from qpack.runtime.facts import HParams
 from qpack.runtime.gguf import T_ARRAY, T_STRING, T_UINT32, GGUFFile, open_gguf
 from qpack.runtime.quants import quant_type
-
-MATMULS = tuple(LAYER_MATRICES.values())  # attn_q.weight ... ffn_down.weight
 
 
 class ActivationRecorder:

@@ -12,6 +12,7 @@ being ignored: an answer that silently breaks its schema is the worst outcome.
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import threading
@@ -44,7 +45,7 @@ class _Vocabulary:
     tokenize text (used for grammar literals it wants to fast-forward)."""
 
     def __init__(self, tokenizer: Tokenizer, n_vocab: int):
-        self._tokenizer = tokenizer
+        self._tokenizer = continuation_encoder(tokenizer)
         self.eos_token_id = tokenizer.eos_id
         self.bos_token_id = tokenizer.bos_id
         tokens = []
@@ -63,6 +64,23 @@ class _Vocabulary:
         if not isinstance(text, str):
             raise TypeError("text only")  # llguidance then hands us str, not bytes
         return self._tokenizer.encode(text, add_bos=False, add_eos=False, parse_special=False)
+
+
+def continuation_encoder(tokenizer: Tokenizer) -> Tokenizer:
+    """The tokenizer for text that continues an output: SentencePiece's space prefix (which
+    `encode` puts in front of a whole text) would be a byte the output does not have."""
+    if not tokenizer.add_space_prefix:
+        return tokenizer
+    plain = copy.copy(tokenizer)  # shares the vocabulary and its caches
+    plain.add_space_prefix = False
+    return plain
+
+
+def _consume_text(tokenizer: Tokenizer, constraint: GrammarConstraint, data: bytes) -> None:
+    """Feed text that arrived inside an earlier token (after a trigger) to the grammar."""
+    text = data.decode("utf-8", "replace")
+    ids = continuation_encoder(tokenizer).encode(text, add_bos=False, add_eos=False)
+    constraint.matcher.consume_tokens(ids)
 
 
 def vocabulary(tokenizer: Tokenizer, n_vocab: int | None = None) -> llguidance.LLTokenizer:
@@ -118,9 +136,10 @@ def check(grammar: str) -> str:
     return grammar
 
 
-# Whitespace between JSON tokens: models write both compact and indented JSON, but a run is
-# bounded, so that a model stuck on newlines still has to write the value (llama.cpp: 20).
-WHITESPACE = r"[\x20\x0A\x0D\x09]{0,20}"
+# Whitespace between JSON tokens: compact or indented, as models write it, but bounded (one
+# space, or one or two newlines and an indent of at most 20), so that a model stuck on
+# whitespace still has to write the value: llama.cpp's json-schema-to-grammar SPACE rule.
+WHITESPACE = r"( |\n{1,2}[ \t]{0,20})"
 
 
 def json_schema(schema: dict[str, Any]) -> str:
@@ -233,9 +252,7 @@ class TriggeredConstraint:
         self.inner = GrammarConstraint(self.tokenizer, self.grammar, self.n_vocab)
         rest = self._seen[at if self.include_trigger else at + len(self.trigger) :]
         if rest:  # the trigger's token carried more text: the grammar starts with it
-            ids = self.tokenizer.encode(rest.decode("utf-8", "replace"), add_bos=False,
-                                        add_eos=False)  # fmt: skip
-            self.inner.matcher.consume_tokens(ids)
+            _consume_text(self.tokenizer, self.inner, rest)
 
 
 class ThinkingFirst:
@@ -275,9 +292,7 @@ class ThinkingFirst:
             self.state = "answer"
             rest = self._seen[at + len(self.close) :].lstrip()
             if rest:
-                ids = self.tokenizer.encode(rest.decode("utf-8", "replace"), add_bos=False,
-                                            add_eos=False)  # fmt: skip
-                self.answer.matcher.consume_tokens(ids)
+                _consume_text(self.tokenizer, self.answer, rest)
 
     @property
     def error(self) -> str | None:

@@ -15,6 +15,7 @@ import click
 
 from . import cpu, embedded
 from .errors import EmbeddedModelError, QpackError
+from .terminal import printable
 from .transport import Limits
 from .version import __version__
 
@@ -393,7 +394,7 @@ def run(argv: list[str] | None = None) -> int:
     except QpackError as e:
         if debug:
             raise
-        click.echo(f"{PROG}: error: {e}", err=True)
+        click.echo(f"{PROG}: error: {printable(str(e))}", err=True)
         return 1
     except click.exceptions.Abort:
         click.echo(f"{PROG}: interrupted", err=True)

@@ -134,7 +134,8 @@ class Server:
             self.transport = HttpServer(o.host, o.port, routes.table(self), policy, o.limits,
                                         ready=lambda: self.loaded is not None,
                                         on_answer=self.metrics.count,
-                                        server_name=f"qpack/{__version__}")  # fmt: skip
+                                        server_name=f"qpack/{__version__}",
+                                        verbose=o.verbose)  # fmt: skip
         except OSError as e:
             raise listen_error(o.host, o.port, e) from None
         self.transport.start()

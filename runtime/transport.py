@@ -583,6 +583,9 @@ class HttpServer:
     def _count(self, req: HttpRequest | None, status: int) -> None:
         label = req.path if req is not None and req.path in self.routes else "other"
         self.on_answer(label, status)
+        if self.verbose:  # --verbose: one access-log line per answer
+            what = f"{req.method} {req.target[:200]}" if req is not None else "(unparsed request)"
+            click.echo(f"qpack: {what} {status}", err=True)
 
     # --- a request's own thread ---------------------------------------------------------------
 
@@ -765,8 +768,8 @@ def _descriptor_budget() -> int:
     one first (the default soft limit, often 1024, is far below what a server needs)."""
     try:
         import resource
-    except ImportError:  # Windows: no per-process descriptor limit of this kind
-        return 1 << 16
+    except ImportError:  # Windows: selectors there is select(), at most 512 sockets
+        return 500
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = hard if hard != resource.RLIM_INFINITY else 1 << 16
     if soft != resource.RLIM_INFINITY and soft < want:

@@ -41,11 +41,16 @@ def http_request(host: str, port: int, method: str, path: str, body: Any = None,
 class ServerProcess:
     """A running server: its URL, its stderr so far, and a way to stop it."""
 
-    def __init__(self, model: str, *args: str, ready_timeout: float = 180.0):
-        cmd = [sys.executable, "-m", "qpack.runtime", "-m", str(model), "--host", "127.0.0.1",
-               "--port", "0", "--nobrowser", *args]  # fmt: skip
+    def __init__(self, model: str | None, *args: str, ready_timeout: float = 180.0,
+                 command: list[str] | None = None, cwd: str | None = None):  # fmt: skip
+        """`command`: what to run instead of `python -m qpack.runtime -m model` (a built
+        executable, say), with `cwd`."""
+        if command is None:
+            command = [sys.executable, "-m", "qpack.runtime", "-m", str(model)]
+        cmd = [*command, "--host", "127.0.0.1", "--port", "0", "--nobrowser", *args]
         self.proc = subprocess.Popen(
             cmd,
+            cwd=cwd,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

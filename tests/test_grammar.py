@@ -144,3 +144,15 @@ def test_triggered_constraint_is_free_until_the_trigger(smol_tokenizer):
         c.advance(t)
     assert c.inner.matcher.is_accepting()
     assert not np.isfinite(c.mask(logits)[tok.encode("x", add_bos=False)[0]])
+
+
+def test_a_space_prefix_tokenizer_can_open_the_object(tmp_path):
+    """SentencePiece's add_space_prefix must not reach llguidance: it would think '{' always
+    comes after a space and allow nothing but spaces."""
+    from gguf_fixtures import tiny_llama
+
+    tok = Tokenizer.from_gguf(open_gguf(tiny_llama(tmp_path / "tiny.gguf")))
+    assert tok.add_space_prefix
+    c = grammar.GrammarConstraint(tok, grammar.json_schema({"type": "object"}), tok.vocab_size)
+    allowed = {tok.token_bytes(int(t)) for t in np.flatnonzero(c.allowed())}
+    assert b"{" in allowed
