@@ -3,10 +3,10 @@
  * prompt, or one decode step of many requests: continuous batching).
  *
  * Weights are pointers into the GGUF mapping (never copied); activations are quantized once per
- * row to the format each weight type's kernels want (quants.h). Products go through the type's
- * tile kernel (quants_tiles.h: each unpacked weight panel meets every token of the batch), or
- * through its per-row dot where it has none; either way a token's result does not depend on
- * the rest of the batch.
+ * row to the format each weight type's kernels want (quants.h). Products of quantized weights
+ * go through the type's tile kernel (tiles.h: each unpacked weight panel meets every token of
+ * the batch), float weights through their per-row dot; either way a token's result does not
+ * depend on the rest of the batch.
  *
  * Threads: the pass is a fixed sequence of ops (per layer: norm, QKV, rope, attention, ...) that
  * every thread of a small pool walks (workers.h); each op is cut into chunks taken dynamically,
@@ -45,7 +45,7 @@ static inline qk_f16 qk_f32_to_f16(float f) { return (qk_f16)f; }
 typedef uint16_t qk_f16;
 static inline float qk_f16_to_f32(qk_f16 h) {
 #if defined(__F16C__)
-    return _cvtsh_ss(h);
+    return qk_f16c_to_f32(h);
 #else /* like F16C and _Float16, a signalling NaN comes out quiet */
     return qk_fp16_to_fp32_portable((uint16_t)(h | (((h & 0x7fff) > 0x7c00) << 9)));
 #endif

@@ -101,15 +101,16 @@ cdef class NativeModel:
     def __cinit__(self):
         memset(&self.m, 0, sizeof(qk_model))
 
-    def __init__(self, dict hp, dict globals_, list layers, int n_ctx, int n_seq, int n_batch,
-                 int n_threads):
+    def __init__(self, dict hp, dict globals_, list layers, n_ctx, n_seq, n_batch, n_threads):
         cdef qk_model *m = &self.m
         cdef qk_layer *L
         cdef int code, where
         self._keep = []
         self.buffer_bytes = 0
-        if n_ctx < 1 or n_seq < 1 or n_batch < 1 or n_threads < 1:
-            raise QpackError("context, sequences, batch and threads must all be at least 1")
+        for value, what in ((n_ctx, "context"), (n_seq, "sequences"), (n_batch, "batch"),
+                            (n_threads, "threads")):
+            if not isinstance(value, int) or not 1 <= value <= INT32_MAX:
+                raise QpackError(f"{what} = {value!r} is out of range (1..{INT32_MAX})")
         m.n_layer = _c_int(hp["n_layer"], "n_layer"); m.n_embd = _c_int(hp["n_embd"], "n_embd")
         m.n_ff = _c_int(hp["n_ff"], "n_ff")
         m.n_head = _c_int(hp["n_head"], "n_head"); m.n_head_kv = _c_int(hp["n_head_kv"], "n_head_kv")

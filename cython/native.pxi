@@ -111,6 +111,7 @@ cdef extern from "quants.h":
         QK_ACT_Q8_32
         QK_ACT_Q8_256
     const qk_traits *qk_get_traits(int ggml_type) noexcept nogil
+    const qk_traits *qk_traits_at(int i) noexcept nogil
     size_t qk_act_row_bytes(int act, int64_t n) noexcept nogil
     void qk_quantize_act(int act, const float *x, void *dst, int64_t n) noexcept nogil
     size_t qk_gemm_scratch_bytes(int64_t n) noexcept nogil

@@ -8,16 +8,6 @@ import numpy as np
 
 from qpack.runtime.errors import UnsupportedModel
 
-cdef extern from *:
-    """
-    #if defined(QK_HAVE_Q8_256)
-    #define QK_HAVE_ACT_Q8_256 1
-    #else
-    #define QK_HAVE_ACT_Q8_256 0
-    #endif
-    """
-    int QK_HAVE_ACT_Q8_256
-
 ACT_F32 = QK_ACT_F32
 ACT_Q8_32 = QK_ACT_Q8_32
 ACT_Q8_256 = QK_ACT_Q8_256
@@ -39,8 +29,6 @@ cdef const qk_traits *_qk_traits_or_raise(int ggml_type) except NULL:
 cdef int64_t _qk_check_act(int act, int64_t n) except -1:
     if act not in _QK_ACT_BLOCK:
         raise ValueError(f"unknown activation format {act}")
-    if act == QK_ACT_Q8_256 and not QK_HAVE_ACT_Q8_256:
-        raise UnsupportedModel(f"the q8_256 activation format is not in this build ({VARIANT})")
     if n <= 0 or n % _QK_ACT_BLOCK[act]:
         raise ValueError(
             f"{n} elements: {_QK_ACT_NAMES[act]} activations need a positive multiple of "
@@ -55,6 +43,20 @@ cdef int64_t _qk_row_bytes(const qk_traits *t, int64_t n) except -1:
             f"{n} elements: a {t.name.decode()} row needs a positive multiple of {t.block_elems}"
         )
     return n // t.block_elems * t.block_bytes
+
+
+def supported_types():
+    """Every weight type this build runs (cython/quant_types.def, in its order), as
+    (ggml id, name, block elems, block bytes): what runtime/quants.py reads."""
+    cdef const qk_traits *t
+    cdef int i = 0
+    out = []
+    while True:
+        t = qk_traits_at(i)
+        if t == NULL:
+            return out
+        out.append((t.type, t.name.decode(), t.block_elems, t.block_bytes))
+        i += 1
 
 
 def type_traits(int ggml_type):
@@ -113,7 +115,8 @@ def dot(int ggml_type, const uint8_t[::1] w_row, const float[::1] x):
 
 
 def matvec(int ggml_type, const uint8_t[:, ::1] w, const float[::1] x):
-    """W x for a matrix of rows of GGUF blocks (shape (rows, row_bytes)), one thread."""
+    """W x for a matrix of rows of GGUF blocks (shape (rows, row_bytes)), one thread, through
+    the path decode runs: the type's tile kernel with one token (its dot for float weights)."""
     cdef const qk_traits *t = _qk_traits_or_raise(ggml_type)
     cdef int64_t n = x.shape[0]
     cdef int64_t rows = w.shape[0], rb = _qk_row_bytes(t, n), r
@@ -125,6 +128,8 @@ def matvec(int ggml_type, const uint8_t[:, ::1] w, const float[::1] x):
     out = np.empty(rows, dtype=np.float32)
     if rows == 0:
         return out
+    if t.gemm != NULL:
+        return gemm(ggml_type, w, np.asarray(x).reshape(1, n))[0]
     act = quantize_act(t.act, x)
     cdef const uint8_t[::1] a = act
     cdef float[::1] o = out

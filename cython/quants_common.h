@@ -1,38 +1,25 @@
 /* Shared pieces of the kernel files: fp16/bf16 conversion, the activation block formats, and
- * small SIMD helpers. Included by quants_impl.h before quants_legacy.h and quants_k.h.
+ * small SIMD helpers. Included by every file under types/ (through panel.h) and activations.h.
  *
  * Conventions every kernel file follows
  * -------------------------------------
- * - Per weight type T (f32, f16, bf16, q4_0, q4_1, q5_0, q5_1, q8_0 in quants_legacy.h; q2_k,
- *   q3_k, q4_k, q5_k, q6_k, iq4_nl, iq4_xs in quants_k.h) two functions:
+ * - The types and their traits are listed once, in quant_types.def (how to add one: there).
+ * - Per weight type T, in its family's file under types/:
  *       static void  qk_dequant_T(const void *restrict src, float *restrict dst, int64_t n);
  *       static float qk_dot_T(int64_t n, const void *restrict w, const void *restrict act);
+ *   and, for quantized types, qk_pack_T (one block of eight rows into a tile panel, panel.h).
  *   n is the number of elements (a multiple of the block); `w` points at a row of GGUF blocks
  *   exactly as stored in the file (no alignment assumed: blocks of 18, 22, 34... bytes sit at
- *   any address); `act` is that row's activation in the format the type's traits name.
- * - Activation formats (quants.h QK_ACT_*):
- *       F32      float[n]                    - F32, F16, BF16 weights
- *       Q8_32    qk_act_q8_32[n / 32]        - Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL
- *       Q8_256   qk_act_q8_256[n / 256]      - Q2_K..Q6_K, IQ4_XS
- *   qk_act_q8_32.s = d * sum(qs) (float), which gives the min term of Q4_1/Q5_1 in one multiply;
- *   qk_act_q8_256.bsums[j] = sum of qs[16j .. 16j+15], for the K-quant min terms.
- *   quants_legacy.h implements qk_quantize_q8_32, quants_k.h qk_quantize_q8_256, both with
- *   the signature of qk_quantize_act minus its first argument.
- * - Each kernel is portable scalar C first (the generic variant, and the ground truth the tests
- *   hold the others to), then SIMD paths chosen at compile time:
- *       #if defined(__AVX512F__) && defined(__AVX512VNNI__)   (x86-64-v4 + VNNI module)
- *       #elif defined(__AVX2__)                                (x86-64-v3: AVX2, FMA, F16C)
- *       #elif defined(__ARM_NEON)
- *   The same source compiles once per variant module (setup.py), so only the preprocessor picks.
- *   Integer dot products as ggml does (maddubs / dpbusd / sdot), accumulated in f32.
+ *   any address); `act` is that row's activation in the format the type's traits name
+ *   (activations.h). The quantized types' dot is the scalar reference (tests hold the tiles to
+ *   it); the tiles (tiles.h) are their only product path in inference.
+ * - Portable scalar C first (the generic variant, and the ground truth), then SIMD paths chosen
+ *   at compile time (panel.h: QK_TILES_X86 2 = AVX-512 VNNI, 1 = AVX2; QK_TILES_NEON on
+ *   aarch64). The same source compiles once per variant module (setup.py), so only the
+ *   preprocessor picks.
  * - Dequantization must equal gguf.quants.dequantize bit for bit (tests/test_quants.py): where it
  *   computes d*q + m in two roundings, so must we, hence QK_NO_CONTRACT on dequant functions
  *   (gcc would otherwise fuse the multiply and add into one FMA on FMA-capable variants).
- * - Helpers here for both files: qk_load_u16/u32 (unaligned), qk_fp16_to_fp32, qk_bf16_to_fp32;
- *   x86: qk_hsum_ps256, qk_nibbles_to_bytes32 (16 packed nibbles -> 32 bytes, ggml order),
- *   qk_bits_to_bytes32, qk_dot_u8s8_epi32 / qk_dpbusd_epi32 (vpdpbusd with VNNI, maddubs
- *   otherwise: keep the unsigned operand <= 128), qk_dot_s8s8_epi32 (sign trick); NEON:
- *   qk_neon_dot_s8 (sdot where available).
  * - gcc 12 miscompiles, with -mavx512vnni, a scalar reduction like
  *       for (j...) s += (int8_t)u8ptr[j] * i8ptr[j];
  *   into vpdpbusd, which treats the first operand as UNSIGNED (wrong sums in the avx512 module
@@ -139,9 +126,20 @@ static inline float qk_fp16_to_fp32_portable(uint16_t h) {
     return f;
 }
 
+/* The F16C conversions through the vector intrinsics every x86 compiler has: MSVC lacks the
+ * scalar _cvtsh_ss/_cvtss_sh of gcc and clang (tests/crossplat.py checks it). */
+#if defined(__F16C__)
+static inline float qk_f16c_to_f32(uint16_t h) {
+    return _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h)));
+}
+static inline uint16_t qk_f16c_from_f32(float f) {
+    return (uint16_t)_mm_cvtsi128_si32(_mm_cvtps_ph(_mm_set_ss(f), _MM_FROUND_TO_NEAREST_INT));
+}
+#endif
+
 static inline float qk_fp16_to_fp32(uint16_t h) {
 #if defined(__F16C__)
-    return _cvtsh_ss(h);
+    return qk_f16c_to_f32(h);
 #elif defined(__ARM_NEON) && defined(__aarch64__)
     __fp16 v;
     memcpy(&v, &h, 2);
@@ -174,7 +172,7 @@ static inline uint16_t qk_fp32_to_fp16_portable(float f) {
 
 static inline uint16_t qk_fp32_to_fp16(float f) {
 #if defined(__F16C__)
-    return (uint16_t)_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT);
+    return qk_f16c_from_f32(f);
 #else
     return qk_fp32_to_fp16_portable(f);
 #endif
@@ -195,67 +193,6 @@ static inline float qk_hsum_ps256(__m256 v) {
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
-}
-
-/* 16 packed bytes of nibbles -> 32 bytes: low nibbles in bytes 0..15, high nibbles in 16..31
- * (the ggml Q4 layout: element j and element j+16 share byte j). */
-static inline __m256i qk_nibbles_to_bytes32(const uint8_t *p) {
-    const __m128i v = _mm_loadu_si128((const __m128i *)p);
-    const __m256i both = _mm256_set_m128i(_mm_srli_epi16(v, 4), v);
-    return _mm256_and_si256(both, _mm256_set1_epi8(0x0f));
-}
-
-/* 32 bits -> 32 bytes, byte j = 0xff where bit j is set (Q5 high bits). */
-static inline __m256i qk_bits_to_bytes32(uint32_t bits) {
-#if defined(__AVX512BW__) && defined(__AVX512VL__)
-    return _mm256_movm_epi8((__mmask32)bits);
-#else
-    const __m256i shuf = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
-                                          2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
-    __m256i b = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), shuf);
-    const __m256i bitmask = _mm256_set1_epi64x((long long)0x8040201008040201ull);
-    return _mm256_cmpeq_epi8(_mm256_and_si256(b, bitmask), bitmask);
-#endif
-}
-
-/* Sum of products of unsigned bytes u (each <= 128, so maddubs cannot saturate) with signed
- * bytes s, as eight int32 lanes. */
-static inline __m256i qk_dot_u8s8_epi32(__m256i u, __m256i s) {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
-#else
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
-#endif
-}
-
-/* Same, accumulated into acc (one instruction with VNNI). */
-static inline __m256i qk_dpbusd_epi32(__m256i acc, __m256i u, __m256i s) {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    return _mm256_dpbusd_epi32(acc, u, s);
-#else
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
-#endif
-}
-
-/* Sum of products of two signed byte vectors (x != -128 or y != -128 per pair: abs(x) <= 128
- * as unsigned is fine), as eight int32 lanes: the sign trick moves x's sign onto y. */
-static inline __m256i qk_dot_s8s8_epi32(__m256i x, __m256i y) {
-    return qk_dot_u8s8_epi32(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x));
-}
-#endif /* __AVX2__ */
-
-/* ---------------------------------------------------------------- NEON helpers */
-
-#if defined(__ARM_NEON) && defined(__aarch64__)
-/* Four int32 lanes of sums of products of 16 signed byte pairs. */
-static inline int32x4_t qk_neon_dot_s8(int32x4_t acc, int8x16_t a, int8x16_t b) {
-#if defined(__ARM_FEATURE_DOTPROD)
-    return vdotq_s32(acc, a, b);
-#else
-    const int16x8_t lo = vmull_s8(vget_low_s8(a), vget_low_s8(b));
-    const int16x8_t hi = vmull_high_s8(a, b);
-    return vaddq_s32(acc, vaddq_s32(vpaddlq_s16(lo), vpaddlq_s16(hi)));
-#endif
 }
 #endif
 

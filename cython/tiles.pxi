@@ -1,4 +1,4 @@
-# Python-facing wrapper of the tiled products (quants_tiles.h), for tests and benchmarks; the
+# Python-facing wrapper of the tiled products (tiles.h), for tests and benchmarks; the
 # forward pass calls them from C (forward.h). Every shape is checked before C touches a buffer.
 
 from libc.stdint cimport uintptr_t
@@ -6,7 +6,7 @@ from libc.stdlib cimport free, malloc
 
 
 def has_gemm(int ggml_type) -> bool:
-    """Whether this build has a tile kernel for the type (else the forward pass uses dot)."""
+    """Whether the type has a tile kernel (every quantized type; float weights use dot)."""
     cdef const qk_traits *t = qk_get_traits(ggml_type)
     return t != NULL and t.gemm != NULL
 

@@ -2,8 +2,9 @@
 
 The GGUF reader sizes every tensor from this table (including types the engine cannot run, so
 that such a file still opens and `qpack inspect` can describe it); the engine refuses anything
-not in SUPPORTED_WEIGHT_TYPES with a clear error. The C kernels carry their own copy of these
-numbers; a test checks that the two agree.
+not in SUPPORTED_WEIGHT_TYPES with a clear error. That set is the kernels' own list, read from
+the compiled module (cython/quant_types.def is its one source); a test checks that the kernels'
+block sizes agree with this table's.
 """
 
 from __future__ import annotations
@@ -72,15 +73,17 @@ _TABLE = (
 QUANT_TYPES_BY_ID: dict[int, QuantType] = {t.id: t for t in _TABLE}
 QUANT_TYPES_BY_NAME: dict[str, QuantType] = {t.name: t for t in _TABLE}
 
+
+def _kernel_types() -> frozenset[str]:
+    """The types cython/quant_types.def lists, from the generic module (every build has it, and
+    every variant compiles the same list)."""
+    from . import _native_generic
+
+    return frozenset(name for _id, name, _elems, _bytes in _native_generic.supported_types())
+
+
 # The weight types the engine runs (kernels for each, tested against gguf.quants).
-SUPPORTED_WEIGHT_TYPES: frozenset[str] = frozenset(
-    {
-        "F32", "F16", "BF16",
-        "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
-        "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
-        "IQ4_NL", "IQ4_XS",
-    }
-)  # fmt: skip
+SUPPORTED_WEIGHT_TYPES: frozenset[str] = _kernel_types()
 
 
 def quant_type(key: int | str) -> QuantType | None:

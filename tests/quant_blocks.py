@@ -19,7 +19,7 @@ MODULES = {name: cpu._import(name) for name in VARIANTS}
 
 FLOAT_TYPES = ["F32", "F16", "BF16"]
 LEGACY_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
-K_TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "IQ4_NL"]  # cython/quants_k.h
+K_TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "IQ4_NL"]  # cython/types/
 
 Q8_32 = np.dtype([("d", "<f4"), ("s", "<f4"), ("qs", "i1", 32)])
 Q8_256 = np.dtype([("d", "<f4"), ("qs", "i1", 256), ("bsums", "<i2", 16)])
@@ -93,7 +93,8 @@ def dequant_act(mod, act: int, raw: np.ndarray) -> np.ndarray:
 
 
 def check_matvec(mod, name: str, raw_rows: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """matvec and dot against float64 products; returns the kernel's matvec result."""
+    """matvec (the tile kernel, one token) and dot against float64 products; returns the
+    matvec result."""
     n_rows = raw_rows.shape[0]
     t = mod.type_traits(qtype(name))
     w = reference_dequant(name, raw_rows, n_rows).astype(np.float64)
@@ -110,8 +111,10 @@ def check_matvec(mod, name: str, raw_rows: np.ndarray, x: np.ndarray) -> np.ndar
         amax = np.abs(x.reshape(-1, blk)).max(axis=1).astype(np.float64)
         act_err = (np.abs(w).reshape(n_rows, amax.size, blk).sum(axis=2) @ amax) / 254.0
     assert (np.abs(got - w @ x.astype(np.float64)) <= act_err + 2 * DOT_RTOL * scale + 1e-30).all()
-    # dot() is the same kernel on one row, and reads a row at any (unaligned) address.
+    # dot() (the scalar reference for quantized types, the kernel itself for float ones) on
+    # one row, read at any (unaligned) address, agrees to float rounding.
     shifted = np.empty(raw_rows.shape[1] + 1, np.uint8)[1:]
     shifted[:] = raw_rows[-1]
-    assert mod.dot(qtype(name), shifted, x) == got[-1]
+    one = mod.dot(qtype(name), shifted, x)
+    assert abs(one - got[-1]) <= DOT_RTOL * scale[-1] + 1e-30
     return got

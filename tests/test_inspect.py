@@ -296,3 +296,35 @@ def test_one_source_of_memory_facts(tmp_path, arch):
         assert (
             (report["n_heads"], report["key_length"]) == (mf.hp.n_head, mf.hp.head_dim) == (4, 48)
         )
+
+
+# --- hostile strings ---------------------------------------------------------------------------
+
+
+def test_metadata_reaches_the_terminal_escaped(tmp_path):
+    """A name, a metadata value and a tensor name carrying terminal escape sequences (retitle
+    the window, clear the screen) and a bidi override are printed as visible escapes."""
+    from qpack.runtime.terminal import printable
+
+    evil = "x\x1b]0;pwned\x07\x1b[2J\u202eevil\x9b"
+    path = write_gguf(
+        tmp_path / "evil.gguf",
+        {"general.name": evil, "evil.key": evil},
+        {f"w{evil}": (np.ones((2, 32), np.float32), "F32")},
+        arch="odd",
+    )
+    for args in ((), ("--all",), ("--tensors",)):
+        out = run(path, *args).stdout
+        assert evil not in out and printable(evil) in out
+        assert not any(ch in out for ch in "\x1b\x07\u202e\x9b")
+    assert printable(evil) == "x\\x1b]0;pwned\\x07\\x1b[2J\\u202eevil\\x9b"
+    assert printable("a\tb\nc", keep="\n") == "a\\x09b\nc"
+
+
+def test_error_lines_are_escaped(tmp_path):
+    """An error naming a tensor from the file (an unsupported type) is one escaped line."""
+    data = np.zeros((4, 256), np.float32)
+    path = write_gguf(tmp_path / "t.gguf", {}, {"tok\x1b[31mred": (data, "TQ2_0")})
+    result = CliRunner().invoke(qpack_cli, ["run", str(path), "-p", "hi"])
+    assert result.exit_code == 1
+    assert "tok\\x1b[31mred has type TQ2_0" in result.output and "\x1b" not in result.output

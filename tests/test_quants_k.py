@@ -1,4 +1,4 @@
-"""The K-quant and IQ4 kernels (cython/quants_k.h) against gguf's numpy reference.
+"""The K-quant and IQ4 kernels (cython/types/) against gguf's numpy reference.
 
 Every test runs on every CPU variant this machine can execute, so the scalar ground truth and
 each SIMD path meet the same oracle:

@@ -1,7 +1,7 @@
-"""The tiled products (cython/quants_tiles.h) against gguf's numpy reference and the dot kernels.
+"""The tiled products (cython/tiles.h) against gguf's numpy reference and the dot kernels.
 
-The forward pass sends every batch, decode or prefill, through a type's tile kernel when it has
-one. So on every CPU variant this machine runs:
+The forward pass sends every batch of quantized weights, decode or prefill, through the type's
+tile kernel. So on every CPU variant this machine runs:
 - gemm equals a float64 product of gguf-dequantized weights and the dequantized activations,
   and the per-row dot, to float rounding (random bytes: every quant value and sub-scale occurs;
   blocks of maximal quants against maximal activations catch int16 saturation in AVX2);
@@ -22,8 +22,6 @@ MODULES = {name: cpu._import(name) for name in VARIANTS}
 
 TILE_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
               "IQ4_XS"]  # fmt: skip
-# AVX2's maddubs would saturate on u = q + 128 (Q8_0, IQ4): that build leaves them to the dot path.
-NOT_IN = {"avx2": {"Q8_0", "IQ4_NL", "IQ4_XS"}}
 # f16 scale fields (byte offsets in the block) that random bytes must not turn into inf/NaN.
 SCALE_FIELDS = {
     "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "IQ4_NL": (0,),
@@ -43,8 +41,7 @@ def qtype(name: str) -> GGMLQuantizationType:
 def cases():
     for variant in VARIANTS:
         for name in TILE_TYPES:
-            if name not in NOT_IN.get(variant, ()):
-                yield variant, name
+            yield variant, name
 
 
 def random_rows(name: str, rows: int, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -86,12 +83,12 @@ def check_against_exact(mod, name: str, w: np.ndarray, x: np.ndarray, out: np.nd
     assert (np.abs(out - exact) <= bound).all(), np.max(np.abs(out - exact) / bound)
 
 
-def test_tile_kernels_exist_where_documented():
+def test_every_quantized_type_has_a_tile_kernel():
     for variant, mod in MODULES.items():
-        have = {name for name in TILE_TYPES if mod.has_gemm(int(qtype(name)))}
-        assert have == set(TILE_TYPES) - NOT_IN.get(variant, set()), variant
-        for name in ("F32", "F16", "BF16"):
-            assert not mod.has_gemm(int(qtype(name)))
+        for type_id, name, _elems, _bytes in mod.supported_types():
+            quantized = mod.type_traits(type_id)["act_name"] != "f32"
+            assert mod.has_gemm(type_id) == quantized, (variant, name)
+        assert set(TILE_TYPES) <= {n for _i, n, _e, _b in mod.supported_types()}
 
 
 @pytest.mark.parametrize("variant,name", list(cases()))

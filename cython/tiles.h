@@ -1,0 +1,433 @@
+/* Tiled products: a matrix of GGUF blocks times SEVERAL activation rows (prefill), or one
+ * (decode), with the same arithmetic for both, so that a token's logits do not depend on the
+ * batch it shares. The only product path for quantized weights (forward.h's qk_matmul).
+ *
+ * The idea (llamafile's tinyBLAS reuses each unpacked weight block across tokens the same way):
+ * eight weight rows at a time are unpacked ONCE into a panel (panel.h; each type's qk_pack_*
+ * in types/) and then every token's activation meets that panel: per block, the token's 4-byte
+ * groups broadcast against the panel's quads give the eight rows' exact integer sums in eight
+ * lanes (lanes = rows), scaled and accumulated in f32. No horizontal sums, no per-token
+ * unpacking; tokens go four at a time to hide latencies.
+ *
+ * Per (row, token) the float arithmetic is fixed within a build (1 or 4 tokens, whichever rows
+ * share the panel), for the 32-element types:
+ *     acc = fma(d_w * d_a, (float)isum, acc);  acc = fma(m_w, s_a, acc)     block by block
+ * where isum = sum(u * q_a) is exact and s_a = d_a * sum(q_a) (qk_act_q8_32.s). For the
+ * 256-element types, per super-block with integer sub-block scales sc and min coefficients mn:
+ *     acc = fma(d_w * d_a, (float)sum(sc * isum_sub), acc);
+ *     acc = fma(nd_w * d_a, (float)sum(mn * bsums), acc)                     nd = -dmin
+ * The integer sums, by build:
+ *   avx512 (QK_TILES_X86 == 2): vpdpbusd, unsigned panel bytes times signed activations;
+ *   avx2   (QK_TILES_X86 == 1): maddubs + madd, up to `group` maddubs summed in int16 first;
+ *          wide types (group 0, signed panel) through the sign trick;
+ *   arm64  (QK_TILES_NEON): sdot with dotprod, smull + sadalp on armv8.0 (signed panel bytes);
+ *   portable: plain loops over the natural-order panel.
+ * tests/test_quants_tiles.py holds every build to a float64 product of gguf's dequantization,
+ * to the reference dot, and to exact batch invariance.
+ *
+ * The gemm of every type with a panel in quant_types.def is instantiated at the end.
+ */
+#ifndef QPACK_TILES_H
+#define QPACK_TILES_H
+
+#include "panel.h"
+
+/* qk_gemm_fn (quants.h): out[t * ldo + r] = W[r] . act[t] for r < nr, t < nt. */
+
+static size_t qk_gemm_scratch_bytes(int64_t n) {
+    const size_t a = (size_t)(n / 32 + 1) * sizeof(qk_panel32);
+    const size_t b = (size_t)(n / 256 + 1) * sizeof(qk_panel256);
+    return a > b ? a : b;
+}
+
+/* Row pointers of a panel; rows past nr repeat the last one (their lanes are computed and
+ * never stored). */
+static inline void qk_panel_rows(const uint8_t *w, size_t row_bytes, int nr, const uint8_t *rp[8]) {
+    for (int i = 0; i < QK_PANEL_ROWS; i++) rp[i] = w + row_bytes * (size_t)(i < nr ? i : nr - 1);
+}
+
+/* The panel reads eight rows side by side, a pattern the hardware prefetchers do not follow
+ * from DRAM (7 GB/s instead of 29 on a 178 MB matrix): fetch the same bytes two panels ahead,
+ * into L2 (into L1 they exhaust its miss buffers: no gain). Measured on Zen 4: 1 panel ahead or
+ * 4 do slightly worse. Prefetches never fault, so running past the matrix is harmless. */
+#ifndef QK_PF_PANELS
+#define QK_PF_PANELS 2
+#endif
+static inline void qk_prefetch_next_panel(const uint8_t *const rp[8], size_t row_bytes, size_t o) {
+#if QK_TILES_X86
+    for (int i = 0; i < 8; i++) _mm_prefetch((const char *)(rp[i] + QK_PF_PANELS * 8 * row_bytes + o), _MM_HINT_T1);
+#elif defined(__GNUC__) || defined(__clang__)
+    for (int i = 0; i < 8; i++) __builtin_prefetch(rp[i] + QK_PF_PANELS * 8 * row_bytes + o, 0, 2);
+#else
+    (void)rp, (void)row_bytes, (void)o;
+#endif
+}
+
+/* ================================================================ products: portable */
+
+QK_TILE_INLINE int32_t qk_sum_u8s8(const uint8_t *u, const int8_t *a, int n) {
+    int32_t s = 0;
+    for (int e = 0; e < n; e++) s += (int32_t)u[e] * a[e];
+    return s;
+}
+
+/* Rows of the panel times one token; adds into acc[8] with the fixed per-lane arithmetic. */
+QK_TILE_INLINE void qk_tile32_token_portable(const qk_panel32 *p, int64_t nb, const qk_act_q8_32 *a, float acc[8]) {
+    for (int64_t b = 0; b < nb; b++) {
+        int32_t isum[8];
+        for (int i = 0; i < 8; i++) isum[i] = qk_sum_u8s8((const uint8_t *)p[b].q + 32 * i, a[b].qs, 32);
+        const float da = a[b].d, sa = a[b].s;
+        for (int i = 0; i < 8; i++) {
+            const float prod = p[b].d[i] * da;
+            acc[i] = acc[i] + prod * (float)isum[i];
+            acc[i] = acc[i] + p[b].m[i] * sa;
+        }
+    }
+}
+
+/* sub: 32 (8 sub-blocks) or 16 (16 sub-blocks). */
+QK_TILE_INLINE void qk_tile256_token_portable(const qk_panel256 *p, int64_t nb, int sub, const qk_act_q8_256 *a,
+                                             float acc[8]) {
+    const int nsub = 256 / sub;
+    for (int64_t b = 0; b < nb; b++) {
+        int32_t tot[8] = {0}, mins[8] = {0};
+        for (int i = 0; i < 8; i++) {
+            const uint8_t *u = (const uint8_t *)p[b].q + 256 * i;
+            for (int s = 0; s < nsub; s++) /* constant lengths, so that the sums vectorize */
+                tot[i] += (sub == 32 ? qk_sum_u8s8(u + 32 * s, a[b].qs + 32 * s, 32)
+                                     : qk_sum_u8s8(u + 16 * s, a[b].qs + 16 * s, 16)) * p[b].sc[s][i];
+        }
+        for (int q = 0; q < 8; q++)
+            for (int i = 0; i < 8; i++) {
+                const int32_t c = p[b].mn[q][i];
+                mins[i] += (int16_t)(c & 0xffff) * a[b].bsums[2 * q] + (int16_t)(c >> 16) * a[b].bsums[2 * q + 1];
+            }
+        const float da = a[b].d;
+        for (int i = 0; i < 8; i++) {
+            const float p1 = p[b].d[i] * da, p2 = p[b].nd[i] * da;
+            acc[i] = acc[i] + p1 * (float)tot[i];
+            acc[i] = acc[i] + p2 * (float)mins[i];
+        }
+    }
+}
+
+/* ================================================================ products: x86 */
+
+#if QK_TILES_X86
+/* Sum over the quads j < nq of the panel times the token's bytes, per row lane. AVX2 sums up to
+ * `group` maddubs results in int16 before widening (group * 2 * umax * 127 < 32768); group 0:
+ * signed panel bytes (wide types), |q| moved onto the activation's sign. */
+QK_TILE_INLINE __m256i qk_quads_dot(const uint8_t (*q)[QK_PANEL_ROWS][4], const int8_t *aq, int nq, int group) {
+#if QK_TILES_X86 == 2
+    (void)group;
+    __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
+    for (int j = 0; j < nq; j += 2) {
+        s0 = _mm256_dpbusd_epi32(s0, _mm256_load_si256((const __m256i *)q[j]),
+                                 _mm256_set1_epi32((int)qk_load_u32((const uint8_t *)aq + 4 * j)));
+        s1 = _mm256_dpbusd_epi32(s1, _mm256_load_si256((const __m256i *)q[j + 1]),
+                                 _mm256_set1_epi32((int)qk_load_u32((const uint8_t *)aq + 4 * j + 4)));
+    }
+    return _mm256_add_epi32(s0, s1);
+#else
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i s = _mm256_setzero_si256();
+    if (group == 0) {
+        for (int j = 0; j < nq; j++) {
+            const __m256i w = _mm256_load_si256((const __m256i *)q[j]);
+            const __m256i a = _mm256_set1_epi32((int)qk_load_u32((const uint8_t *)aq + 4 * j));
+            /* |w| <= 128, |a| <= 127: a pair of products stays below 32767 */
+            const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));
+            s = _mm256_add_epi32(s, _mm256_madd_epi16(p, ones));
+        }
+        return s;
+    }
+    for (int j0 = 0; j0 < nq; j0 += group) {
+        __m256i h = _mm256_setzero_si256();
+        for (int j = j0; j < j0 + group && j < nq; j++)
+            h = _mm256_add_epi16(h, _mm256_maddubs_epi16(_mm256_load_si256((const __m256i *)q[j]),
+                                                         _mm256_set1_epi32((int)qk_load_u32((const uint8_t *)aq + 4 * j))));
+        s = _mm256_add_epi32(s, _mm256_madd_epi16(h, ones));
+    }
+    return s;
+#endif
+}
+
+/* T tokens (a[t] = their activation rows) times the panel: acc[t] lanes = rows. */
+QK_TILE_INLINE void qk_tile32_x86(const qk_panel32 *p, int64_t nb, const uint8_t *const *a, int T, int group,
+                                 __m256 *acc) {
+    for (int64_t b = 0; b < nb; b++) {
+        const __m256 d = _mm256_load_ps(p[b].d), m = _mm256_load_ps(p[b].m);
+        for (int t = 0; t < T; t++) {
+            const qk_act_q8_32 *x = (const qk_act_q8_32 *)a[t] + b;
+            const __m256i isum = qk_quads_dot(p[b].q, x->qs, 8, group);
+            acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(x->d)), _mm256_cvtepi32_ps(isum), acc[t]);
+            acc[t] = _mm256_fmadd_ps(m, _mm256_set1_ps(x->s), acc[t]);
+        }
+    }
+}
+
+QK_TILE_INLINE void qk_tile256_x86(const qk_panel256 *p, int64_t nb, int sub, const uint8_t *const *a, int T,
+                                  int group, __m256 *acc) {
+    const int quads = sub / 4, nsub = 256 / sub;
+    for (int64_t b = 0; b < nb; b++) {
+        /* sub-block by sub-block, each sub-block's weights meeting all T tokens (integer sums:
+         * the order does not change them) */
+        __m256i tot[4];
+        for (int t = 0; t < T; t++) tot[t] = _mm256_setzero_si256();
+        for (int s = 0; s < nsub; s++) {
+            const __m256i sc = _mm256_load_si256((const __m256i *)p[b].sc[s]);
+            for (int t = 0; t < T; t++) {
+                const qk_act_q8_256 *x = (const qk_act_q8_256 *)a[t] + b;
+                const __m256i isum = qk_quads_dot(p[b].q + s * quads, x->qs + 4 * s * quads, quads, group);
+                tot[t] = _mm256_add_epi32(tot[t], _mm256_mullo_epi32(isum, sc));
+            }
+        }
+        for (int t = 0; t < T; t++) {
+            const qk_act_q8_256 *x = (const qk_act_q8_256 *)a[t] + b;
+            __m256i mins = _mm256_setzero_si256();
+            for (int q = 0; q < 8; q++)
+                mins = _mm256_add_epi32(mins, _mm256_madd_epi16(_mm256_load_si256((const __m256i *)p[b].mn[q]),
+                                                                _mm256_set1_epi32((int)qk_load_u32((const uint8_t *)&x->bsums[2 * q]))));
+            const __m256 da = _mm256_set1_ps(x->d);
+            acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_load_ps(p[b].d), da), _mm256_cvtepi32_ps(tot[t]), acc[t]);
+            acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_load_ps(p[b].nd), da), _mm256_cvtepi32_ps(mins), acc[t]);
+        }
+    }
+}
+#endif
+
+/* ================================================================ products: NEON */
+
+#if QK_TILES_NEON
+/* Eight rows as two int32x4 (rows 0-3, 4-7). */
+typedef struct {
+    int32x4_t lo, hi;
+} qk_i32x8;
+typedef struct {
+    float32x4_t lo, hi;
+} qk_f32x8;
+
+/* Sum over the quads j < nq of the (signed) panel times the token's bytes, per row lane. */
+QK_TILE_INLINE qk_i32x8 qk_quads_dot_neon(const uint8_t (*q)[QK_PANEL_ROWS][4], const int8_t *aq, int nq) {
+    qk_i32x8 r;
+#if defined(__ARM_FEATURE_DOTPROD)
+    int32x4_t l0 = vdupq_n_s32(0), h0 = l0, l1 = l0, h1 = l0;
+    for (int j = 0; j < nq; j += 2) {
+        const int8x16_t a0 = vreinterpretq_s8_u32(vdupq_n_u32(qk_load_u32((const uint8_t *)aq + 4 * j)));
+        const int8x16_t a1 = vreinterpretq_s8_u32(vdupq_n_u32(qk_load_u32((const uint8_t *)aq + 4 * j + 4)));
+        l0 = vdotq_s32(l0, vld1q_s8((const int8_t *)q[j][0]), a0);
+        h0 = vdotq_s32(h0, vld1q_s8((const int8_t *)q[j][4]), a0);
+        l1 = vdotq_s32(l1, vld1q_s8((const int8_t *)q[j + 1][0]), a1);
+        h1 = vdotq_s32(h1, vld1q_s8((const int8_t *)q[j + 1][4]), a1);
+    }
+    r.lo = vaddq_s32(l0, l1);
+    r.hi = vaddq_s32(h0, h1);
+#else
+    /* armv8.0: 8x8 -> 16-bit products (|q|, |a| <= 128, 127 fit), pairs widened and summed into
+     * two lanes per row, the pairs added at the end */
+    int32x4_t s01 = vdupq_n_s32(0), s23 = s01, s45 = s01, s67 = s01;
+    for (int j = 0; j < nq; j++) {
+        const int8x16_t a = vreinterpretq_s8_u32(vdupq_n_u32(qk_load_u32((const uint8_t *)aq + 4 * j)));
+        const int8x16_t w0 = vld1q_s8((const int8_t *)q[j][0]), w1 = vld1q_s8((const int8_t *)q[j][4]);
+        s01 = vpadalq_s16(s01, vmull_s8(vget_low_s8(w0), vget_low_s8(a)));
+        s23 = vpadalq_s16(s23, vmull_high_s8(w0, a));
+        s45 = vpadalq_s16(s45, vmull_s8(vget_low_s8(w1), vget_low_s8(a)));
+        s67 = vpadalq_s16(s67, vmull_high_s8(w1, a));
+    }
+    r.lo = vpaddq_s32(s01, s23);
+    r.hi = vpaddq_s32(s45, s67);
+#endif
+    return r;
+}
+
+QK_TILE_INLINE void qk_tile32_neon(const qk_panel32 *p, int64_t nb, const uint8_t *const *a, int T, qk_f32x8 *acc) {
+    for (int64_t b = 0; b < nb; b++) {
+        const float32x4_t dl = vld1q_f32(p[b].d), dh = vld1q_f32(p[b].d + 4);
+        const float32x4_t ml = vld1q_f32(p[b].m), mh = vld1q_f32(p[b].m + 4);
+        for (int t = 0; t < T; t++) {
+            const qk_act_q8_32 *x = (const qk_act_q8_32 *)a[t] + b;
+            const qk_i32x8 isum = qk_quads_dot_neon(p[b].q, x->qs, 8);
+            acc[t].lo = vfmaq_f32(acc[t].lo, vmulq_n_f32(dl, x->d), vcvtq_f32_s32(isum.lo));
+            acc[t].hi = vfmaq_f32(acc[t].hi, vmulq_n_f32(dh, x->d), vcvtq_f32_s32(isum.hi));
+            acc[t].lo = vfmaq_n_f32(acc[t].lo, ml, x->s);
+            acc[t].hi = vfmaq_n_f32(acc[t].hi, mh, x->s);
+        }
+    }
+}
+
+/* Lane i: (int16)(mn >> 0) * b0 + (int16)(mn >> 16) * b1. */
+static inline int32x4_t qk_mins_neon(int32x4_t acc, int32x4_t mn, int16_t b0, int16_t b1) {
+    acc = vmlaq_n_s32(acc, vshrq_n_s32(vshlq_n_s32(mn, 16), 16), b0);
+    return vmlaq_n_s32(acc, vshrq_n_s32(mn, 16), b1);
+}
+
+QK_TILE_INLINE void qk_tile256_neon(const qk_panel256 *p, int64_t nb, int sub, const uint8_t *const *a, int T,
+                                   qk_f32x8 *acc) {
+    const int quads = sub / 4, nsub = 256 / sub;
+    for (int64_t b = 0; b < nb; b++) {
+        qk_i32x8 tot[4];
+        for (int t = 0; t < T; t++) tot[t].lo = tot[t].hi = vdupq_n_s32(0);
+        for (int s = 0; s < nsub; s++) {
+            const int32x4_t sl = vld1q_s32(p[b].sc[s]), sh = vld1q_s32(p[b].sc[s] + 4);
+            for (int t = 0; t < T; t++) {
+                const qk_act_q8_256 *x = (const qk_act_q8_256 *)a[t] + b;
+                const qk_i32x8 isum = qk_quads_dot_neon(p[b].q + s * quads, x->qs + 4 * s * quads, quads);
+                tot[t].lo = vmlaq_s32(tot[t].lo, isum.lo, sl);
+                tot[t].hi = vmlaq_s32(tot[t].hi, isum.hi, sh);
+            }
+        }
+        const float32x4_t dl = vld1q_f32(p[b].d), dh = vld1q_f32(p[b].d + 4);
+        const float32x4_t nl = vld1q_f32(p[b].nd), nh = vld1q_f32(p[b].nd + 4);
+        for (int t = 0; t < T; t++) {
+            const qk_act_q8_256 *x = (const qk_act_q8_256 *)a[t] + b;
+            int32x4_t ml = vdupq_n_s32(0), mh = ml;
+            for (int q = 0; q < 8; q++) {
+                ml = qk_mins_neon(ml, vld1q_s32(p[b].mn[q]), x->bsums[2 * q], x->bsums[2 * q + 1]);
+                mh = qk_mins_neon(mh, vld1q_s32(p[b].mn[q] + 4), x->bsums[2 * q], x->bsums[2 * q + 1]);
+            }
+            acc[t].lo = vfmaq_f32(acc[t].lo, vmulq_n_f32(dl, x->d), vcvtq_f32_s32(tot[t].lo));
+            acc[t].hi = vfmaq_f32(acc[t].hi, vmulq_n_f32(dh, x->d), vcvtq_f32_s32(tot[t].hi));
+            acc[t].lo = vfmaq_f32(acc[t].lo, vmulq_n_f32(nl, x->d), vcvtq_f32_s32(ml));
+            acc[t].hi = vfmaq_f32(acc[t].hi, vmulq_n_f32(nh, x->d), vcvtq_f32_s32(mh));
+        }
+    }
+}
+#endif
+
+/* ================================================================ the panel loop */
+
+static inline void qk_tile_store(float *out, int64_t ldo, int64_t t, int nr, const float v[8]) {
+    float *o = out + t * ldo;
+    for (int i = 0; i < nr; i++) o[i] = v[i];
+}
+
+/* fam: 32 or 256 (panel kind); sub: sub-block size for 256; group: AVX2 int16 grouping. */
+QK_TILE_INLINE void qk_panel_mul(const void *panel, int fam, int sub, int group, int64_t nb, int nr,
+                                 const uint8_t *act, size_t act_stride, int64_t nt, float *out, int64_t ldo) {
+    int64_t t = 0;
+#if QK_TILES_X86
+    enum { T = 4 };
+    for (; t + T <= nt; t += T) {
+        const uint8_t *a[T];
+        __m256 acc[T];
+        for (int k = 0; k < T; k++) {
+            a[k] = act + (size_t)(t + k) * act_stride;
+            acc[k] = _mm256_setzero_ps();
+        }
+        if (fam == 32)
+            qk_tile32_x86((const qk_panel32 *)panel, nb, a, T, group, acc);
+        else
+            qk_tile256_x86((const qk_panel256 *)panel, nb, sub, a, T, group, acc);
+        for (int k = 0; k < T; k++) {
+            if (nr == 8) {
+                _mm256_storeu_ps(out + (t + k) * ldo, acc[k]);
+            } else {
+                float v[8];
+                _mm256_storeu_ps(v, acc[k]);
+                qk_tile_store(out, ldo, t + k, nr, v);
+            }
+        }
+    }
+    for (; t < nt; t++) {
+        const uint8_t *a[1] = {act + (size_t)t * act_stride};
+        __m256 acc[1] = {_mm256_setzero_ps()};
+        if (fam == 32)
+            qk_tile32_x86((const qk_panel32 *)panel, nb, a, 1, group, acc);
+        else
+            qk_tile256_x86((const qk_panel256 *)panel, nb, sub, a, 1, group, acc);
+        float v[8];
+        _mm256_storeu_ps(v, acc[0]);
+        qk_tile_store(out, ldo, t, nr, v);
+    }
+#elif QK_TILES_NEON
+    (void)group;
+    enum { T = 4 };
+    for (; t < nt; t += T) {
+        const int n = nt - t < T ? (int)(nt - t) : T;
+        const uint8_t *a[T];
+        qk_f32x8 acc[T];
+        for (int k = 0; k < T; k++) {
+            a[k] = act + (size_t)(t + (k < n ? k : 0)) * act_stride;
+            acc[k].lo = acc[k].hi = vdupq_n_f32(0.0f);
+        }
+        /* 4 tokens, or 1 at a time at the end (T stays a constant: the loops unroll) */
+        if (n == T) {
+            if (fam == 32)
+                qk_tile32_neon((const qk_panel32 *)panel, nb, a, T, acc);
+            else
+                qk_tile256_neon((const qk_panel256 *)panel, nb, sub, a, T, acc);
+        } else {
+            for (int k = 0; k < n; k++) {
+                a[0] = act + (size_t)(t + k) * act_stride;
+                if (fam == 32)
+                    qk_tile32_neon((const qk_panel32 *)panel, nb, a, 1, acc + k);
+                else
+                    qk_tile256_neon((const qk_panel256 *)panel, nb, sub, a, 1, acc + k);
+            }
+        }
+        for (int k = 0; k < n; k++) {
+            float v[8];
+            vst1q_f32(v, acc[k].lo);
+            vst1q_f32(v + 4, acc[k].hi);
+            qk_tile_store(out, ldo, t + k, nr, v);
+        }
+    }
+#else
+    (void)group;
+    for (; t < nt; t++) {
+        float v[8] = {0};
+        const uint8_t *a = act + (size_t)t * act_stride;
+        if (fam == 32)
+            qk_tile32_token_portable((const qk_panel32 *)panel, nb, (const qk_act_q8_32 *)a, v);
+        else
+            qk_tile256_token_portable((const qk_panel256 *)panel, nb, sub, (const qk_act_q8_256 *)a, v);
+        qk_tile_store(out, ldo, t, nr, v);
+    }
+#endif
+}
+
+/* ================================================================ one gemm per type */
+
+/* Panels of 8 rows, each unpacked once by the type's qk_pack_<name> and met by every token. */
+#define QK_GEMM_32(name, BYTES, sub, group)                                                           \
+    static void qk_gemm_##name(int64_t n, const uint8_t *w, size_t row_bytes, int64_t nr, const uint8_t *act, \
+                               size_t act_stride, int64_t nt, float *out, int64_t ldo, void *scratch) {      \
+        qk_panel32 *p = (qk_panel32 *)scratch;                                                        \
+        const int64_t nb = n / 32;                                                                    \
+        for (int64_t r = 0; r < nr; r += QK_PANEL_ROWS) {                                             \
+            const int rows = nr - r < QK_PANEL_ROWS ? (int)(nr - r) : QK_PANEL_ROWS;                 \
+            const uint8_t *rp[8];                                                                     \
+            qk_panel_rows(w + (size_t)r * row_bytes, row_bytes, rows, rp);                           \
+            for (int64_t b = 0; b < nb; b++) {                                                        \
+                qk_prefetch_next_panel(rp, row_bytes, (size_t)b * (BYTES));                           \
+                qk_pack_##name(rp, (size_t)b * (BYTES), &p[b]);                                       \
+            }                                                                                         \
+            qk_panel_mul(p, 32, sub, group, nb, rows, act, act_stride, nt, out + r, ldo);            \
+        }                                                                                             \
+    }
+
+#define QK_GEMM_256(name, BYTES, sub, group)                                                          \
+    static void qk_gemm_##name(int64_t n, const uint8_t *w, size_t row_bytes, int64_t nr, const uint8_t *act, \
+                               size_t act_stride, int64_t nt, float *out, int64_t ldo, void *scratch) {      \
+        qk_panel256 *p = (qk_panel256 *)scratch;                                                      \
+        const int64_t nb = n / 256;                                                                   \
+        for (int64_t r = 0; r < nr; r += QK_PANEL_ROWS) {                                             \
+            const int rows = nr - r < QK_PANEL_ROWS ? (int)(nr - r) : QK_PANEL_ROWS;                 \
+            const uint8_t *rp[8];                                                                     \
+            qk_panel_rows(w + (size_t)r * row_bytes, row_bytes, rows, rp);                           \
+            for (int64_t b = 0; b < nb; b++) {                                                        \
+                for (size_t k = 0; k < (size_t)(BYTES); k += 64)                                      \
+                    qk_prefetch_next_panel(rp, row_bytes, (size_t)b * (BYTES) + k);                   \
+                qk_pack_##name(rp, (size_t)b * (BYTES), &p[b]);                                       \
+            }                                                                                         \
+            qk_panel_mul(p, 256, sub, group, nb, rows, act, act_stride, nt, out + r, ldo);           \
+        }                                                                                             \
+    }
+
+#define QK_GEMM_0(name, BYTES, sub, group) /* float weights: no panel, their dot runs */
+
+#define QK_TYPE(NAME, name, id, elems, bytes, act, panel, sub, group) QK_GEMM_##panel(name, bytes, sub, group)
+#include "quant_types.def"
+#undef QK_TYPE
+
+#endif
