@@ -271,7 +271,9 @@ def test_ram_estimate_matches_what_the_engine_allocates(smollm2_path):
         assert abs(ram["scratch"] / model.native.scratch_bytes - 1) < 0.2
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+@pytest.mark.parametrize(
+    "arch", ["llama", "qwen2", "gemma3", "qwen3", "qwen3moe", "phi3", "gemma2"]
+)
 def test_one_source_of_memory_facts(tmp_path, arch):
     """The KV cache and activation buffers model.pxi allocates are exactly ModelFacts' figures
     (they had drifted apart: 3 x n_embd allocated, 4 x n_embd reported)."""
