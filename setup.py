@@ -87,14 +87,26 @@ SANITIZE_FLAGS = [
 ]
 
 
-def variants() -> dict[str, list[str]]:
-    key = machine() + ("-msvc" if msvc() else "")
+def variants(key: str | None = None) -> dict[str, list[str]]:
+    """Variant name -> its flags, for this machine and compiler (or a VARIANTS_BY_MACHINE key)."""
+    here = key is None
+    key = key or machine() + ("-msvc" if msvc() else "")
     found = dict(VARIANTS_BY_MACHINE.get(key, {"generic": []}))
-    if os.environ.get("QPACK_SANITIZE") == "1" and not msvc():
+    if here and os.environ.get("QPACK_SANITIZE") == "1" and not msvc():
         found["generic_asan"] = found["generic"] + SANITIZE_FLAGS
     # QPACK_VARIANTS=generic,avx512 builds a subset, for quick iteration on the kernels.
     only = [v for v in os.environ.get("QPACK_VARIANTS", "").split(",") if v]
     return {k: v for k, v in found.items() if not only or k in only}
+
+
+def archflags(system: str, arch: str) -> str | None:
+    """ARCHFLAGS for macOS: this machine's slice only. The Pythons of python.org and
+    actions/setup-python are universal2, so setuptools compiles every extension for arm64 and
+    x86_64 at once, and each variant's -march belongs to one of them (clang rejects the other).
+    The runtime stub is built per platform anyway, so one slice is all it needs."""
+    if system != "darwin":
+        return None
+    return f"-arch {'arm64' if arch in ('arm64', 'aarch64') else 'x86_64'}"
 
 
 def flags_for_link(flags: list[str]) -> list[str]:
@@ -136,11 +148,16 @@ def extensions() -> list[Extension]:
     return exts
 
 
-setup(
-    ext_modules=cythonize(
-        extensions(),
-        nthreads=int(os.environ.get("QPACK_BUILD_JOBS", "0")) or None,
-        compiler_directives={"language_level": "3"},
-        include_path=[str(CYTHON_DIR)],
-    ),
-)
+if __name__ == "__main__":  # setuptools runs it so; tests import it for its flags
+    if (flags := archflags(sys.platform, platform.machine().lower())) and (
+        "ARCHFLAGS" not in os.environ
+    ):
+        os.environ["ARCHFLAGS"] = flags  # read by setuptools when it sets up the compiler
+    setup(
+        ext_modules=cythonize(
+            extensions(),
+            nthreads=int(os.environ.get("QPACK_BUILD_JOBS", "0")) or None,
+            compiler_directives={"language_level": "3"},
+            include_path=[str(CYTHON_DIR)],
+        ),
+    )

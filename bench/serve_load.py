@@ -1,7 +1,9 @@
-"""Load on the server: total tokens/s with 1, 2, 4, 8 concurrent streams, then a soak of mixed
+"""Load on the server: total tokens/s with 1, 2, 4, 8 concurrent streams; one stream's latency
+alone and while --slow-clients connections drip header bytes (slowloris); then a soak of mixed
 valid and invalid requests from many clients with the server's RSS sampled throughout.
 
     python bench/serve_load.py [--model FILE.gguf] [--threads 1] [--requests 1000] [--clients 16]
+                               [--slow-clients 1100]
 
 The server runs as a subprocess on a free loopback port (`python -m qpack.runtime`), so the
 numbers include HTTP, JSON and SSE, as a client sees them. Every stream generates exactly
@@ -21,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from server_process import ServerProcess  # noqa: E402
+from server_process import ServerProcess, SlowClients, raise_descriptor_limit  # noqa: E402
 
 QUESTIONS = [
     "Tell me about the sea.", "Describe a forest in autumn.", "What makes a good cup of tea?",
@@ -44,7 +46,7 @@ def post(server: ServerProcess, path: str, body: bytes, headers: dict[str, str] 
 
 
 def stream_tokens(
-    server: ServerProcess, question: str, n_tokens: int, stop_ids: list[int]
+    server: ServerProcess | PeerServer, question: str, n_tokens: int, stop_ids: list[int]
 ) -> tuple[int, float]:
     """One streamed chat answer of n_tokens; returns (content chunks, seconds to the first)."""
     body = json.dumps({
@@ -63,7 +65,10 @@ def stream_tokens(
         if r.status != 200:
             raise RuntimeError(f"stream failed: {r.status} {r.read()[:200]!r}")
         for line in r:
-            if line.startswith(b"data: {") and b'"content":"' in line and b'"role"' not in line:
+            if not line.startswith(b"data: {"):
+                continue
+            choices = json.loads(line[6:]).get("choices") or [{}]
+            if choices[0].get("delta", {}).get("content"):
                 chunks += 1
                 if first is None:
                     first = time.perf_counter() - start
@@ -90,6 +95,83 @@ def throughput(server: ServerProcess, concurrency: int, n_tokens: int, stop_ids:
     tokens = sum(r[0] for r in results)
     return {"streams": concurrency, "tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds,
             "first_token_s": statistics.median(r[1] for r in results)}  # fmt: skip
+
+
+def stream_latency(
+    server: ServerProcess, n_tokens: int, stop_ids: list[int], runs: int = 3
+) -> tuple[float, float]:
+    """Median (seconds to the first token, seconds for the whole stream) over `runs` streams."""
+    firsts, totals = [], []
+    for i in range(runs):
+        start = time.perf_counter()
+        chunks, first = stream_tokens(server, QUESTIONS[i % len(QUESTIONS)], n_tokens, stop_ids)
+        totals.append(time.perf_counter() - start)
+        firsts.append(first)
+        if chunks < n_tokens // 2:
+            raise RuntimeError(f"a stream ended early: {chunks} chunks")
+    return statistics.median(firsts), statistics.median(totals)
+
+
+def slow_clients_phase(server: ServerProcess | PeerServer, n: int, n_tokens: int,
+                       stop_ids: list[int]) -> float:  # fmt: skip
+    """Prints one stream's latency alone and under n dripping connections; returns the latter."""
+    alone = stream_latency(server, n_tokens, stop_ids)
+    slow = SlowClients(server.host, server.port, n, every=1.0)
+    try:
+        loaded = stream_latency(server, n_tokens, stop_ids)
+        still = len(slow.socks)
+    finally:
+        slow.close()
+    name = "llama.cpp" if isinstance(server, PeerServer) else "qpack"
+    print(f"{name:>9}: {n} dripping connections ({still} still held after the streams): a {n_tokens}-token "
+          f"stream takes {loaded[1]:.2f} s (first token {loaded[0]:.2f} s) vs {alone[1]:.2f} s "
+          f"({alone[0]:.2f} s) alone: {loaded[1] / alone[1]:.2f}x", flush=True)  # fmt: skip
+    return loaded[1]
+
+
+class PeerServer:
+    """llama-cpp-python's OpenAI server on the same model, for the same measurements."""
+
+    def __init__(self, python: str, extra_path: str | None, model: str, threads: int):
+        import os
+        import socket
+        import subprocess
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.host = "127.0.0.1"
+        env = dict(os.environ)
+        if extra_path:
+            env["PYTHONPATH"] = extra_path
+        self.proc = subprocess.Popen(
+            [python, "-m", "llama_cpp.server", "--model", model, "--host", self.host,
+             "--port", str(self.port), "--n_threads", str(threads), "--n_ctx", "1024"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("the llama.cpp server did not start (llama_cpp.server and "
+                                   "its uvicorn/fastapi/sse-starlette extras are needed)")  # fmt: skip
+            try:
+                conn = http.client.HTTPConnection(self.host, self.port, timeout=5)
+                conn.request("GET", "/v1/models")
+                if conn.getresponse().status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError("the llama.cpp server did not become ready")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except Exception:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def rss_kib(pid: int) -> int:
@@ -195,8 +277,15 @@ def main() -> int:
     )
     ap.add_argument("--requests", type=int, default=1000)
     ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--slow-clients", type=int, default=1100, help="0: skip that phase")
+    ap.add_argument("--llama-python", default="/opt/refenv/bin/python",
+                    help="python with llama-cpp-python, for the slow-clients peer ('' : none)")  # fmt: skip
+    ap.add_argument("--llama-path", default=None,
+                    help="extra PYTHONPATH holding llama_cpp.server's extras (uvicorn, fastapi ...)")  # fmt: skip
     ap.add_argument("--skip-soak", action="store_true")
     args = ap.parse_args()
+    if args.slow_clients:
+        raise_descriptor_limit(args.slow_clients + 1024)  # the server inherits it
     model = args.model
     if model is None:
         from qpack.builder import models
@@ -221,6 +310,22 @@ def main() -> int:
             base = base or r["tok_s"]
             print(f"{c:>7} {r['tokens']:>7} {r['seconds']:>8.2f} {r['tok_s']:>8.1f} {r['tok_s'] / base:>5.2f}x "
                   f"{r['first_token_s']:>14.2f}", flush=True)  # fmt: skip
+        if args.slow_clients:
+            ours = slow_clients_phase(server, args.slow_clients, 32, stop_ids)
+            if args.llama_python:
+                try:
+                    peer = PeerServer(args.llama_python, args.llama_path, model, args.threads)
+                except RuntimeError as e:
+                    print(f"llama.cpp: skipped ({e})")
+                else:
+                    try:
+                        theirs = slow_clients_phase(peer, args.slow_clients, 32, stop_ids)
+                        print(f"under the slow clients, qpack's stream takes {ours / theirs:.2f}x "
+                              "llama.cpp's (llama-cpp-python's server)")  # fmt: skip
+                    except OSError as e:
+                        print(f"llama.cpp: the stream failed under the slow clients ({e!r})")
+                    finally:
+                        peer.stop()
         if not args.skip_soak:
             s = soak(server, args.requests, args.clients)
             print(f"soak: {args.requests} requests from {args.clients} clients in {s['seconds']:.1f} s: "

@@ -6,7 +6,7 @@ Prints, for MODEL (default: SmolLM2-135M-Instruct Q4_1):
 - build time of `qpack build` with the stub already cached, against `cp` of the model to the
   same disk, page cache warm and cold (model and stub evicted with POSIX_FADV_DONTNEED), and
   the same for a synthetic GGUF of --big-gib GiB (a real GGUF header, one large tensor of
-  incompressible bytes, no holes), written once to /tmp. "first" builds a model qpack has not
+  incompressible bytes, no holes), written once to the temporary directory. "first" builds a model qpack has not
   seen (its remembered digests are forgotten before each run: SHA-256 and CRC-32 computed),
   "again" rebuilds it (digests remembered from the first build: a copy);
 - time to `--version` (start-up: the bootloader unpacks the runtime, Python starts);
@@ -14,7 +14,9 @@ Prints, for MODEL (default: SmolLM2-135M-Instruct Q4_1):
 - time until the server's `GET /health` answers 200 (listening, model loaded), and the
   server's RSS at that moment against the model's size (the model is mapped, not read);
 - peak RSS of those runs (the model is mapped, so RSS grows only with the pages touched);
-- bytes read at start-up (rchar of the whole process tree) against the model's size.
+- bytes read at start-up (rchar of the whole process tree) against the model's size;
+- bytes PyInstaller's one-file bootloader extracts to its temporary directory at every start
+  (each file scanned by antivirus on Windows and macOS), and the largest files.
 Times are medians (and the fastest) of --runs runs with a warm page cache (unless said cold).
 Before every timed build or cp the previous output is deleted and dirty pages are written back
 (`sync`), so no run pays for another's writeback; neither cp nor the build waits for its own
@@ -213,8 +215,19 @@ def time_to_health(exe: Path) -> tuple[float, float]:
         ready = time.perf_counter() - start
         return ready, tree_rss_mib(proc.pid)
     finally:
+        stop_tree(proc)
+
+
+def stop_tree(proc: subprocess.Popen) -> None:
+    """Stop the one-file executable and the Python child it runs. POSIX: SIGTERM to the
+    bootloader, which forwards it to the child and removes its temporary directory. Windows:
+    TerminateProcess (Popen.terminate) would end the bootloader alone, leaving the child
+    running with the executable and the extracted files open: end the whole tree."""
+    if sys.platform == "win32":
+        subprocess.run(["taskkill", "/F", "/T", "/PID", str(proc.pid)], capture_output=True)
+    else:
         proc.terminate()
-        proc.wait()
+    proc.wait()
 
 
 def peak_rss_mib(cmd: list[str]) -> float:
@@ -241,14 +254,17 @@ def main() -> None:
         default=2.0,
         help="size of the synthetic GGUF for the build timing (0: skip it)",
     )
-    parser.add_argument("--big-path", type=Path, default=Path("/tmp/qpack-bench-big.gguf"))
+    parser.add_argument(
+        "--big-path", type=Path, default=Path(tempfile.gettempdir()) / "qpack-bench-big.gguf"
+    )
     parser.add_argument("--build-only", action="store_true", help="time the builds only")
     args = parser.parse_args()
 
     from qpack.builder import models, stub
 
     model = args.model or models.default_model_path()
-    stub.get_stub()  # cached before anything is timed
+    runtime_stub = stub.get_stub()  # cached before anything is timed
+    extracted = stub.extracted_files(runtime_stub)
     size_mib = model.stat().st_size / 2**20
     # The console script beside this Python: a version manager's shim (pyenv's costs ~50 ms)
     # is not qpack's time.
@@ -310,6 +326,11 @@ def main() -> None:
     print(f"{'exec to /health ready':28} {health:7.2f} s   RSS then {rss_ready:6.1f} MiB "
           f"(model {size_mib:.1f} MiB)")  # fmt: skip
     print(f"{'read at start (--version)':28} {read_mib:7.1f} MiB (model {size_mib:.1f} MiB)")
+    total = sum(n for _, n in extracted)
+    print(f"{'extracted at each start':28} {total / 2**20:7.1f} MiB in {len(extracted)} files "
+          f"(stub {runtime_stub.stat().st_size / 2**20:.1f} MiB); largest:")  # fmt: skip
+    for name, n in extracted[:8]:
+        print(f"{'':30}{n / 2**20:6.1f} MiB  {name}")
 
 
 if __name__ == "__main__":

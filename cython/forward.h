@@ -45,7 +45,7 @@ static inline qk_f16 qk_f32_to_f16(float f) { return (qk_f16)f; }
 typedef uint16_t qk_f16;
 static inline float qk_f16_to_f32(qk_f16 h) {
 #if defined(__F16C__)
-    return _cvtsh_ss(h);
+    return qk_f16c_to_f32(h);
 #else /* like F16C and _Float16, a signalling NaN comes out quiet */
     return qk_fp16_to_fp32_portable((uint16_t)(h | (((h & 0x7fff) > 0x7c00) << 9)));
 #endif
@@ -68,6 +68,9 @@ typedef struct {
 
 typedef struct {
     qk_matrix wq, wk, wv, wo, gate, up, down;
+    /* a mixture-of-experts FFN instead of gate/up/down: the router (n_expert rows) and each
+     * expert stack as one matrix, expert e's rows after expert e-1's */
+    qk_matrix router, gate_exps, up_exps, down_exps;
     const float *attn_norm, *ffn_norm, *post_attn_norm, *post_ffn_norm, *q_norm, *k_norm;
     const float *bq, *bk, *bv; /* optional biases (qwen2) */
     int window;                /* sliding window in positions; 0 = global attention */
@@ -76,13 +79,34 @@ typedef struct {
 
 typedef struct qk_runtime qk_runtime;
 
+/* One pass's routes (token i's k-th chosen expert) grouped by expert: the rows of expert e are
+ * start[e] .. start[e+1]-1 of the grouped buffers, tokens in batch order. */
+typedef struct {
+    float *probs;           /* [n_batch][n_expert] router logits, then probabilities */
+    int32_t *expert;        /* [n_batch][used] chosen experts, best first */
+    float *weight;          /* [n_batch][used] their weights, normalised to sum 1 */
+    int32_t *route;         /* [n_batch][used] -> grouped row */
+    int32_t *token;         /* [n_batch * used] grouped row -> token */
+    int32_t *start;         /* [n_expert + 1] */
+    int32_t *active;        /* experts with rows this pass, ascending */
+    int32_t *fill;          /* [n_expert] rows handed out so far (grouping) */
+    int n_active;
+    uint8_t *act[QK_N_ACT_FORMATS]; /* grouped quantized activations */
+    size_t act_cap[QK_N_ACT_FORMATS];
+    float *gate, *up, *down;  /* [rows][n_ff] (gate then holds act(gate)*up), [rows][n_embd] */
+} qk_moe_state;
+
 typedef struct {
     /* hyperparameters */
     int n_layer, n_embd, n_ff, n_head, n_head_kv, head_dim, head_dim_v, n_rot, n_vocab;
+    int n_expert, n_expert_used; /* 0: dense FFNs; else n_ff is one expert's width */
     int rope_neox, activation, qk_norm, post_norms;
     float norm_eps, embd_scale, attn_scale;
+    float attn_softcap, final_softcap; /* cap * tanh(x / cap) on scores / logits; 0 = none */
+    float rope_attn_factor;            /* multiplies rope's cos and sin */
     qk_matrix tok_embd, output;
     const float *output_norm;
+    const float *rope_factors;         /* n_rot/2 divisors of the rope angles, or NULL */
     qk_layer *layers;
     /* sizes of the state below */
     int n_ctx, n_seq, n_batch, n_threads;
@@ -114,6 +138,7 @@ struct qk_runtime {
     float *rope_freq;                 /* [base][n_rot / 2] */
     float *rope_cs;                   /* [base][token][n_rot / 2][cos, sin] */
     int *layer_base;                  /* per layer: index into rope_bases, -1 = compute inline */
+    qk_moe_state moe;                 /* mixture-of-experts routing and grouped buffers */
     size_t bytes;                     /* what qk_model_init allocated */
 };
 
@@ -155,7 +180,7 @@ static inline float qk_silu(float x) { return x / (1.0f + qk_exp(-x)); }
 static inline float qk_gelu_tanh(float x) {
     const float k = 0.7978845608028654f; /* sqrt(2/pi) */
     const float y = k * (x + 0.044715f * x * x * x);
-    const float t = 1.0f - 2.0f / (qk_exp(2.0f * y) + 1.0f); /* tanh(y) */
+    const float t = 1.0f - 2.0f / (qk_exp(2.0f * y) + 1.0f); /* tanh(y), as qk_tanh */
     return 0.5f * x * (1.0f + t);
 }
 
@@ -181,13 +206,22 @@ static void qk_rope(float *restrict h, int n_rot, int neox, const float *restric
     }
 }
 
-static void qk_rope_table(float *restrict cs, const float *restrict freq, int half, int pos) {
+static void qk_rope_table(float *restrict cs, const float *restrict freq, int half, int pos, float mscale) {
     for (int j = 0; j < half; j++) {
         const float theta = (float)pos * freq[j];
-        cs[2 * j] = cosf(theta);
-        cs[2 * j + 1] = sinf(theta);
+        cs[2 * j] = cosf(theta) * mscale;
+        cs[2 * j + 1] = sinf(theta) * mscale;
     }
 }
+
+/* Rope's angle per position for pair j: base^(-2j/n_rot), divided by the model's factor. */
+static inline float qk_rope_freq(const qk_model *m, float base, int j) {
+    const float f = powf(base, -2.0f * (float)j / (float)m->n_rot);
+    return m->rope_factors ? f / m->rope_factors[j] : f;
+}
+
+static inline float qk_tanh(float x) { return 1.0f - 2.0f / (qk_exp(2.0f * x) + 1.0f); }
+
 
 /* ---------------------------------------------------------------- activations for products */
 
@@ -449,10 +483,13 @@ static void qk_attention_chunk(qk_model *m, int l, const qk_pass *p, int b, int 
                 continue;
             }
             float tmax = -INFINITY;
-            for (int t = a; t < e; t++) {
-                w[t] *= m->attn_scale;
-                tmax = w[t] > tmax ? w[t] : tmax;
+            if (m->attn_softcap > 0.0f) {
+                const float cap = m->attn_softcap, inv = 1.0f / cap;
+                for (int t = a; t < e; t++) w[t] = cap * qk_tanh(w[t] * m->attn_scale * inv);
+            } else {
+                for (int t = a; t < e; t++) w[t] *= m->attn_scale;
             }
+            for (int t = a; t < e; t++) tmax = w[t] > tmax ? w[t] : tmax;
             const float mnew = tmax > mx[r] ? tmax : mx[r];
             const float corr = qk_exp(mx[r] - mnew);
             float tsum = 0.0f;
@@ -479,6 +516,183 @@ static void qk_attention_chunk(qk_model *m, int l, const qk_pass *p, int b, int 
     }
 }
 
+/* ---------------------------------------------------------------- mixture of experts (ops) */
+
+/* Token i's routes: softmax over the router's logits, the n_expert_used most probable experts
+ * (ties to the lower id), their probabilities renormalised to sum 1 (llama.cpp clamps the sum
+ * at the smallest normal half). */
+static void qk_moe_route(qk_model *m, int i) {
+    qk_moe_state *s = &m->rt->moe;
+    const int ne = m->n_expert, k_used = m->n_expert_used;
+    float *pr = s->probs + (int64_t)i * ne;
+    float mx = -INFINITY, sum = 0.0f;
+    for (int e = 0; e < ne; e++) mx = pr[e] > mx ? pr[e] : mx;
+    for (int e = 0; e < ne; e++) {
+        pr[e] = qk_exp(pr[e] - mx);
+        sum += pr[e];
+    }
+    for (int e = 0; e < ne; e++) pr[e] /= sum;
+    int32_t *ex = s->expert + (int64_t)i * k_used;
+    float *w = s->weight + (int64_t)i * k_used, wsum = 0.0f;
+    for (int k = 0; k < k_used; k++) {
+        int best = -1;
+        for (int e = 0; e < ne; e++) {
+            int taken = 0;
+            for (int j = 0; j < k && !taken; j++) taken = ex[j] == e;
+            if (!taken && (best < 0 || pr[e] > pr[best])) best = e;
+        }
+        ex[k] = best;
+        w[k] = pr[best];
+        wsum += w[k];
+    }
+    wsum = wsum < 6.103515625e-5f ? 6.103515625e-5f : wsum;
+    for (int k = 0; k < k_used; k++) w[k] /= wsum;
+}
+
+/* Groups the pass's n x used routes by expert (one thread: a few thousand integers). */
+static void qk_moe_group(qk_model *m, int n) {
+    qk_moe_state *s = &m->rt->moe;
+    const int ne = m->n_expert, k_used = m->n_expert_used;
+    memset(s->start, 0, sizeof(int32_t) * (size_t)(ne + 1));
+    for (int r = 0; r < n * k_used; r++) s->start[s->expert[r] + 1]++;
+    s->n_active = 0;
+    for (int e = 0; e < ne; e++) {
+        if (s->start[e + 1]) s->active[s->n_active++] = e;
+        s->start[e + 1] += s->start[e];
+    }
+    memset(s->fill, 0, sizeof(int32_t) * (size_t)ne);
+    for (int i = 0; i < n; i++) /* in token order: a group's rows are its tokens in batch order */
+        for (int k = 0; k < k_used; k++) {
+            const int e = s->expert[i * k_used + k];
+            const int32_t g = s->start[e] + s->fill[e]++;
+            s->token[g] = i;
+            s->route[i * k_used + k] = g;
+        }
+}
+
+/* out_k[g][r] = W_k(expert of g)[r] . act[g] for every grouped row g: threads take chunks of
+ * (active expert, row block, block of its rows), so a decode step reads only the chosen experts'
+ * weights and a prefill runs each expert's tiles once over all the tokens routed to it. With
+ * glu (nw = 2: gate, up), out_0 = act_fn(out_0) * out_1. */
+static int qk_moe_matmul(qk_ctx *c, qk_model *m, const qk_matrix *const *ws, float *const *outs, int nw,
+                         int64_t per) {
+    const qk_moe_state *s = &m->rt->moe;
+    const qk_matrix *w0 = ws[0];
+    int64_t n_tb = 0;
+    for (int a = 0; a < s->n_active; a++) {
+        const int e = s->active[a];
+        n_tb += (s->start[e + 1] - s->start[e] + QK_MM_TOKENS - 1) / QK_MM_TOKENS;
+    }
+    /* row blocks as in qk_matmul: ~8 chunks per thread, at most ~1 MiB of weights each */
+    int64_t rb = per * n_tb / (8 * (int64_t)m->n_threads);
+    const int64_t rb_max = (int64_t)((1u << 20) / w0->row_bytes);
+    rb = rb > rb_max ? rb_max : rb;
+    rb = rb < 16 ? 16 : rb;
+    rb = (rb + 7) / 8 * 8;
+    const int64_t n_rb = (per + rb - 1) / rb, total = n_rb * n_tb;
+    void *scratch = m->rt->gemm_scratch[c->tid];
+    QK_CHUNKS(c, ch, total) {
+        /* chunk -> (expert, token block, row block): token blocks of all experts in order */
+        int64_t tb = ch / n_rb;
+        const int64_t r0 = (ch % n_rb) * rb, r1 = r0 + rb < per ? r0 + rb : per;
+        int a = 0, e = s->active[0];
+        for (;; a++) {
+            e = s->active[a];
+            const int64_t nb = (s->start[e + 1] - s->start[e] + QK_MM_TOKENS - 1) / QK_MM_TOKENS;
+            if (tb < nb) break;
+            tb -= nb;
+        }
+        const int64_t g0 = s->start[e] + tb * QK_MM_TOKENS;
+        const int64_t g1 = g0 + QK_MM_TOKENS < s->start[e + 1] ? g0 + QK_MM_TOKENS : s->start[e + 1];
+        for (int k = 0; k < nw; k++) {
+            const qk_matrix *w = ws[k];
+            const uint8_t *wd = w->data + ((size_t)e * per + r0) * w->row_bytes;
+            const size_t stride = qk_act_stride(w);
+            const uint8_t *x = s->act[w->tr->act] + (size_t)g0 * stride;
+            float *o = outs[k];
+            if (w->tr->gemm) {
+                w->tr->gemm(w->cols, wd, w->row_bytes, r1 - r0, x, stride, g1 - g0, o + g0 * per + r0, per, scratch);
+            } else {
+                for (int64_t g = g0; g < g1; g++, x += stride)
+                    for (int64_t r = r0; r < r1; r++)
+                        o[g * per + r] = w->tr->dot(w->cols, wd + (size_t)(r - r0) * w->row_bytes, x);
+            }
+        }
+        if (nw == 2)
+            for (int64_t g = g0; g < g1; g++) {
+                float *ga = outs[0] + g * per, *up = outs[1] + g * per;
+                if (m->activation == QK_ACT_FN_GELU_TANH) {
+#pragma omp simd
+                    for (int64_t r = r0; r < r1; r++) ga[r] = qk_gelu_tanh(ga[r]) * up[r];
+                } else {
+#pragma omp simd
+                    for (int64_t r = r0; r < r1; r++) ga[r] = qk_silu(ga[r]) * up[r];
+                }
+            }
+    }
+    return qk_op_end(c, total);
+}
+
+/* The FFN of a mixture-of-experts layer, from the normed rows m->xn (already quantized for the
+ * router and the experts' gate/up) into m->tmp. */
+static int qk_moe_ffn(qk_ctx *c, qk_model *m, const qk_layer *L, int n) {
+    qk_moe_state *s = &m->rt->moe;
+    const int k_used = m->n_expert_used, E = m->n_embd, F = m->n_ff;
+    const int64_t n_routes = (int64_t)n * k_used;
+    const qk_matrix *router[1] = {&L->router};
+    float *probs[1] = {s->probs};
+    if (!qk_matmul(c, m, router, probs, 1, m->xn, n, 0)) return 0;
+    QK_CHUNKS(c, i, n) qk_moe_route(m, (int)i);
+    if (!qk_op_end(c, n)) return 0;
+    QK_CHUNKS(c, ch, 1) qk_moe_group(m, n);
+    if (!qk_op_end(c, 1)) return 0;
+    /* gather each route's quantized input row into its expert's group */
+    const qk_matrix *gu[2] = {&L->gate_exps, &L->up_exps};
+    QK_CHUNKS(c, g, n_routes) {
+        int seen = 0;
+        for (int k = 0; k < 2; k++) {
+            const int f = gu[k]->tr->act;
+            if ((seen >> f) & 1) continue;
+            seen |= 1 << f;
+            const size_t stride = qk_act_stride(gu[k]);
+            const uint8_t *src = f == QK_ACT_F32 ? (const uint8_t *)(m->xn + (int64_t)s->token[g] * E)
+                                                 : m->rt->act[f] + (size_t)s->token[g] * stride;
+            memcpy(s->act[f] + (size_t)g * stride, src, stride);
+        }
+    }
+    if (!qk_op_end(c, n_routes)) return 0;
+    float *gu_out[2] = {s->gate, s->up};
+    if (!qk_moe_matmul(c, m, gu, gu_out, 2, F)) return 0;
+    const qk_matrix *down[1] = {&L->down_exps};
+    const int fd = L->down_exps.tr->act;
+    QK_CHUNKS(c, g, n_routes) {
+        const float *h = s->gate + g * F;
+        if (fd == QK_ACT_F32)
+            memcpy(s->act[fd] + (size_t)g * F * sizeof(float), h, (size_t)F * sizeof(float));
+        else
+            qk_quantize_act(fd, h, s->act[fd] + (size_t)g * qk_act_stride(down[0]), F);
+    }
+    if (!qk_op_end(c, n_routes)) return 0;
+    float *down_out[1] = {s->down};
+    if (!qk_moe_matmul(c, m, down, down_out, 1, E)) return 0;
+    /* each token: its experts' outputs, weighted, summed in route order */
+    QK_CHUNKS(c, i, n) {
+        float *out = m->tmp + i * E;
+        for (int k = 0; k < k_used; k++) {
+            const float w = s->weight[i * k_used + k];
+            const float *d = s->down + (int64_t)s->route[i * k_used + k] * E;
+            if (k == 0) {
+#pragma omp simd
+                for (int j = 0; j < E; j++) out[j] = w * d[j];
+            } else {
+#pragma omp simd
+                for (int j = 0; j < E; j++) out[j] += w * d[j];
+            }
+        }
+    }
+    return qk_op_end(c, n);
+}
+
 /* ---------------------------------------------------------------- the pass */
 
 static const float *qk_rope_cs(qk_model *m, int l, int i, float *tmp, int pos) {
@@ -487,9 +701,8 @@ static const float *qk_rope_cs(qk_model *m, int l, int i, float *tmp, int pos) {
     if (b >= 0) return rt->rope_cs + ((size_t)b * m->n_batch + i) * (size_t)m->n_rot;
     /* a layer with a rare rope base: compute its table here */
     float freq[512];
-    for (int j = 0; j < half && j < 512; j++)
-        freq[j] = powf(m->layers[l].rope_base, -2.0f * (float)j / (float)m->n_rot);
-    qk_rope_table(tmp, freq, half, pos);
+    for (int j = 0; j < half && j < 512; j++) freq[j] = qk_rope_freq(m, m->layers[l].rope_base, j);
+    qk_rope_table(tmp, freq, half, pos, m->rope_attn_factor);
     return tmp;
 }
 
@@ -547,7 +760,7 @@ static void qk_forward_job(void *arg, int tid, uint32_t gen) {
                 const int half = m->n_rot / 2;
                 for (int b = 0; b < m->rt->n_bases; b++)
                     qk_rope_table(m->rt->rope_cs + ((size_t)b * m->n_batch + i) * (size_t)m->n_rot,
-                                  m->rt->rope_freq + (size_t)b * half, half, p->pos[i]);
+                                  m->rt->rope_freq + (size_t)b * half, half, p->pos[i], m->rope_attn_factor);
             } else {
                 qk_residual(m, xi, m->tmp + (int64_t)i * E, m->layers[l - 1].post_ffn_norm);
             }
@@ -569,14 +782,19 @@ static void qk_forward_job(void *arg, int tid, uint32_t gen) {
         if (!qk_op_end(c, n)) return;
         float *wo_out[1] = {m->tmp};
         if (!qk_matmul(c, m, wo, wo_out, 1, m->attn_out, n, 0)) return;
-        const qk_matrix *ffn[2] = {&L->gate, &L->up};
+        const qk_matrix *ffn[3] = {&L->gate, &L->up, NULL};
+        if (m->n_expert) ffn[0] = &L->router, ffn[1] = &L->gate_exps, ffn[2] = &L->up_exps;
         QK_CHUNKS(c, i, n) {
             float *xi = m->x + (int64_t)i * E, *xn = m->xn + (int64_t)i * E;
             qk_residual(m, xi, m->tmp + (int64_t)i * E, L->post_attn_norm);
             qk_rmsnorm(xn, xi, L->ffn_norm, E, m->norm_eps);
-            qk_prepare_act(m, ffn, 2, xn, (int)i);
+            qk_prepare_act(m, ffn, m->n_expert ? 3 : 2, xn, (int)i);
         }
         if (!qk_op_end(c, n)) return;
+        if (m->n_expert) {
+            if (!qk_moe_ffn(c, m, L, n)) return;
+            continue;
+        }
         float *ffn_out[2] = {m->ff_a, m->ff_b};
         if (!qk_matmul(c, m, ffn, ffn_out, 2, m->xn, n, 1)) return;
         const qk_matrix *down[1] = {&L->down};
@@ -598,7 +816,15 @@ static void qk_forward_job(void *arg, int tid, uint32_t gen) {
     if (!qk_op_end(c, p->n_out)) return;
     if (!p->hidden) {
         float *logits[1] = {p->logits};
-        qk_matmul(c, m, head, logits, 1, m->xn, p->n_out, 0);
+        if (!qk_matmul(c, m, head, logits, 1, m->xn, p->n_out, 0)) return;
+        if (m->final_softcap > 0.0f) {
+            const float cap = m->final_softcap, inv = 1.0f / cap;
+            QK_CHUNKS(c, k, p->n_out) {
+                float *row = p->logits + k * (int64_t)m->n_vocab;
+                for (int j = 0; j < m->n_vocab; j++) row[j] = cap * qk_tanh(row[j] * inv);
+            }
+            qk_op_end(c, p->n_out);
+        }
     }
     (void)q_dim;
     (void)kv_dim;
@@ -625,7 +851,10 @@ static void qk_forward(qk_model *m, int n, const int32_t *tokens, const int32_t 
 
 /* ---------------------------------------------------------------- set-up */
 
-static int qk_ops_per_pass(const qk_model *m) { return m->n_layer * 10 + 4; }
+/* Ops of one pass, at most: per layer 6 for attention, 1 + 3 (dense) or 1 + 8 (experts) for the
+ * FFN; then the final norm, the head and the soft cap. */
+#define QK_OPS_PER_LAYER 16
+static int qk_ops_per_pass(const qk_model *m) { return m->n_layer * QK_OPS_PER_LAYER + 6; }
 
 static void qk_free_aligned(void *p) {
 #if defined(_WIN32)
@@ -650,6 +879,11 @@ static void qk_model_free(qk_model *m) {
     qk_free_aligned(rt->rope_freq);
     qk_free_aligned(rt->rope_cs);
     free(rt->layer_base);
+    qk_moe_state *s = &rt->moe;
+    void *moe_bufs[] = {s->probs, s->expert, s->weight, s->route, s->token, s->start,
+                        s->active, s->fill, s->gate, s->up, s->down};
+    for (size_t k = 0; k < sizeof moe_bufs / sizeof moe_bufs[0]; k++) qk_free_aligned(moe_bufs[k]);
+    for (int k = 0; k < QK_N_ACT_FORMATS; k++) qk_free_aligned(s->act[k]);
     free(rt);
     m->rt = NULL;
 }
@@ -682,6 +916,7 @@ enum {
     QK_BAD_VECTOR,    /* a required norm missing */
     QK_BAD_WINDOW,    /* a negative sliding window */
     QK_BAD_STATE,     /* KV cache or scratch missing */
+    QK_BAD_EXPERTS,   /* experts used not within 1..n_expert, or more than 4096 experts */
 };
 
 static const char *qk_check_message(int code) {
@@ -697,6 +932,7 @@ static const char *qk_check_message(int code) {
     case QK_BAD_VECTOR: return "a required norm vector is missing";
     case QK_BAD_WINDOW: return "a sliding window is negative";
     case QK_BAD_STATE: return "the KV cache or scratch is missing";
+    case QK_BAD_EXPERTS: return "the experts used are not within 1..expert count (at most 4096)";
     default: return "unknown problem";
     }
 }
@@ -704,7 +940,7 @@ static const char *qk_check_message(int code) {
 static int qk_check_hparams(const qk_model *m) {
     if (m->n_layer < 1 || m->n_embd < 1 || m->n_ff < 1 || m->n_head < 1 || m->n_head_kv < 1 ||
         m->head_dim < 1 || m->head_dim_v < 1 || m->n_ctx < 1 || m->n_seq < 1 || m->n_batch < 1 ||
-        m->n_threads < 1 || m->n_layer > (INT32_MAX - 4) / 10)
+        m->n_threads < 1 || m->n_layer > (INT32_MAX - 6) / QK_OPS_PER_LAYER)
         return QK_BAD_SIZES;
     if (m->n_head % m->n_head_kv || m->n_head / m->n_head_kv > 256) return QK_BAD_HEADS;
     if (m->head_dim > 1024 || m->head_dim_v > 1024) return QK_BAD_HEAD_DIM;
@@ -713,8 +949,15 @@ static int qk_check_hparams(const qk_model *m) {
                                  (int64_t)m->n_head_kv * m->head_dim_v, (int64_t)m->n_head * m->head_dim_v};
     for (int k = 0; k < 4; k++)
         if (products[k] > INT32_MAX) return QK_BAD_PRODUCT;
+    if (m->n_expert < 0 || m->n_expert > 4096 ||
+        (m->n_expert && (m->n_expert_used < 1 || m->n_expert_used > m->n_expert)))
+        return QK_BAD_EXPERTS;
     if (!(isfinite(m->norm_eps) && m->norm_eps >= 0.0f) || !isfinite(m->embd_scale) ||
         !isfinite(m->attn_scale) || (m->activation != QK_ACT_FN_SILU && m->activation != QK_ACT_FN_GELU_TANH))
+        return QK_BAD_SCALAR;
+    if (!(isfinite(m->attn_softcap) && m->attn_softcap >= 0.0f) ||
+        !(isfinite(m->final_softcap) && m->final_softcap >= 0.0f) ||
+        !(isfinite(m->rope_attn_factor) && m->rope_attn_factor > 0.0f))
         return QK_BAD_SCALAR;
     return QK_OK;
 }
@@ -737,9 +980,12 @@ static int qk_check_weights(const qk_model *m, int *where) {
         const qk_layer *L = &m->layers[l];
         *where = l;
         if (!qk_matrix_ok(&L->wq, E, q_dim) || !qk_matrix_ok(&L->wk, E, kv_dim) ||
-            !qk_matrix_ok(&L->wv, E, kv_dim_v) || !qk_matrix_ok(&L->wo, att_dim, E) ||
-            !qk_matrix_ok(&L->gate, E, m->n_ff) || !qk_matrix_ok(&L->up, E, m->n_ff) ||
-            !qk_matrix_ok(&L->down, m->n_ff, E))
+            !qk_matrix_ok(&L->wv, E, kv_dim_v) || !qk_matrix_ok(&L->wo, att_dim, E))
+            return QK_BAD_MATRIX;
+        const int64_t X = m->n_expert, F = m->n_ff;
+        if (X ? !qk_matrix_ok(&L->router, E, X) || !qk_matrix_ok(&L->gate_exps, E, X * F) ||
+                    !qk_matrix_ok(&L->up_exps, E, X * F) || !qk_matrix_ok(&L->down_exps, F, X * E)
+              : !qk_matrix_ok(&L->gate, E, F) || !qk_matrix_ok(&L->up, E, F) || !qk_matrix_ok(&L->down, F, E))
             return QK_BAD_MATRIX;
         if (!L->attn_norm || !L->ffn_norm || (m->post_norms && (!L->post_attn_norm || !L->post_ffn_norm)) ||
             (m->qk_norm && (!L->q_norm || !L->k_norm)))
@@ -752,6 +998,40 @@ static int qk_check_weights(const qk_model *m, int *where) {
         !m->tmp || !m->ff_a || !m->ff_b)
         return QK_BAD_STATE;
     return QK_OK;
+}
+
+/* The routing arrays and grouped buffers for n_batch tokens x n_expert_used routes. */
+static int qk_moe_init(qk_model *m, size_t *total) {
+    qk_moe_state *s = &m->rt->moe;
+    const size_t B = (size_t)m->n_batch, R = B * (size_t)m->n_expert_used, ne = (size_t)m->n_expert;
+    if (m->n_expert_used < 1 || m->n_expert_used > m->n_expert) return -1;
+    for (int l = 0; l < m->n_layer; l++) {
+        const qk_layer *L = &m->layers[l];
+        const qk_matrix *ws[3] = {&L->gate_exps, &L->up_exps, &L->down_exps};
+        if (!L->router.tr) return -1;
+        for (int k = 0; k < 3; k++) {
+            if (!ws[k]->tr) return -1;
+            const int f = ws[k]->tr->act;
+            if (f < 0 || f >= QK_N_ACT_FORMATS) return -1;
+            const size_t st = qk_act_stride(ws[k]);
+            if (st > s->act_cap[f]) s->act_cap[f] = st;
+        }
+    }
+    if (!(s->probs = (float *)qk_alloc_aligned(sizeof(float) * B * ne, total)) ||
+        !(s->expert = (int32_t *)qk_alloc_aligned(sizeof(int32_t) * R, total)) ||
+        !(s->weight = (float *)qk_alloc_aligned(sizeof(float) * R, total)) ||
+        !(s->route = (int32_t *)qk_alloc_aligned(sizeof(int32_t) * R, total)) ||
+        !(s->token = (int32_t *)qk_alloc_aligned(sizeof(int32_t) * R, total)) ||
+        !(s->start = (int32_t *)qk_alloc_aligned(sizeof(int32_t) * (ne + 1), total)) ||
+        !(s->active = (int32_t *)qk_alloc_aligned(sizeof(int32_t) * ne, total)) ||
+        !(s->fill = (int32_t *)qk_alloc_aligned(sizeof(int32_t) * ne, total)) ||
+        !(s->gate = (float *)qk_alloc_aligned(sizeof(float) * R * (size_t)m->n_ff, total)) ||
+        !(s->up = (float *)qk_alloc_aligned(sizeof(float) * R * (size_t)m->n_ff, total)) ||
+        !(s->down = (float *)qk_alloc_aligned(sizeof(float) * R * (size_t)m->n_embd, total)))
+        return -1;
+    for (int k = 0; k < QK_N_ACT_FORMATS; k++)
+        if (s->act_cap[k] && !(s->act[k] = (uint8_t *)qk_alloc_aligned(R * s->act_cap[k], total))) return -1;
+    return 0;
 }
 
 /* Threads and scratch, after every other field of m is set. Returns 0, or -1 when out of
@@ -769,8 +1049,11 @@ static int qk_model_init(qk_model *m) {
     int64_t max_cols = m->n_embd;
     for (int l = 0; l < m->n_layer; l++) {
         const qk_layer *L = &m->layers[l];
-        const qk_matrix *ws[7] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->gate, &L->up, &L->down};
-        for (int k = 0; k < 7; k++) {
+        const qk_matrix *ws[11] = {&L->wq,     &L->wk,        &L->wv,      &L->wo,
+                                   &L->gate,   &L->up,        &L->down,    &L->router,
+                                   &L->gate_exps, &L->up_exps, &L->down_exps};
+        for (int k = 0; k < 11; k++) {
+            if (!ws[k]->tr) continue; /* the FFN a layer does not have (dense or experts) */
             const int f = ws[k]->tr->act;
             if (f < 0 || f >= QK_N_ACT_FORMATS) return -1;
             const size_t s = qk_act_stride(ws[k]);
@@ -808,7 +1091,8 @@ static int qk_model_init(qk_model *m) {
         return -1;
     for (int b = 0; b < rt->n_bases; b++)
         for (int j = 0; j < half; j++)
-            rt->rope_freq[b * half + j] = powf(rt->rope_bases[b], -2.0f * (float)j / (float)m->n_rot);
+            rt->rope_freq[b * half + j] = qk_rope_freq(m, rt->rope_bases[b], j);
+    if (m->n_expert && qk_moe_init(m, &total) != 0) return -1;
     if (!(rt->pool = qk_pool_new(m->n_threads, qk_ops_per_pass(m)))) return -1;
     total += (size_t)qk_ops_per_pass(m) * sizeof(qk_op_counter);
     rt->bytes = total;

@@ -23,6 +23,7 @@ cdef extern from "forward.h":
         size_t row_bytes
     ctypedef struct qk_layer:
         qk_matrix wq, wk, wv, wo, gate, up, down
+        qk_matrix router, gate_exps, up_exps, down_exps
         const float *attn_norm
         const float *ffn_norm
         const float *post_attn_norm
@@ -36,10 +37,13 @@ cdef extern from "forward.h":
         float rope_base
     ctypedef struct qk_model:
         int n_layer, n_embd, n_ff, n_head, n_head_kv, head_dim, head_dim_v, n_rot, n_vocab
+        int n_expert, n_expert_used
         int rope_neox, activation, qk_norm, post_norms
         float norm_eps, embd_scale, attn_scale
+        float attn_softcap, final_softcap, rope_attn_factor
         qk_matrix tok_embd, output
         const float *output_norm
+        const float *rope_factors
         qk_layer *layers
         int n_ctx, n_seq, n_batch, n_threads
         qk_f16 *k_cache
@@ -97,15 +101,16 @@ cdef class NativeModel:
     def __cinit__(self):
         memset(&self.m, 0, sizeof(qk_model))
 
-    def __init__(self, dict hp, dict globals_, list layers, int n_ctx, int n_seq, int n_batch,
-                 int n_threads):
+    def __init__(self, dict hp, dict globals_, list layers, n_ctx, n_seq, n_batch, n_threads):
         cdef qk_model *m = &self.m
         cdef qk_layer *L
         cdef int code, where
         self._keep = []
         self.buffer_bytes = 0
-        if n_ctx < 1 or n_seq < 1 or n_batch < 1 or n_threads < 1:
-            raise QpackError("context, sequences, batch and threads must all be at least 1")
+        for value, what in ((n_ctx, "context"), (n_seq, "sequences"), (n_batch, "batch"),
+                            (n_threads, "threads")):
+            if not isinstance(value, int) or not 1 <= value <= INT32_MAX:
+                raise QpackError(f"{what} = {value!r} is out of range (1..{INT32_MAX})")
         m.n_layer = _c_int(hp["n_layer"], "n_layer"); m.n_embd = _c_int(hp["n_embd"], "n_embd")
         m.n_ff = _c_int(hp["n_ff"], "n_ff")
         m.n_head = _c_int(hp["n_head"], "n_head"); m.n_head_kv = _c_int(hp["n_head_kv"], "n_head_kv")
@@ -115,6 +120,10 @@ cdef class NativeModel:
         m.rope_neox = bool(hp["rope_neox"]); m.activation = _c_int(hp["activation"], "activation", 0)
         m.qk_norm = bool(hp["qk_norm"]); m.post_norms = bool(hp["post_norms"])
         m.norm_eps = hp["norm_eps"]; m.embd_scale = hp["embd_scale"]; m.attn_scale = hp["attn_scale"]
+        m.n_expert = _c_int(hp.get("n_expert", 0), "n_expert", 0)
+        m.n_expert_used = _c_int(hp.get("n_expert_used", 0), "n_expert_used", 0)
+        m.attn_softcap = hp.get("attn_softcap", 0.0); m.final_softcap = hp.get("final_softcap", 0.0)
+        m.rope_attn_factor = hp.get("rope_attn_factor", 1.0)
         m.n_ctx = n_ctx; m.n_seq = n_seq; m.n_batch = n_batch; m.n_threads = n_threads
         code = qk_check_hparams(m)
         if code:
@@ -131,6 +140,7 @@ cdef class NativeModel:
         if m.tok_embd.rows != m.n_vocab:
             raise UnsupportedModel(f"token_embd has {m.tok_embd.rows} rows but the output head {m.n_vocab}")
         m.output_norm = self._vector(globals_["output_norm"], "output_norm.weight", E)
+        m.rope_factors = self._vector(globals_.get("rope_factors"), "rope factors", m.n_rot // 2, False)
 
         if len(layers) != m.n_layer:
             raise UnsupportedModel(f"expected {m.n_layer} layers, found {len(layers)}")
@@ -142,9 +152,16 @@ cdef class NativeModel:
             self._set_matrix(&L.wk, spec["wk"], p + "attn_k.weight", E, kv_dim)
             self._set_matrix(&L.wv, spec["wv"], p + "attn_v.weight", E, kv_dim_v)
             self._set_matrix(&L.wo, spec["wo"], p + "attn_output.weight", att_dim, E)
-            self._set_matrix(&L.gate, spec["gate"], p + "ffn_gate.weight", E, m.n_ff)
-            self._set_matrix(&L.up, spec["up"], p + "ffn_up.weight", E, m.n_ff)
-            self._set_matrix(&L.down, spec["down"], p + "ffn_down.weight", m.n_ff, E)
+            if m.n_expert:
+                X = int(m.n_expert)
+                self._set_matrix(&L.router, spec["router"], p + "ffn_gate_inp.weight", E, X)
+                self._set_matrix(&L.gate_exps, spec["gate_exps"], p + "ffn_gate_exps.weight", E, X * m.n_ff)
+                self._set_matrix(&L.up_exps, spec["up_exps"], p + "ffn_up_exps.weight", E, X * m.n_ff)
+                self._set_matrix(&L.down_exps, spec["down_exps"], p + "ffn_down_exps.weight", m.n_ff, X * E)
+            else:
+                self._set_matrix(&L.gate, spec["gate"], p + "ffn_gate.weight", E, m.n_ff)
+                self._set_matrix(&L.up, spec["up"], p + "ffn_up.weight", E, m.n_ff)
+                self._set_matrix(&L.down, spec["down"], p + "ffn_down.weight", m.n_ff, E)
             L.attn_norm = self._vector(spec["attn_norm"], p + "attn_norm.weight", E)
             L.ffn_norm = self._vector(spec["ffn_norm"], p + "ffn_norm.weight", E)
             L.post_attn_norm = self._vector(spec.get("post_attn_norm"), p + "post_attention_norm.weight", E, m.post_norms)
@@ -169,8 +186,9 @@ cdef class NativeModel:
         m.k = self._floats(B * kv_dim)
         m.v = self._floats(B * kv_dim_v)
         m.attn_out = self._floats(B * att_dim)
-        m.ff_a = self._floats(B * m.n_ff)
-        m.ff_b = self._floats(B * m.n_ff)
+        n_ff_dense = 0 if m.n_expert else m.n_ff  # the experts' buffers are forward.h's
+        m.ff_a = self._floats(B * n_ff_dense)
+        m.ff_b = self._floats(B * n_ff_dense)
         code = qk_check_weights(m, &where)
         if code:
             raise UnsupportedModel(f"the compiled model refuses its weights"

@@ -126,9 +126,20 @@ static inline float qk_fp16_to_fp32_portable(uint16_t h) {
     return f;
 }
 
+/* The F16C conversions through the vector intrinsics every x86 compiler has: MSVC lacks the
+ * scalar _cvtsh_ss/_cvtss_sh of gcc and clang (tests/crossplat.py checks it). */
+#if defined(__F16C__)
+static inline float qk_f16c_to_f32(uint16_t h) {
+    return _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h)));
+}
+static inline uint16_t qk_f16c_from_f32(float f) {
+    return (uint16_t)_mm_cvtsi128_si32(_mm_cvtps_ph(_mm_set_ss(f), _MM_FROUND_TO_NEAREST_INT));
+}
+#endif
+
 static inline float qk_fp16_to_fp32(uint16_t h) {
 #if defined(__F16C__)
-    return _cvtsh_ss(h);
+    return qk_f16c_to_f32(h);
 #elif defined(__ARM_NEON) && defined(__aarch64__)
     __fp16 v;
     memcpy(&v, &h, 2);
@@ -161,7 +172,7 @@ static inline uint16_t qk_fp32_to_fp16_portable(float f) {
 
 static inline uint16_t qk_fp32_to_fp16(float f) {
 #if defined(__F16C__)
-    return (uint16_t)_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT);
+    return qk_f16c_from_f32(f);
 #else
     return qk_fp32_to_fp16_portable(f);
 #endif

@@ -73,29 +73,34 @@ class ZipEntry:
 class EmbeddedModel:
     """The model member of an executable: where its bytes are, plus the other members."""
 
-    path: str
+    path: str  # the file holding the GGUF's bytes: the executable, or its --split sibling
     offset: int  # absolute offset of the GGUF's first byte in `path`
     length: int
     crc32: int
     entries: dict[str, ZipEntry] = field(repr=False)
+    split_from: str | None = None  # the executable (holding the members) of a --split build
+
+    @property
+    def executable(self) -> str:
+        return self.split_from or self.path
 
     def read_member(self, name: str) -> bytes | None:
         """A small stored member's bytes (None when absent)."""
         entry = self.entries.get(name)
         if entry is None:
             return None
-        with open(self.path, "rb") as f:
-            offset = member_data_offset(f, self.path, entry, os.fstat(f.fileno()).st_size)
+        with open(self.executable, "rb") as f:
+            offset = member_data_offset(f, self.executable, entry, os.fstat(f.fileno()).st_size)
             if entry.size > MAX_MEMBER_READ:
                 raise EmbeddedModelError(
-                    f"{self.path}: member {name} claims {entry.size} bytes (a qpack member "
+                    f"{self.executable}: member {name} claims {entry.size} bytes (a qpack member "
                     "is a few KiB); the executable is corrupt, rebuild it with `qpack build`"
                 )
             f.seek(offset)
             data = f.read(entry.size)
         if zlib.crc32(data) != entry.crc32:
             raise EmbeddedModelError(
-                f"{self.path}: member {name} at byte {offset} fails its CRC-32 check; "
+                f"{self.executable}: member {name} at byte {offset} fails its CRC-32 check; "
                 "the executable is corrupt, rebuild it with `qpack build`"
             )
         return data
@@ -313,6 +318,8 @@ def locate_model(path: str) -> EmbeddedModel | None:
     if entries is None:
         return None
     entry = entries.get(MODEL_MEMBER)
+    if entry is None and (sibling := _split_sibling(path, entries)) is not None:
+        return sibling
     if entry is None:
         raise EmbeddedModelError(
             f"{path}: the executable's zip has no {MODEL_MEMBER} member (it holds "
@@ -328,6 +335,33 @@ def locate_model(path: str) -> EmbeddedModel | None:
             "rebuild the executable with `qpack build`"
         )
     return EmbeddedModel(path, offset, entry.size, entry.crc32, entries)
+
+
+def _split_sibling(path: str, entries: dict[str, ZipEntry]) -> EmbeddedModel | None:
+    """The model of a `qpack build --split` executable: the GGUF its manifest names, in the
+    executable's own directory (None when the manifest names none)."""
+    members = EmbeddedModel(path, 0, 0, 0, entries)
+    model = members.manifest().get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("split_file"), str):
+        return None
+    name = model["split_file"]
+    size, crc = model.get("size"), model.get("crc32")
+    if os.path.basename(name) != name or not isinstance(size, int) or not isinstance(crc, int):
+        raise EmbeddedModelError(f"{path}: member {MANIFEST_MEMBER} names a bad split model")
+    sibling = os.path.join(os.path.dirname(os.path.abspath(path)), name)
+    try:
+        found = os.stat(sibling).st_size
+    except OSError:
+        raise EmbeddedModelError(
+            f"{sibling}: missing; this executable was built with --split and opens its model "
+            f"from that file beside it: copy {name} next to it, or pass -m FILE.gguf"
+        ) from None
+    if found != size:
+        raise EmbeddedModelError(
+            f"{sibling}: {found} bytes, the executable was built with {size}: the model file "
+            "is not the one it was built with (or is cut short); rebuild with `qpack build --split`"
+        )
+    return EmbeddedModel(sibling, 0, size, crc, entries, split_from=path)
 
 
 @functools.lru_cache(maxsize=1)

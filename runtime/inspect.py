@@ -21,6 +21,7 @@ from .errors import UnsupportedModel
 from .facts import DEFAULT_BATCH, DEFAULT_CTX, ModelFacts, read_model_facts
 from .gguf import GGUFFile, StringArray, open_gguf
 from .quants import SUPPORTED_WEIGHT_TYPES
+from .terminal import printable
 
 ARRAY_PREVIEW = 5  # items shown of a long metadata array
 STRING_PREVIEW = 200  # characters shown of a long metadata string
@@ -42,8 +43,12 @@ def open_model(path: str | os.PathLike) -> tuple[GGUFFile, str | None]:
 
         member = embedded.locate_model(path)
         if member is not None:
-            note = f"{embedded.MODEL_MEMBER} embedded at byte {member.offset} of the executable"
-            return open_gguf(path, member.offset, member.length), note
+            note = (
+                f"{embedded.MODEL_MEMBER} embedded at byte {member.offset} of the executable"
+                if member.split_from is None
+                else f"the model beside the executable ({os.path.basename(member.path)}, --split)"
+            )
+            return open_gguf(member.path, member.offset, member.length), note
     return open_gguf(path), None
 
 
@@ -312,7 +317,7 @@ def format_facts(f: dict[str, Any], note: str | None = None) -> str:
         f"{human_bytes(ram['weights'])} + KV cache (f16) {human_bytes(ram['kv_cache'])} + "
         f"scratch {human_bytes(ram['scratch'])} (estimate)"
     )
-    return "\n".join(lines)
+    return printable("\n".join(lines), keep="\n")  # names and values come from the file
 
 
 def format_tensors(table: list[dict[str, Any]]) -> str:
@@ -323,7 +328,7 @@ def format_tensors(table: list[dict[str, Any]]) -> str:
         lines.append(
             f"{t['name']:<{width}}  {t['type']:<8}{shape:<22}{t['bytes']:>12}{t['offset']:>14}"
         )
-    return "\n".join(lines)
+    return printable("\n".join(lines), keep="\n")  # names and values come from the file
 
 
 def format_metadata(listing: list[dict[str, Any]]) -> str:
@@ -337,4 +342,4 @@ def format_metadata(listing: list[dict[str, Any]]) -> str:
         else:
             shown = repr(v)
         lines.append(f"{item['key']} ({item['type']}) = {shown}")
-    return "\n".join(lines)
+    return printable("\n".join(lines), keep="\n")  # names and values come from the file

@@ -15,6 +15,8 @@ import click
 
 from . import cpu, embedded
 from .errors import EmbeddedModelError, QpackError
+from .terminal import printable
+from .transport import Limits
 from .version import __version__
 
 PROG = "qpack"
@@ -156,7 +158,28 @@ def server_options(f):
                 help="Largest request body in bytes.",
             ),
             click.option(
+                "--max-connections",
+                default=Limits.max_connections,
+                show_default=True,
+                type=click.IntRange(min=8),
+                help="Open client connections at most; beyond, a new one gets 503.",
+            ),
+            click.option(
                 "--nobrowser", is_flag=True, help="Do not open the chat page in a browser."
+            ),
+            click.option(
+                "--reasoning-format",
+                default="auto",
+                show_default=True,
+                type=click.Choice(["auto", "deepseek", "none"]),
+                help="A thinking model's <think> block: split into reasoning_content (auto, "
+                "deepseek) or left in the content (none); requests may say otherwise.",
+            ),
+            click.option(
+                "--thinking/--no-thinking",
+                default=None,
+                help="The chat template's enable_thinking for requests that do not set it "
+                "(default: the template's own).",
             ),
         ]
     ):
@@ -200,9 +223,14 @@ def serve(gguf, kw: dict) -> None:
     """Default: the OpenAI-compatible server and chat page on host:port. The sampling options
     become the defaults of requests that leave those fields out."""
     from . import server
+    from .chat_request import ReasoningDefaults
     from .openai_api import ServerDefaults
 
-    defaults = ServerDefaults(sampling=sampling_params(kw), system=kw.get("system"))
+    defaults = ServerDefaults(
+        sampling=sampling_params(kw),
+        system=kw.get("system"),
+        reasoning=ReasoningDefaults(kw["reasoning_format"], kw["thinking"]),
+    )
     options = server.ServerOptions(
         host=kw["host"],
         port=kw["port"],
@@ -210,6 +238,7 @@ def serve(gguf, kw: dict) -> None:
         no_api_key=kw["no_api_key"],
         cors_origin=kw["cors_origin"],
         max_body=kw["max_body"],
+        limits=Limits(max_connections=kw["max_connections"]),
         parallel=kw["parallel"],
         ctx_size=kw["ctx_size"],
         threads=kw["threads"],
@@ -365,7 +394,7 @@ def run(argv: list[str] | None = None) -> int:
     except QpackError as e:
         if debug:
             raise
-        click.echo(f"{PROG}: error: {e}", err=True)
+        click.echo(f"{PROG}: error: {printable(str(e))}", err=True)
         return 1
     except click.exceptions.Abort:
         click.echo(f"{PROG}: interrupted", err=True)

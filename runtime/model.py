@@ -17,7 +17,6 @@ from . import cpu
 from .errors import UnsupportedModel
 from .facts import (
     DEFAULT_BATCH,
-    LAYER_MATRICES,
     LAYER_VECTORS,
     MAX_LENGTH,
     ModelFacts,
@@ -85,7 +84,7 @@ class Model:
         self.kernels = kernels or cpu.current()
         # a batch never holds more tokens than the sequences' contexts together
         self.n_batch = min(n_batch, self.n_ctx * n_seq)
-        c_hp, globals_, layers = native_arguments(gguf, self.facts, self.kernels)
+        c_hp, globals_, layers = native_arguments(gguf, self.facts, self.kernels, self.n_ctx)
         self.native = self.kernels.NativeModel(
             c_hp, globals_, layers, self.n_ctx, n_seq, self.n_batch, self.threads
         )
@@ -118,35 +117,76 @@ class Model:
         return np.concatenate(outs) if all_rows else outs[-1][0]
 
 
-def native_arguments(gguf: Any, facts: ModelFacts, kernels: ModuleType) -> tuple[dict, dict, list]:
+def native_arguments(
+    gguf: Any, facts: ModelFacts, kernels: ModuleType, n_ctx: int | None = None
+) -> tuple[dict, dict, list]:
     """What NativeModel takes: hyperparameters, global tensors and per-layer tensors (matrices
     as (ggml type, rows, cols, bytes), vectors as float32), all views of the mapping. Shapes
-    were checked by read_model_facts; model.pxi and forward.h check them again."""
+    were checked by read_model_facts; model.pxi and forward.h check them again. Fused
+    matrices (phi3's attn_qkv and gate+up) are cut into row ranges of the same bytes; a 3-D
+    stack of experts is one matrix of n_expert x rows rows."""
     tensors = gguf.tensors
+    hp = facts.hp
 
     def matrix(name: str):
         ti = tensors.get(name)
-        return None if ti is None else (ti.ggml_type, int(ti.shape[1]), int(ti.shape[0]), ti.data)
+        return None if ti is None else (ti.ggml_type, ti.n_rows, int(ti.shape[0]), ti.data)
 
     def vector(name: str):
         ti = tensors.get(name)
         return None if ti is None else as_f32(ti, kernels)
 
+    # rope angle divisors as llama.cpp picks them: llama 3's rope_freqs, else phi3's long
+    # factors when the context passes the original one, else its short ones
+    rope_factors = vector("rope_freqs.weight")
+    if rope_factors is None:
+        long = (facts.default_ctx if n_ctx is None else n_ctx) > hp.n_ctx_orig
+        rope_factors = vector("rope_factors_long.weight" if long else "rope_factors_short.weight")
     tok_embd = matrix("token_embd.weight")
     globals_ = {
         "tok_embd": tok_embd,
         "output": matrix("output.weight") or tok_embd,  # tied embeddings
         "output_norm": vector("output_norm.weight"),
+        "rope_factors": rope_factors,
     }
-    hp = facts.hp
     layers = []
     for i in range(hp.n_layer):
-        spec: dict[str, Any] = {k: matrix(f"blk.{i}.{v}") for k, v in LAYER_MATRICES.items()}
-        spec.update({k: vector(f"blk.{i}.{v}") for k, v in LAYER_VECTORS.items()})
+        p = f"blk.{i}."
+        spec: dict[str, Any] = {"wo": matrix(p + "attn_output.weight")}
+        fused_qkv = matrix(p + "attn_qkv.weight")
+        if fused_qkv is not None:
+            qkv = split_rows(fused_qkv, hp.q_dim, hp.kv_dim)
+            spec.update(zip(("wq", "wk", "wv"), qkv, strict=True))
+        else:
+            spec.update({k: matrix(p + f"attn_{k[1]}.weight") for k in ("wq", "wk", "wv")})
+        if hp.arch.moe:
+            spec["router"] = matrix(p + "ffn_gate_inp.weight")
+            for k in ("gate", "up", "down"):
+                spec[k + "_exps"] = matrix(p + f"ffn_{k}_exps.weight")
+        elif hp.arch.fused_gate_up:
+            spec["gate"], spec["up"] = split_rows(matrix(p + "ffn_up.weight"), hp.n_ff)
+            spec["down"] = matrix(p + "ffn_down.weight")
+        else:
+            spec.update({k: matrix(p + f"ffn_{k}.weight") for k in ("gate", "up", "down")})
+        spec.update({k: vector(p + v) for k, v in LAYER_VECTORS.items()})
         spec["window"] = hp.layer_window(i)
         spec["rope_base"] = hp.layer_rope_base(i)
         layers.append(spec)
     return facts.c_hparams(), globals_, layers
+
+
+def split_rows(spec: tuple, *counts: int) -> list[tuple]:
+    """A matrix (type, rows, cols, bytes) cut into consecutive row ranges of the given counts,
+    the last range taking the rest: views of the same bytes."""
+    ggml_type, rows, cols, data = spec
+    row_bytes = len(data) // rows
+    parts, at = [], 0
+    for n in (*counts, rows - sum(counts)):
+        if n <= 0:
+            raise UnsupportedModel(f"a fused matrix of {rows} rows cannot hold parts of {counts}")
+        parts.append((ggml_type, n, cols, data[at * row_bytes : (at + n) * row_bytes]))
+        at += n
+    return parts
 
 
 def as_f32(ti: Any, kernels: ModuleType) -> np.ndarray:

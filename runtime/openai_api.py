@@ -1,23 +1,30 @@
 """The OpenAI API's shapes, without HTTP: request bodies checked and turned into prompt tokens
 plus SamplingParams, engine events turned into response objects and stream chunks.
 
-server.py moves bytes; this module decides what they mean. Every problem with a request is an
-ApiError carrying its HTTP status and OpenAI's error fields, so that the server can answer
-`{"error": {"message", "type", "param", "code"}}` and carry on.
+transport.py moves bytes and routes.py calls this module, which decides what they mean. Every
+problem with a request is an ApiError carrying its HTTP status and OpenAI's error fields, so
+that the server answers `{"error": {"message", "type", "param", "code"}}` and carries on.
+
+A new request field is one row in CHAT_FIELDS (or another endpoint's tuple): its JSON type,
+default and limits, and if it needs more, a `convert(value, limits)` hook that checks it and
+returns what the rest of the code uses. chat_prompt keeps every value read in `Prompt.fields`;
+the answer is shaped by chat_message / chat_chunk over one `envelope`.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import tools
+from .chat_request import ChatFeatures, ReasoningDefaults, chat_features, chat_messages
 from .engine import Event, Usage
 from .errors import ApiError
 from .fields import Field, ModelLimits, kind_name, read_fields, sampling_params
+from .grammar import SchemaError
 from .sampler import MAX_LOGPROBS, SamplingParams
 from .session import Loaded
 
@@ -25,7 +32,6 @@ ROLES = ("system", "user", "assistant", "tool", "developer")
 MAX_EMBEDDING_INPUTS = 2048
 MAX_EMBEDDING_TOKENS = 65536  # per request, all inputs together
 MAX_EMBEDDING_VALUES = 1 << 20  # numbers in one answer (~20 MB of JSON floats)
-JSON_MODE_INSTRUCTION = "Answer with one valid JSON object and nothing else."
 
 
 # --- the body -------------------------------------------------------------------------------
@@ -64,6 +70,7 @@ class ServerDefaults:
 
     sampling: SamplingParams = field(default_factory=SamplingParams)
     system: str | None = None
+    reasoning: ReasoningDefaults = field(default_factory=ReasoningDefaults)
 
 
 # --- the fields of each endpoint ------------------------------------------------------------
@@ -102,16 +109,6 @@ def _include_usage(options: dict[str, Any], limits: ModelLimits) -> bool:
     return include_usage
 
 
-def _json_mode(fmt: dict[str, Any], limits: ModelLimits) -> bool:
-    kind = fmt.get("type")
-    if kind == "text":
-        return False
-    if kind == "json_object":
-        return True
-    raise ApiError(400, f"'response_format.type' must be 'text' or 'json_object', got {kind!r}"
-                   " (JSON schemas are not supported)", code="invalid_value", param="response_format")  # fmt: skip
-
-
 # Fields every generation takes. Ranges of the sampling ones are SamplingParams'.
 GENERATION_FIELDS: tuple[Field, ...] = (
     Field("model", str),
@@ -135,7 +132,14 @@ CHAT_FIELDS: tuple[Field, ...] = (
     *GENERATION_FIELDS,
     Field("max_completion_tokens", int, low=1, high="n_ctx", sampling="max_tokens"),
     Field("messages", list, required=True),
-    Field("response_format", dict, default=False, convert=_json_mode),
+    # Read further (tools, schema, reasoning) by chat_request.chat_features.
+    Field("response_format", dict),
+    Field("tools", list),
+    Field("tool_choice", (str, dict)),
+    Field("parallel_tool_calls", bool),
+    Field("reasoning_format", str),
+    Field("enable_thinking", bool),
+    Field("chat_template_kwargs", dict),
     Field("logprobs", bool, default=False),
     Field("top_logprobs", int, low=0, high=MAX_LOGPROBS),
 )
@@ -189,14 +193,12 @@ class Prompt:
     stream: bool
     include_usage: bool
     logprobs: bool
-    json_mode: bool = False
+    features: ChatFeatures | None = None  # chat: tools, response format, reasoning
     echo: str = ""
     fields: dict[str, Any] = field(default_factory=dict)
 
 
-def _messages(
-    messages: list[Any], defaults: ServerDefaults, json_mode: bool
-) -> list[dict[str, str]]:
+def _messages(messages: list[Any], defaults: ServerDefaults) -> list[dict[str, Any]]:
     if not messages:
         raise ApiError(
             400, "'messages' must hold at least one message", code="invalid_value", param="messages"
@@ -228,23 +230,43 @@ def _messages(
         elif not isinstance(content, str):
             raise ApiError(400, f"'{where}.content' must be a string or an array of text parts, got {kind_name(content)}",
                            code="invalid_type", param=f"{where}.content")  # fmt: skip
-        # Only role and content reach the template: other keys (name ...) would be one more
-        # place for text to slip into the prompt unescaped.
-        out.append({"role": "system" if role == "developer" else role, "content": content})
-    extra_system = [s for s in (defaults.system if out[0]["role"] != "system" else None,
-                                JSON_MODE_INSTRUCTION if json_mode else None) if s]  # fmt: skip
-    if extra_system:
-        if out[0]["role"] == "system":
-            out[0] = {"role": "system", "content": "\n\n".join([out[0]["content"], *extra_system])}
-        else:
-            out.insert(0, {"role": "system", "content": "\n\n".join(extra_system)})
+        # Only these keys reach the template: others (name ...) would be one more place for
+        # text to slip into the prompt unescaped.
+        message: dict[str, Any] = {"role": "system" if role == "developer" else role,
+                                   "content": content}  # fmt: skip
+        if role == "assistant" and m.get("tool_calls"):
+            try:
+                message["tool_calls"] = tools.checked_tool_calls(m, where)
+            except tools.ToolRequestError as e:
+                raise ApiError(400, str(e), code="invalid_value", param=e.param) from None
+        if role == "tool":
+            call_id = m.get("tool_call_id")
+            if not isinstance(call_id, str):
+                raise ApiError(400, f"'{where}.tool_call_id' must be the id of the call this answers",
+                               code="invalid_value", param=f"{where}.tool_call_id")  # fmt: skip
+            message["tool_call_id"] = call_id
+        out.append(message)
+    if defaults.system and out[0]["role"] != "system":
+        out.insert(0, {"role": "system", "content": defaults.system})
     return out
+
+
+def _features(v: dict[str, Any], loaded: Loaded, defaults: ServerDefaults) -> ChatFeatures:
+    """tools, tool_choice, response_format, reasoning: a 400 naming the field (or the schema
+    keyword) that cannot be honoured."""
+    try:
+        return chat_features(v, loaded.template, defaults.reasoning)
+    except tools.ToolRequestError as e:
+        raise ApiError(400, str(e), code="invalid_value", param=e.param) from None
+    except SchemaError as e:
+        param = "tools" if str(e).startswith("tool ") else "response_format"
+        raise ApiError(400, str(e), code="unsupported_schema", param=param) from None
 
 
 def chat_prompt(body: dict[str, Any], loaded: Loaded, defaults: ServerDefaults) -> Prompt:
     v = read_fields(body, CHAT_FIELDS, model_limits(loaded))
-    json_mode = v["response_format"]
-    messages = _messages(v["messages"], defaults, json_mode)
+    features = _features(v, loaded, defaults)
+    messages = chat_messages(features, _messages(v["messages"], defaults))
     logprobs, top = v["logprobs"], v["top_logprobs"]
     if top is not None and not logprobs:
         raise ApiError(
@@ -252,9 +274,10 @@ def chat_prompt(body: dict[str, Any], loaded: Loaded, defaults: ServerDefaults) 
         )
     params = sampling_params(v, CHAT_FIELDS, defaults.sampling,
                              n_logprobs=(top or 0) if logprobs else None)  # fmt: skip
-    tokens = chat_tokens_escaped(loaded, messages)
+    tokens, text = chat_tokens_escaped(loaded, messages, features.template_kwargs)
+    features.note_prompt(text)
     return Prompt(tokens, params, v["stream"], v["stream"] and v["stream_options"], logprobs,
-                  json_mode, fields=v)  # fmt: skip
+                  features, fields=v)  # fmt: skip
 
 
 def completion_prompt(body: dict[str, Any], loaded: Loaded, defaults: ServerDefaults) -> Prompt:
@@ -295,25 +318,35 @@ def special_texts(loaded: Loaded) -> list[str]:
     return cached
 
 
-def chat_tokens_escaped(loaded: Loaded, messages: list[dict[str, str]]) -> list[int]:
+def chat_tokens_escaped(
+    loaded: Loaded, messages: list[dict[str, Any]], template_kwargs: dict[str, Any] | None = None
+) -> tuple[list[int], str]:
     """The chat prompt's tokens, with the template's own special tokens parsed but none taken
     from message text: "<|im_end|>" typed by a user stays plain text.
 
     When no message holds the text of a special token (the usual case) this is exactly the
     template rendered and encoded whole. Otherwise the rendered prompt is cut around those
-    messages' text, which is encoded with parse_special=False.
+    messages' text, which is encoded with parse_special=False. Returns the tokens and the
+    rendered text.
     """
     from .chat import ChatTemplateError
 
     tok = loaded.tokenizer
     specials = special_texts(loaded)
     try:
-        text = loaded.template.render(messages, add_generation_prompt=True)
+        text = loaded.template.render(
+            messages, add_generation_prompt=True, **(template_kwargs or {})
+        )
     except ChatTemplateError as e:
         raise ApiError(400, str(e), code="invalid_value", param="messages") from None
+    for m in messages:
+        for call in m.get("tool_calls") or []:
+            if any(s in json.dumps(call["function"], ensure_ascii=False) for s in specials):
+                raise ApiError(400, "a tool call in 'messages' holds the text of a special token; remove it",
+                               code="invalid_value", param="messages")  # fmt: skip
     risky = [m["content"] for m in messages if any(s in m["content"] for s in specials)]
     if not risky:
-        return tok.encode(text, parse_special=True)  # as ChatTemplate.encode
+        return tok.encode(text, parse_special=True), text  # as ChatTemplate.encode
     # Pieces of (text, is_user_text), found in order in the rendered prompt.
     pieces: list[tuple[str, bool]] = []
     pos = 0
@@ -331,7 +364,7 @@ def chat_tokens_escaped(loaded: Loaded, messages: list[dict[str, str]]) -> list[
         if piece or i == 0:
             tokens += tok.encode(piece, add_bos=None if i == 0 else False,
                                  add_eos=None if i == last else False, parse_special=not is_user)  # fmt: skip
-    return tokens
+    return tokens, text
 
 
 def embedding_inputs(body: dict[str, Any], loaded: Loaded) -> tuple[list[list[int]], str]:
@@ -460,19 +493,14 @@ def envelope(a: Answer, model: str, fingerprint: str, obj: str, choices: list[di
     return out
 
 
-def chat_message(a: Answer, content: str) -> dict[str, Any]:
-    """The assistant message of a whole (not streamed) chat answer."""
-    return {"role": "assistant", "content": content, "refusal": None}
-
-
-def chat_response(
-    a: Answer, model: str, fingerprint: str, usage: Usage, content: str
-) -> dict[str, Any]:
+def chat_response(a: Answer, model: str, fingerprint: str, usage: Usage, message: dict[str, Any],
+                  finish_reason: str | None) -> dict[str, Any]:  # fmt: skip
+    """`message` and `finish_reason` as chat_output.ChatOutput splits the answer."""
     choice = {
         "index": 0,
-        "message": chat_message(a, content),
+        "message": message,
         "logprobs": {"content": a.logprobs, "refusal": None} if a.want_logprobs else None,
-        "finish_reason": a.finish_reason,
+        "finish_reason": finish_reason,
     }
     return envelope(a, model, fingerprint, "chat.completion", [choice], usage)
 
@@ -517,37 +545,3 @@ def usage_chunk(
 ) -> dict[str, Any]:
     obj = "chat.completion.chunk" if chat else "text_completion"
     return envelope(a, model, fingerprint, obj, [], usage)
-
-
-# --- JSON mode ------------------------------------------------------------------------------
-
-_FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.S)
-
-
-def extract_json_object(text: str, max_tries: int = 64) -> str | None:
-    """The JSON object in a model's answer: the whole answer, a fenced block, or the first
-    {...} that parses. None if there is none."""
-    for candidate in [text] + [m.group(1) for m in _FENCE.finditer(text)]:
-        try:
-            if isinstance(json.loads(candidate), dict):
-                return candidate.strip()
-        except ValueError:
-            pass
-    decoder = json.JSONDecoder()
-    start = text.find("{")
-    for _ in range(max_tries):
-        if start < 0:
-            break
-        try:
-            value, end = decoder.raw_decode(text, start)
-            if isinstance(value, dict):
-                return text[start:end]
-        except ValueError:
-            pass
-        start = text.find("{", start + 1)
-    return None
-
-
-def json_mode_error(a: Answer) -> ApiError:
-    return ApiError(500, "JSON mode: the model's answer is not a JSON object; try again",
-                    type_="server_error", code="invalid_json_output")  # fmt: skip

@@ -1,6 +1,12 @@
-"""Perplexity as llama-perplexity computes it: the text cut into non-overlapping windows of
-n_ctx tokens (the first replaced by BOS when the model adds one), each scored on its second
-half, so every scored token sees at least n_ctx/2 tokens of context."""
+"""Perplexity exactly as llama-perplexity computes it (tools/perplexity, default mode).
+
+The whole text is tokenized once *with* the BOS the model adds, and cut into non-overlapping
+windows of n_ctx tokens from that stream (so the BOS is the stream's first token, and every
+later window starts one token later than it would without it). The first token of each window
+is then replaced by BOS when the model adds one, and each window is scored on its second half,
+so every scored token sees at least n_ctx/2 tokens of context. At least 2 x n_ctx tokens are
+needed, as there.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ import numpy as np
 
 from .errors import QpackError
 from .model import Model
+from .tokenizer import Tokenizer
 
 
 @dataclass
@@ -22,15 +29,25 @@ class Estimate:
     error: float  # standard error of the perplexity (delta method on the mean NLL)
 
 
+def scoring_stream(tok: Tokenizer, text: str) -> tuple[list[int], int | None]:
+    """The token stream windows are cut from, and the BOS that starts each window (None when
+    the model adds none): llama-perplexity's common_tokenize(text, add_special=true)."""
+    tokens = tok.encode(text, add_bos=tok.add_bos, add_eos=False)
+    return tokens, tok.bos_id if tok.add_bos else None
+
+
 def perplexity(model: Model, tokens: list[int], n_ctx: int, bos: int | None) -> Iterator[Estimate]:
-    """Yields the running estimate after each window; the last one is the result."""
+    """Yields the running estimate after each window; the last one is the result. `tokens`
+    and `bos` come from scoring_stream."""
     if n_ctx < 4 or n_ctx > model.n_ctx:
         raise QpackError(
             f"perplexity window {n_ctx} must be between 4 and the context size {model.n_ctx}"
         )
+    if len(tokens) < 2 * n_ctx:
+        raise QpackError(
+            f"the text has {len(tokens)} tokens; a window of {n_ctx} needs at least {2 * n_ctx}"
+        )
     n_windows = len(tokens) // n_ctx
-    if n_windows == 0:
-        raise QpackError(f"the text has {len(tokens)} tokens, fewer than one window of {n_ctx}")
     first = n_ctx // 2
     nll = nll2 = 0.0
     count = 0

@@ -20,7 +20,6 @@ from . import openai_api as api
 from .engine import Event, Request
 from .errors import ApiError, ContextOverflow, QpackError
 from .fields import read_fields
-from .json_constraint import JsonConstraint
 from .transport import ClientGone, EventStream, HttpRequest, Response, Route
 
 if TYPE_CHECKING:
@@ -108,10 +107,8 @@ def _submit(app: Server, prompt: api.Prompt) -> Request:
     engine = app.loaded.engine
     _check_queue(app)
     constraint = None
-    if prompt.json_mode:
-        p = prompt.params
-        keep = max(1 if p.temperature == 0 else (p.top_k or 40), p.n_logprobs or 0)
-        constraint = JsonConstraint(app.loaded.tokenizer, keep=keep)
+    if prompt.features is not None:  # JSON schema, tool calls: llguidance's mask
+        constraint = prompt.features.constraint(app.loaded.template, app.loaded.model.n_vocab)
     try:
         submitted = engine.submit(prompt.tokens, prompt.params, constraint)
     except ContextOverflow as e:
@@ -162,12 +159,11 @@ def _generate(
         return Response.json(
             api.completion_response(answer, model, fp, submitted.usage, prompt.echo)
         )
-    content = answer.content
-    if prompt.json_mode and answer.finish_reason != "length":  # cut short: as OpenAI, as is
-        content = api.extract_json_object(content)
-        if content is None:
-            raise api.json_mode_error(answer)
-    return Response.json(api.chat_response(answer, model, fp, submitted.usage, content))
+    out = prompt.features.output()  # reasoning, content and tool calls apart
+    out.feed(answer.content)
+    out.finish()
+    return Response.json(api.chat_response(answer, model, fp, submitted.usage, out.message(),
+                                           out.finish_reason(answer.finish_reason)))  # fmt: skip
 
 
 def _release(app: Server, submitted: Request) -> None:
@@ -188,31 +184,35 @@ def _stream(app: Server, req: HttpRequest, submitted: Request, answer: api.Answe
         yield api.completion_chunk(answer, model, fp, prompt.echo, with_usage_field=usage_field)
     pending: list[dict[str, Any]] = []  # logprobs of tokens whose text is still held back
     offset = len(prompt.echo)
+    out = prompt.features.output() if chat else None
+    tok = app.loaded.tokenizer
     for ev in _events(app, req, submitted):
         pending += answer.add(ev)
+        if chat:  # deltas of reasoning, content and tool calls (index, id, name, arguments)
+            token_text = tok.token_text(ev.token) if ev.token is not None else None
+            deltas = out.feed(ev.text, token_text)
+            if ev.finish_reason is not None:
+                deltas += out.finish()
+                if not deltas and pending:
+                    deltas = [{}]  # the last tokens' logprobs, though their text was cut
+            lp = pending if prompt.logprobs else None
+            for i, delta in enumerate(deltas):
+                yield api.chat_chunk(answer, model, fp, delta, logprobs=lp if i == 0 else None,
+                                     with_usage_field=usage_field)  # fmt: skip
+            if deltas:
+                pending = []
+            continue
         if not ev.text and ev.finish_reason is None:
             continue
-        lp = pending if prompt.logprobs else None
         if ev.text or pending:
-            if chat:
-                yield api.chat_chunk(answer, model, fp, {"content": ev.text}, logprobs=lp,
-                                     with_usage_field=usage_field)  # fmt: skip
-            else:
-                clp = api.completion_logprobs(pending, offset) if prompt.logprobs else None
-                yield api.completion_chunk(answer, model, fp, ev.text, logprobs=clp,
-                                           with_usage_field=usage_field)  # fmt: skip
+            clp = api.completion_logprobs(pending, offset) if prompt.logprobs else None
+            yield api.completion_chunk(answer, model, fp, ev.text, logprobs=clp,
+                                       with_usage_field=usage_field)  # fmt: skip
             offset += len(ev.text)
             pending = []
     _check_finish(answer)
-    if (
-        chat
-        and prompt.json_mode
-        and answer.finish_reason != "length"
-        and api.extract_json_object(answer.content) is None
-    ):
-        raise api.json_mode_error(answer)
     if chat:
-        yield api.chat_chunk(answer, model, fp, {}, finish=answer.finish_reason,
+        yield api.chat_chunk(answer, model, fp, {}, finish=out.finish_reason(answer.finish_reason),
                              with_usage_field=usage_field)  # fmt: skip
     else:
         yield api.completion_chunk(answer, model, fp, "", finish=answer.finish_reason,

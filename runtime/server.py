@@ -127,16 +127,15 @@ class Server:
                 f"use the model. Set --api-key KEY (or QPACK_API_KEY), or pass --no-api-key to "
                 f"serve it open on purpose"
             )
-        limits = o.limits
-        limits.max_body = o.max_body
         policy = Policy(
             host=o.host, api_key=o.api_key, cors_origin=o.cors_origin, max_body=o.max_body
         )
         try:
-            self.transport = HttpServer(o.host, o.port, routes.table(self), policy, limits,
+            self.transport = HttpServer(o.host, o.port, routes.table(self), policy, o.limits,
                                         ready=lambda: self.loaded is not None,
                                         on_answer=self.metrics.count,
-                                        server_name=f"qpack/{__version__}")  # fmt: skip
+                                        server_name=f"qpack/{__version__}",
+                                        verbose=o.verbose)  # fmt: skip
         except OSError as e:
             raise listen_error(o.host, o.port, e) from None
         self.transport.start()

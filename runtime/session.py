@@ -18,6 +18,7 @@ from .chat import ChatTemplate
 from .engine import Engine, Request
 from .model import Model
 from .sampler import SamplingParams
+from .terminal import printable
 from .tokenizer import Tokenizer
 
 
@@ -66,12 +67,14 @@ def stream(loaded: Loaded, req: Request, out: TextIO) -> str:
     (not the program). Returns the finish reason."""
     engine = loaded.engine
     reason = None
+    # token pieces come from the model file: on a terminal, their control characters are shown
+    tty = hasattr(out, "isatty") and out.isatty()
     try:
         while reason is None:
             engine.pump()
             for ev in req.poll():
                 if ev.text:
-                    out.write(ev.text)
+                    out.write(printable(ev.text, keep="\n\t") if tty else ev.text)
                     out.flush()
                 if ev.finish_reason is not None:
                     reason = ev.finish_reason

@@ -299,21 +299,21 @@ class Tokenizer:
 
     @cached_property
     def _tokens(self) -> list[str]:
-        return _checked_strings(_to_list(self._tokens_source), "tokenizer.ggml.tokens")
+        tokens = _checked_strings(_to_list(self._tokens_source), "tokenizer.ggml.tokens")
+        # llama.cpp names empty tokens, so that none can collide in the index or be cut out
+        # of every text as an empty special piece (str.split("") raises).
+        for i in [i for i, t in enumerate(tokens) if not t]:
+            tokens[i] = f"[EMPTY_{i}]"
+        return tokens
 
     @cached_property
     def _token_to_id(self) -> dict[str, int]:
         tokens = self._tokens
         index = dict(zip(tokens, range(len(tokens)), strict=False))
-        if len(index) != len(tokens):  # rare: empty or duplicate tokens
-            # llama.cpp names empty tokens so that they cannot collide in the index.
-            for i in [i for i, t in enumerate(tokens) if not t]:
-                tokens[i] = f"[EMPTY_{i}]"
-            index = dict(zip(tokens, range(len(tokens)), strict=False))
-            if len(index) != len(tokens):
-                seen: set[str] = set()
-                dup = next(t for t in tokens if t in seen or seen.add(t))
-                raise _bad("tokenizer.ggml.tokens", f"duplicate token {dup!r}")
+        if len(index) != len(tokens):
+            seen: set[str] = set()
+            dup = next(t for t in tokens if t in seen or seen.add(t))
+            raise _bad("tokenizer.ggml.tokens", f"duplicate token {dup!r}")
         return index
 
     def _ids_of(self, texts: Iterable[str]) -> set[int]:
@@ -356,7 +356,9 @@ class Tokenizer:
             if parse_special:
                 chosen = sorted(set(user) | control)
             tokens = self._tokens
-            pieces = sorted(((tokens[i], i) for i in chosen), key=lambda p: (-len(p[0]), p[1]))
+            pieces = sorted(
+                ((tokens[i], i) for i in chosen if tokens[i]), key=lambda p: (-len(p[0]), p[1])
+            )
             self.__dict__[key] = pieces
         return pieces
 
@@ -563,6 +565,18 @@ def _merge(text: str, priority: Callable[[str, str], Any]) -> list[str]:
     return [s for s in syms if s is not None]
 
 
+# The BPE word cache is bounded in bytes (what an attacker's text costs), not in entries: 65536
+# entries of 100 kB words were GBs. Words longer than WORD_CACHE_MAX_WORD are never kept.
+WORD_CACHE_BYTES = 16 << 20
+WORD_CACHE_MAX_WORD = 256
+
+
+def _word_cache_cost(word: str, ids: tuple[int, ...]) -> int:
+    """An upper bound of what a cache entry holds in CPython: the key (up to 4 bytes a
+    character), the tuple of ints (8 bytes a slot, 32 an int) and the dict slot, ~200."""
+    return 4 * len(word) + 40 * len(ids) + 200
+
+
 class ByteLevelBPE(Tokenizer):
     """`gpt2`: byte-level BPE with merge ranks and a named pre-tokenizer."""
 
@@ -582,6 +596,7 @@ class ByteLevelBPE(Tokenizer):
         super().__init__(md)
         self._merges_source = _string_array(md, "tokenizer.ggml.merges", required=True)
         self._word_cache: dict[str, tuple[int, ...]] = {}
+        self._word_cache_bytes = 0  # _word_cache_cost summed over the entries
 
     @cached_property
     def _ranks(self) -> dict[str, int]:
@@ -611,9 +626,13 @@ class ByteLevelBPE(Tokenizer):
             word_ids = cache.get(word)
             if word_ids is None:
                 word_ids = self._bpe(word)
-                if len(cache) >= 65536:
-                    cache.clear()
-                cache[word] = word_ids
+                if len(word) <= WORD_CACHE_MAX_WORD:  # a long "word" is rare: not worth keeping
+                    cost = _word_cache_cost(word, word_ids)
+                    if self._word_cache_bytes + cost > WORD_CACHE_BYTES:
+                        cache.clear()
+                        self._word_cache_bytes = 0
+                    cache[word] = word_ids
+                    self._word_cache_bytes += cost
             ids.extend(word_ids)
         return ids
 

@@ -53,7 +53,6 @@ class ClientGone(Exception):
 class Limits:
     """What one client may cost the server."""
 
-    max_body: int = 1 << 20
     max_connections: int = 2048  # open connections; beyond this a new one gets 503
     request_seconds: float = 60.0  # the whole head and body of one request
     idle_seconds: float = 30.0  # a keep-alive connection with no new request
@@ -352,15 +351,25 @@ class HttpServer:
                         sel.unregister(self.sock)
                         listening = False
                 elif key.data == "wake":
-                    self._take_returned()
+                    self._guarded(self._take_returned)
                 else:
-                    self._on_readable(key.data)
+                    self._guarded(self._on_readable, key.data)
             now = time.monotonic()
             if now - last_sweep >= SWEEP_SECONDS:
                 last_sweep = now
                 for conn in [c for c in self._conns if c.state != "busy" and c.deadline < now]:
                     self._expire(conn)
         sel.close()
+
+    def _guarded(self, fn: Callable[..., None], *args: Any) -> None:
+        """The I/O thread must outlive any one connection's surprise (no thread left to
+        start, a socket in a strange state): that connection is dropped, the loop goes on."""
+        try:
+            fn(*args)
+        except Exception as e:
+            click.echo(f"qpack: server: {type(e).__name__}: {e}", err=True)
+            if args and isinstance(args[0], _Conn):
+                self._drop(args[0])
 
     def _accept(self) -> bool:
         """Accept what is waiting. False when out of descriptors: the caller stops listening
@@ -411,22 +420,21 @@ class HttpServer:
             pass
         with self._lock:
             returned, self._returned = self._returned, []
-        now = time.monotonic()
         for conn, keep in returned:
-            if not keep:
-                self._drop(conn)
-                continue
-            conn.state = "idle"
-            conn.request = conn.route = None
-            conn.deadline = now + self.limits.idle_seconds
-            try:
-                conn.sock.setblocking(False)
-                self._selector.register(conn.sock, selectors.EVENT_READ, conn)
-            except (OSError, ValueError):
-                self._drop(conn)
-                continue
-            if conn.buf:  # a pipelined request already arrived
-                self._advance(conn)
+            self._guarded(self._resume, conn, keep)
+
+    def _resume(self, conn: _Conn, keep: bool) -> None:
+        """A connection back from its request thread: closed, or waiting for the next one."""
+        if not keep:
+            self._drop(conn)
+            return
+        conn.state = "idle"
+        conn.request = conn.route = None
+        conn.deadline = time.monotonic() + self.limits.idle_seconds
+        conn.sock.setblocking(False)
+        self._selector.register(conn.sock, selectors.EVENT_READ, conn)
+        if conn.buf:  # a pipelined request already arrived
+            self._advance(conn)
 
     def _on_readable(self, conn: _Conn) -> None:
         try:
@@ -575,6 +583,9 @@ class HttpServer:
     def _count(self, req: HttpRequest | None, status: int) -> None:
         label = req.path if req is not None and req.path in self.routes else "other"
         self.on_answer(label, status)
+        if self.verbose:  # --verbose: one access-log line per answer
+            what = f"{req.method} {req.target[:200]}" if req is not None else "(unparsed request)"
+            click.echo(f"qpack: {what} {status}", err=True)
 
     # --- a request's own thread ---------------------------------------------------------------
 
@@ -757,8 +768,8 @@ def _descriptor_budget() -> int:
     one first (the default soft limit, often 1024, is far below what a server needs)."""
     try:
         import resource
-    except ImportError:  # Windows: no per-process descriptor limit of this kind
-        return 1 << 16
+    except ImportError:  # Windows: selectors there is select(), at most 512 sockets
+        return 500
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = hard if hard != resource.RLIM_INFINITY else 1 << 16
     if soft != resource.RLIM_INFINITY and soft < want:

@@ -3,7 +3,8 @@
 Written from the architectures' papers/reference code, not from cython/forward.h: weights are
 dequantized with the `gguf` package (llama.cpp's reference dequantizers), everything runs in
 float64 with full causal attention over the whole sequence at once (no KV cache, no batching,
-no activation quantization). Supports llama, qwen2 and gemma3.
+no activation quantization). Supports llama, qwen2, qwen3, qwen3moe, phi3, gemma2 and gemma3,
+with the semantics of llama.cpp's src/models/*.cpp (the reference for GGUF files).
 """
 
 from __future__ import annotations
@@ -34,7 +35,17 @@ class ReferenceModel:
         self.n_rot = md("rope.dimension_count", self.head_dim)
         self.eps = md("attention.layer_norm_rms_epsilon", 1e-5)
         self.rope_base = md("rope.freq_base", 10000.0)
-        self.window = md("attention.sliding_window", 0) if arch == "gemma3" else 0
+        self.gemma = arch in ("gemma2", "gemma3")
+        self.window = md("attention.sliding_window", 0) if self.gemma else 0
+        self.swa_every = {"gemma2": 2, "gemma3": 6}.get(arch, 0)
+        self.swa_base = self.rope_base if arch == "gemma2" else 10000.0
+        self.attn_cap = md("attn_logit_softcapping", 50.0) if arch == "gemma2" else 0.0
+        self.final_cap = md("final_logit_softcapping", 30.0 if arch == "gemma2" else 0.0)
+        self.qk_norm = arch in ("gemma3", "qwen3", "qwen3moe")
+        self.n_expert_used = md("expert_used_count", 0)
+        self.rope_mscale = md("rope.scaling.attn_factor", 1.0)
+        self.n_ctx_orig = md("rope.scaling.original_context_length", md("context_length"))
+        self.n_ctx = self.n_ctx_orig  # the context the caller runs at (phi3's factors)
 
     def w(self, name: str) -> np.ndarray | None:
         t = self.t.get(name)
@@ -46,12 +57,22 @@ class ReferenceModel:
     def rms(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
         return x / np.sqrt((x * x).mean(-1, keepdims=True) + self.eps) * w
 
+    def rope_factors(self) -> np.ndarray:
+        """phi3's LongRoPE divisors (long past the original context), llama 3's rope_freqs."""
+        f = self.w("rope_freqs.weight")
+        if f is None:
+            long = self.n_ctx > self.n_ctx_orig
+            f = self.w("rope_factors_long.weight" if long else "rope_factors_short.weight")
+        return np.ones(self.n_rot // 2) if f is None else f
+
     def rope(self, x: np.ndarray, pos: np.ndarray, base: float) -> np.ndarray:
         """x: [n, heads, head_dim]. GGUF llama weights are permuted for adjacent pairs;
-        qwen2 and gemma3 rotate halves (NEOX)."""
+        the others rotate halves (NEOX)."""
         half = self.n_rot // 2
-        theta = pos[:, None] * base ** (-2.0 * np.arange(half) / self.n_rot)[None]
-        c, s = np.cos(theta)[:, None, :], np.sin(theta)[:, None, :]
+        freq = base ** (-2.0 * np.arange(half) / self.n_rot) / self.rope_factors()
+        theta = pos[:, None] * freq[None]
+        c = np.cos(theta)[:, None, :] * self.rope_mscale
+        s = np.sin(theta)[:, None, :] * self.rope_mscale
         out = x.copy()
         if self.arch == "llama":
             a, b = x[..., 0 : self.n_rot : 2], x[..., 1 : self.n_rot : 2]
@@ -65,7 +86,7 @@ class ReferenceModel:
 
     def logits(self, tokens: list[int], hidden: bool = False) -> np.ndarray:
         n, hd, H, KV = len(tokens), self.head_dim, self.n_head, self.n_head_kv
-        gemma = self.arch == "gemma3"
+        gemma = self.gemma
         emb = self.w("token_embd.weight")
         x = emb[np.asarray(tokens)]
         if gemma:
@@ -73,9 +94,13 @@ class ReferenceModel:
         pos = np.arange(n, dtype=np.float64)
         for layer in range(self.n_layer):
             p = f"blk.{layer}."
-            swa = gemma and self.window and (layer + 1) % 6 != 0
+            swa = gemma and self.window and (layer + 1) % self.swa_every != 0
             xn = self.rms(x, self.w(p + "attn_norm.weight"))
-            q, k, v = (xn @ self.w(p + f"attn_{c}.weight").T for c in "qkv")
+            qkv = self.w(p + "attn_qkv.weight")
+            if qkv is not None:  # fused: q rows, k rows, v rows
+                q, k, v = np.split(xn @ qkv.T, [H * hd, H * hd + KV * hd], axis=-1)
+            else:
+                q, k, v = (xn @ self.w(p + f"attn_{c}.weight").T for c in "qkv")
             for name, bias in (("q", "attn_q.bias"), ("k", "attn_k.bias"), ("v", "attn_v.bias")):
                 b = self.w(p + bias)
                 if b is not None:
@@ -86,13 +111,15 @@ class ReferenceModel:
                     else:
                         v = v + b
             q, k, v = q.reshape(n, H, hd), k.reshape(n, KV, hd), v.reshape(n, KV, -1)
-            if gemma:
+            if self.qk_norm:
                 q = self.rms(q, self.w(p + "attn_q_norm.weight"))
                 k = self.rms(k, self.w(p + "attn_k_norm.weight"))
-            base = 10000.0 if swa else self.rope_base
+            base = self.swa_base if swa else self.rope_base
             q, k = self.rope(q, pos, base), self.rope(k, pos, base)
             k, v = np.repeat(k, H // KV, axis=1), np.repeat(v, H // KV, axis=1)
             att = np.einsum("ihd,jhd->hij", q, k) / math.sqrt(hd)
+            if self.attn_cap:
+                att = self.attn_cap * np.tanh(att / self.attn_cap)
             i, j = np.arange(n)[:, None], np.arange(n)[None, :]
             masked = j > i
             if swa:
@@ -108,12 +135,15 @@ class ReferenceModel:
                 o = self.rms(o, self.w(p + "post_attention_norm.weight"))
             x = x + o
             xn = self.rms(x, self.w(p + "ffn_norm.weight"))
-            g, u = xn @ self.w(p + "ffn_gate.weight").T, xn @ self.w(p + "ffn_up.weight").T
-            if gemma:
-                a = 0.5 * g * (1 + np.tanh(math.sqrt(2 / math.pi) * (g + 0.044715 * g**3)))
+            if self.n_expert_used:
+                f = self.experts(xn, p)
             else:
-                a = g / (1 + np.exp(-g))
-            f = (a * u) @ self.w(p + "ffn_down.weight").T
+                gate = self.w(p + "ffn_gate.weight")
+                if gate is None:  # phi3: ffn_up holds the gate rows, then the up rows
+                    g, u = np.split(xn @ self.w(p + "ffn_up.weight").T, 2, axis=-1)
+                else:
+                    g, u = xn @ gate.T, xn @ self.w(p + "ffn_up.weight").T
+                f = (self.act(g) * u) @ self.w(p + "ffn_down.weight").T
             if gemma:
                 f = self.rms(f, self.w(p + "post_ffw_norm.weight"))
             x = x + f
@@ -121,4 +151,27 @@ class ReferenceModel:
         if hidden:
             return x
         out = self.w("output.weight")
-        return x @ (emb if out is None else out).T
+        logits = x @ (emb if out is None else out).T
+        if self.final_cap:
+            logits = self.final_cap * np.tanh(logits / self.final_cap)
+        return logits
+
+    def act(self, g: np.ndarray) -> np.ndarray:
+        if self.gemma:
+            return 0.5 * g * (1 + np.tanh(math.sqrt(2 / math.pi) * (g + 0.044715 * g**3)))
+        return g / (1 + np.exp(-g))
+
+    def experts(self, xn: np.ndarray, p: str) -> np.ndarray:
+        """Mixture of experts: softmax router, top-k, weights renormalised, weighted sum."""
+        logits = xn @ self.w(p + "ffn_gate_inp.weight").T
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        gates, ups, downs = (self.w(p + f"ffn_{k}_exps.weight") for k in ("gate", "up", "down"))
+        out = np.zeros_like(xn)
+        for i in range(len(xn)):
+            chosen = np.argsort(-probs[i], kind="stable")[: self.n_expert_used]
+            weights = probs[i, chosen] / probs[i, chosen].sum()
+            for e, w in zip(chosen, weights, strict=True):
+                h = self.act(gates[e] @ xn[i]) * (ups[e] @ xn[i])
+                out[i] += w * (downs[e] @ h)
+        return out

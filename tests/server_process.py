@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -40,11 +41,16 @@ def http_request(host: str, port: int, method: str, path: str, body: Any = None,
 class ServerProcess:
     """A running server: its URL, its stderr so far, and a way to stop it."""
 
-    def __init__(self, model: str, *args: str, ready_timeout: float = 180.0):
-        cmd = [sys.executable, "-m", "qpack.runtime", "-m", str(model), "--host", "127.0.0.1",
-               "--port", "0", "--nobrowser", *args]  # fmt: skip
+    def __init__(self, model: str | None, *args: str, ready_timeout: float = 180.0,
+                 command: list[str] | None = None, cwd: str | None = None):  # fmt: skip
+        """`command`: what to run instead of `python -m qpack.runtime -m model` (a built
+        executable, say), with `cwd`."""
+        if command is None:
+            command = [sys.executable, "-m", "qpack.runtime", "-m", str(model)]
+        cmd = [*command, "--host", "127.0.0.1", "--port", "0", "--nobrowser", *args]
         self.proc = subprocess.Popen(
             cmd,
+            cwd=cwd,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -109,3 +115,51 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+class SlowClients:
+    """n connections that send a request head one byte at a time (a byte each `every`
+    seconds per connection, from one thread) and never finish it: the slowloris attack.
+    Raises this process's descriptor limit as needed (a server started after inherits it)."""
+
+    def __init__(self, host: str, port: int, n: int, every: float = 1.0):
+        raise_descriptor_limit(n + 256)
+        self.socks: list[socket.socket] = []
+        for _ in range(n):
+            s = socket.create_connection((host, port), timeout=10)
+            s.setblocking(False)
+            s.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Drip: ")
+            self.socks.append(s)
+        self.closed_by_server = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._drip, args=(every,), daemon=True)
+        self._thread.start()
+
+    def _drip(self, every: float) -> None:
+        while not self._stop.wait(every):
+            for s in list(self.socks):
+                try:
+                    s.send(b"x")
+                except BlockingIOError:
+                    pass
+                except OSError:  # the server gave up on it (its request deadline)
+                    self.socks.remove(s)
+                    self.closed_by_server += 1
+                    s.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        for s in self.socks:
+            s.close()
+        self.socks = []
+
+
+def raise_descriptor_limit(want: int) -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        if hard != resource.RLIM_INFINITY and hard < want:
+            raise RuntimeError(f"the descriptor limit is {hard}; {want} are needed")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))

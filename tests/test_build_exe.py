@@ -214,3 +214,123 @@ def test_prompt_matches_the_unfrozen_runtime(smollm2_path, runtime_stub, tmp_pat
     frozen = run(exe, *prompt, timeout=300)
     assert frozen.returncode == 0, frozen.stderr
     assert frozen.stdout == source.stdout and source.stdout.strip()
+
+
+RUNAWAY_AFTER_THREE = (
+    "{% if messages | length > 3 %}{% for i in range(10000) %}{% for j in range(10000) %}"
+    "{% for k in range(10000) %}{% endfor %}{% endfor %}{% endfor %}{% endif %}"
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}<|assistant|>"
+)
+
+
+def test_executable_serves_and_stops_a_runaway_template(runtime_stub, tmp_path):
+    """The frozen server end to end: it answers over HTTP, and a chat template that runs away
+    (past the load-time check, on a longer conversation) is refused after the time limit with
+    its render thread stopped (ctypes' C API reached from inside the PyInstaller bundle)."""
+    import re
+    import time
+
+    from gguf_fixtures import TinyLlamaConfig, tiny_llama
+    from server_process import http_request
+
+    config = TinyLlamaConfig(extra_metadata={"tokenizer.chat_template": RUNAWAY_AFTER_THREE})
+    model = tiny_llama(tmp_path / "runaway.gguf", config)
+    exe = tmp_path / "runaway.bin"
+    build(model, runtime_stub, exe, args=["--cpu", "generic", "-t", "1"])
+    proc = subprocess.Popen(["env", "-i", f"./{exe.name}", "--port", "0", "--nobrowser"],
+                            cwd=exe.parent, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        url = None
+        for line in proc.stderr:
+            m = re.search(r"listening on http://([\d.]+):(\d+)/", line)
+            if m:
+                host, port = m.group(1), int(m.group(2))
+                url = line
+            if "ready:" in line:
+                break
+        assert url, "the executable did not start its server"
+        status, _, body = http_request(host, port, "POST", "/v1/chat/completions",
+                                       {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})  # fmt: skip
+        assert status == 200, body
+        four = [{"role": r, "content": "x"} for r in ("user", "assistant", "user", "assistant")]
+        status, _, body = http_request(host, port, "POST", "/v1/chat/completions",
+                                       {"messages": four + [{"role": "user", "content": "y"}]})  # fmt: skip
+        assert status == 400 and "ran for more than" in body["error"]["message"], body
+        pids = [proc.pid, *_children(proc.pid)]
+        time.sleep(0.5)
+        before = sum(_cpu_seconds(p) for p in pids)
+        time.sleep(2.0)
+        spent = sum(_cpu_seconds(p) for p in pids) - before
+        assert spent < 0.5, f"the runaway render kept running: {spent:.2f} s of CPU in 2 s"
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            out += [int(c) for c in f.read().split()]
+    return out + [g for c in out for g in _children(c)]
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def test_constrained_answers_in_the_executable(tiny_exe):
+    """llguidance (a Rust extension reading its own metadata) works inside the one-file stub:
+    a json_schema answer validates and a forced tool call comes back as tool_calls."""
+    import jsonschema
+    from server_process import ServerProcess
+
+    s = ServerProcess(None, "-t", "1", "-c", "2048", "--parallel", "1", command=["env", "-i", f"./{tiny_exe.name}"],
+                      cwd=str(tiny_exe.parent))  # fmt: skip
+    try:
+        schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}},
+                  "required": ["ok", "n"], "additionalProperties": False}  # fmt: skip
+        # max_tokens: the random tiny model writes all the whitespace the grammar allows
+        ask = {
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 1000,
+            "temperature": 0,
+        }
+        fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+        status, _, r = s.request("POST", "/v1/chat/completions", {**ask, "response_format": fmt})
+        assert status == 200, r
+        assert r["choices"][0]["finish_reason"] == "stop"
+        jsonschema.validate(json.loads(r["choices"][0]["message"]["content"]), schema)
+        tool = {"type": "function", "function": {"name": "f", "parameters": schema}}
+        status, _, r = s.request("POST", "/v1/chat/completions",
+                                 {**ask, "tools": [tool], "tool_choice": "required",
+                                  "parallel_tool_calls": False})  # fmt: skip
+        assert status == 200, r
+        [call] = r["choices"][0]["message"]["tool_calls"]
+        assert r["choices"][0]["finish_reason"] == "tool_calls" and call["function"]["name"] == "f"
+        jsonschema.validate(json.loads(call["function"]["arguments"]), schema)
+    finally:
+        s.stop()
+    assert "Traceback" not in "".join(s.log)
+def test_split_executable_finds_its_sibling_model(tiny_model, runtime_stub, tmp_path):
+    """--split: the executable and tiny.gguf, copied together anywhere, run as one; without
+    the sibling the executable says which file it wants."""
+    built = tmp_path / "build" / "tiny.bin"
+    built.parent.mkdir()
+    pack.build_executable(
+        tiny_model, built, runtime_stub, name="tiny", target=stub.current_platform(),
+        args=["--cpu", "generic"], show_progress=False, split=True,
+    )  # fmt: skip
+    assert sorted(os.listdir(built.parent)) == ["tiny.bin", "tiny.gguf"]
+    moved = tmp_path / "moved"
+    shutil.copytree(built.parent, moved)
+    exe = moved / "tiny.bin"
+    assert exe.stat().st_size < runtime_stub.stat().st_size + 65536  # no model inside
+    verify = run(exe, "--verify")
+    assert verify.returncode == 0 and verify.stdout.startswith("ok: "), verify.stderr
+    generated = run(exe, "-p", "Hello", "-n", "4", "--temp", "0")
+    assert generated.returncode == 0, generated.stderr
+    info = json.loads(run(exe, "--info").stdout.split("\n# ")[0])
+    assert info["model"]["split_file"] == "tiny.gguf"
+    (moved / "tiny.gguf").unlink()
+    assert_one_line_error(run(exe, "--info"), "tiny.gguf", "--split")

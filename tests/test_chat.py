@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+from qpack.runtime import chat
 from qpack.runtime.chat import ChatTemplate, ChatTemplateError
 from qpack.runtime.errors import QpackError
 from qpack.runtime.gguf import open_gguf
@@ -177,3 +178,73 @@ def test_generation_tag_renders_its_body(smollm2):
         "{% for m in messages %}{% generation %}[{{ m['content'] }}]{% endgeneration %}{% endfor %}"
     )
     assert ChatTemplate(source, tok).render(USER) == "[Hi]"
+
+
+# --- runaway templates (issue 11, item 5): refused while they run, not after -----------------
+
+RUNAWAY_TEMPLATES = [
+    # time: nested loops that output nothing, so no size limit can catch them
+    "{% for i in range(10000) %}{% for j in range(10000) %}{% endfor %}{% endfor %}",
+    "{% for m in messages * 1000 %}{% for n in messages * 1000 %}{% for k in messages * 1000 %}{% endfor %}{% endfor %}{% endfor %}",
+    # range itself
+    "{% for i in range(100000) %}{% endfor %}",
+    # string-growing filters and operators
+    "{{ 'x' | center(100000000) }}",
+    "{{ '%100000000s' | format('x') }}",
+    "{{ '%*s' | format(100000000, 'x') }}",
+    "{{ '%100000000s' % 'x' }}",
+    "{{ '{:>100000000}'.format('x') }}",
+    "{{ 'ab\ncd' | indent(100000000) }}",
+    "{{ messages | tojson(indent=100000000) }}",
+    "{{ ('x' * 1000000) | replace('', 'yyyyyyyyyyyy') }}",
+    "{% set ns = namespace(s='xxxxxxxx') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s | length }}",
+    "{% macro grow(s, n) %}{% if n %}{{ grow(s ~ s, n - 1) }}{% endif %}{% endmacro %}{{ grow('xxxxxxxx', 40) }}",
+]
+
+
+@pytest.mark.parametrize("source", RUNAWAY_TEMPLATES)
+def test_runaway_templates_are_stopped(smollm2, source, monkeypatch):
+    monkeypatch.setattr(chat, "RENDER_SECONDS", 0.5)  # the limit's value is not the point here
+    _, tok = smollm2
+    template = ChatTemplate(source, tok, name="runaway")
+    with pytest.raises(ChatTemplateError, match="runaway"):
+        template.render(USER)
+
+
+def test_render_time_limit_stops_the_render_thread(smollm2):
+    """Past the limit the caller is answered at once and the render itself is stopped (its
+    thread ends), so a runaway does not keep burning a core."""
+    import threading
+    import time
+
+    _, tok = smollm2
+    template = ChatTemplate(RUNAWAY_TEMPLATES[0], tok, name="runaway")
+    with pytest.raises(ChatTemplateError, match="ran for more than"):
+        template.render(USER)
+    for _ in range(100):
+        if not any(t.name == "qpack-template" for t in threading.enumerate()):
+            break
+        time.sleep(0.05)
+    assert not any(t.name == "qpack-template" for t in threading.enumerate())
+
+
+def test_model_template_is_rendered_at_load(smollm2):
+    _, tok = smollm2
+    with pytest.raises(
+        ChatTemplateError, match=r"tokenizer.chat_template.*ZeroDivisionError.*at load"
+    ):
+        ChatTemplate.from_metadata({"tokenizer.chat_template": "{{ 1 / 0 }}"}, tok)
+    with pytest.raises(ChatTemplateError, match="tokenizer.chat_template.*unsafe"):
+        ChatTemplate.from_metadata({"tokenizer.chat_template": "{{ ''.__class__ }}"}, tok)
+    # A template that wants a system turn first still loads (and refuses later, per request).
+    picky = (
+        "{% if messages[0]['role'] != 'system' %}{{ raise_exception('system first') }}{% endif %}ok"
+    )
+    assert (
+        ChatTemplate.from_metadata({"tokenizer.chat_template": picky}, tok).render(
+            [{"role": "system", "content": "s"}, *USER]
+        )
+        == "ok"
+    )
+    with pytest.raises(ChatTemplateError, match="every sample conversation"):
+        ChatTemplate.from_metadata({"tokenizer.chat_template": "{{ raise_exception('no') }}"}, tok)

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import shutil
 import struct
 import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -373,7 +375,7 @@ def test_no_archive_is_refused(model, tmp_path):
 
 
 @pytest.mark.skipif(
-    not (os.uname().sysname == "Darwin" and Path("/usr/bin/codesign").exists()),
+    not (sys.platform == "darwin" and Path("/usr/bin/codesign").exists()),
     reason="Apple's codesign and kernel are the judges only on macOS",
 )
 def test_macos_verifies_and_starts_it(model, stub, tmp_path):
@@ -382,7 +384,7 @@ def test_macos_verifies_and_starts_it(model, stub, tmp_path):
     Python, with an exit status of its own."""
     arch, path = stub
     # arm64 Macs run x86_64 code under Rosetta (when installed); Intel Macs no arm64 code.
-    runs = arch == os.uname().machine or Path("/Library/Apple/usr/libexec/oah").exists()
+    runs = arch == platform.machine() or Path("/Library/Apple/usr/libexec/oah").exists()
     out = tmp_path / "tiny.bin"
     build(model, path, out, arch)
     for binary in (path, out):  # the stub first: the fixture itself must pass
@@ -396,3 +398,31 @@ def test_macos_verifies_and_starts_it(model, stub, tmp_path):
             continue
         started = subprocess.run([str(binary)], capture_output=True, timeout=60)
         assert started.returncode >= 0, (started.returncode, started.stderr)
+
+
+def test_target_macos_from_this_machine_through_the_cli(model, stub, tmp_path, monkeypatch):
+    """`qpack build --target macos-ARCH` on Linux: the stub from the cache (as the workflow's
+    artifact would be put there), the Mach-O layout, signed; a --stub of the wrong OS refused."""
+    from click.testing import CliRunner
+    from qpack.builder import stub as stubs
+    from qpack.builder.cli import main as qpack_cli
+    from qpack.runtime.version import __version__
+
+    arch, path = stub
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    shutil.copy(path, cache / f"qpack-stub-{__version__}-macos-{arch}-0123456789abcdef")
+    monkeypatch.setenv("QPACK_CACHE_DIR", str(cache))
+    assert stubs.get_stub(f"macos-{arch}").parent == cache
+    result = CliRunner().invoke(
+        qpack_cli, ["build", str(model), "--target", f"macos-{arch}", "-o", str(tmp_path)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "(macho layout)" in result.output
+    out = tmp_path / "tiny-llama.bin"
+    check_layout(out)
+    check_signature(out)
+    wrong = CliRunner().invoke(
+        qpack_cli, ["build", str(model), "--target", "windows-x86_64", "--stub", str(path)]
+    )
+    assert wrong.exit_code == 1 and "a Mach-O executable, not a runtime stub" in wrong.output

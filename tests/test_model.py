@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 from qpack.runtime import cpu
 from qpack.runtime.engine import Engine
-from qpack.runtime.errors import ContextOverflow, UnsupportedModel
+from qpack.runtime.errors import ContextOverflow, QpackError, UnsupportedModel
 from qpack.runtime.gguf import open_gguf
 from qpack.runtime.model import Model
-from qpack.runtime.perplexity import perplexity
+from qpack.runtime.perplexity import perplexity, scoring_stream
 from qpack.runtime.sampler import SamplingParams
 from qpack.runtime.tokenizer import Tokenizer
 from reference_forward import ReferenceModel
@@ -154,11 +154,11 @@ def test_unsupported_architecture_and_type_are_named(tmp_path):
     bad_arch = write_gguf(tmp_path / "a.gguf", {"mamba.block_count": 1}, {}, arch="mamba")
     with pytest.raises(UnsupportedModel, match="mamba"):
         Model(open_gguf(str(bad_arch)))
-    # a real file with an unsupported type: TQ2_0 written by gguf's own quantizer
+    # a real file with an unsupported type: NVFP4 blocks (4 rows of 256 elements, 4 x 36 bytes)
     bad_type = write_gguf(
-        tmp_path / "t.gguf", {}, {"token_embd.weight": (np.zeros((4, 256), np.float32), "TQ2_0")}
+        tmp_path / "t.gguf", {}, {"token_embd.weight": (np.zeros((4, 144), np.uint8), "NVFP4")}
     )
-    with pytest.raises(UnsupportedModel, match="TQ2_0"):
+    with pytest.raises(UnsupportedModel, match="NVFP4"):
         Model(open_gguf(str(bad_type)))
 
 
@@ -294,9 +294,26 @@ def test_perplexity_within_one_percent_of_llama_cpp(name, request):
     gf = open_gguf(str(path))
     tok = Tokenizer.from_gguf(gf)
     model = Model(gf, n_ctx=128, n_batch=128, threads=2)
-    text = (DATA / "GPL-3.txt").read_text()
-    tokens = tok.encode(text, add_bos=False)
-    *_, last = perplexity(model, tokens, 128, tok.bos_id if tok.add_bos else None)
+    tokens, bos = scoring_stream(tok, (DATA / "GPL-3.txt").read_text())
+    *_, last = perplexity(model, tokens, 128, bos)
     ref_ppl, _, ref_count = refs(name)["perplexity"]
     assert last.tokens == int(ref_count)
     assert abs(last.ppl / ref_ppl - 1) < 0.01, (last.ppl, ref_ppl)
+
+
+def test_perplexity_stream_starts_with_bos_and_needs_two_windows(tmp_path):
+    """llama-perplexity's stream: the text tokenized with the BOS the model adds (windows are
+    cut from it, so they differ from the BOS-less stream's by one token), and at least
+    2 x n_ctx tokens."""
+    path = tiny_model(tmp_path / "m.gguf")  # a SentencePiece vocabulary: adds BOS
+    gf = open_gguf(str(path))
+    tok = Tokenizer.from_gguf(gf)
+    text = "hello world the a " * 12
+    tokens, bos = scoring_stream(tok, text)
+    assert tok.add_bos and bos == tok.bos_id == tokens[0]
+    assert tokens[1:] == tok.encode(text, add_bos=False)
+    model = load(path, n_ctx=32)
+    with pytest.raises(QpackError, match="a window of 16 needs at least 32"):
+        list(perplexity(model, tokens[:31], 16, bos))
+    *_, last = perplexity(model, tokens, 16, bos)
+    assert last.windows == len(tokens) // 16 and last.tokens == last.windows * 7

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from gguf_fixtures import TinyLlamaConfig, tiny_llama, write_gguf
-from qpack.builder import digests, pack
+from qpack.builder import copier, digests, pack, zipfmt
 from qpack.builder.cli import main as qpack_cli
 from qpack.builder.digests import DigestCache, Digests, file_key
 from qpack.runtime import embedded
@@ -144,7 +144,7 @@ def test_unknown_stub_falls_back_to_append_with_a_warning(model, tmp_path, capsy
     out = tmp_path / "tiny.bin"
     report = build(model, stub, out)
     assert report.layout == "append"
-    assert "neither ELF nor PE" in capsys.readouterr().err
+    assert "neither ELF, PE nor Mach-O" in capsys.readouterr().err
     data = out.read_bytes()
     assert data.startswith(stub.read_bytes())
     with zipfile.ZipFile(out) as zf:
@@ -157,7 +157,7 @@ def test_unreadable_macho_stub_is_refused(model, tmp_path):
     stub = tmp_path / "stub"
     stub.write_bytes(b"\xcf\xfa\xed\xfe" + bytes(60) + ARCHIVE)
     with pytest.raises(QpackError, match="not a 64-bit x86_64 or arm64 Mach-O"):
-        build(model, stub, tmp_path / "tiny.bin")
+        build(model, stub, tmp_path / "tiny.bin", target="macos-arm64")
 
 
 # --- the PE layout -----------------------------------------------------------------------------
@@ -224,20 +224,23 @@ def test_zip64_records_read_by_zipfile_and_by_our_reader(tmp_path):
     size = (5 << 30) + 123
     path = tmp_path / "big.zip"
     name = b"model.gguf"
-    zip64_extra = pack.EXTRA_HEADER.pack(1, 16) + struct.pack("<QQ", size, size)
-    base = pack.LOCAL_HEADER.size + len(name) + len(zip64_extra)
-    extra = zip64_extra + pack._padding_field(base, len(zip64_extra))
+    zip64_extra = zipfmt.EXTRA_HEADER.pack(1, 16) + struct.pack("<QQ", size, size)
+    base = zipfmt.LOCAL_HEADER.size + len(name) + len(zip64_extra)
+    extra = zip64_extra + zipfmt.padding_field(base, len(zip64_extra))
     with open(path, "wb") as f:
-        f.write(pack.local_header(name, 0x1234, size, extra, zip64=True))
+        f.write(zipfmt.local_header(name, 0x1234, size, extra, zip64=True))
         data_at = f.tell()
         f.truncate(data_at + size)
         f.seek(data_at + size)
         args_at = f.tell()
-        f.write(pack.local_header(b".args", 0, 0, b"", zip64=False))
-        members = [pack.ZipMember(name, 0x1234, size, 0), pack.ZipMember(b".args", 0, 0, args_at)]
+        f.write(zipfmt.local_header(b".args", 0, 0, b"", zip64=False))
+        members = [
+            zipfmt.ZipMember(name, 0x1234, size, 0),
+            zipfmt.ZipMember(b".args", 0, 0, args_at),
+        ]
         cd_at = f.tell()
-        directory = pack.central_directory(members)
-        f.write(directory + pack.end_records(2, cd_at, len(directory)))
+        directory = zipfmt.central_directory(members)
+        f.write(directory + zipfmt.end_records(2, cd_at, len(directory)))
     assert data_at == 65536
     with zipfile.ZipFile(path) as zf:
         infos = {i.filename: i for i in zf.infolist()}
@@ -292,6 +295,47 @@ def test_zipped_model_is_streamed_out_stored(model, elf_stub, tmp_path, method):
     assert report.model.architecture == "llama"
 
 
+@pytest.mark.parametrize("writer", ["inflate64", "7z"])
+def test_deflate64_reads_the_same_through_both_readers(model, tmp_path, monkeypatch, writer):
+    """zipfile-deflate64 (Linux, Windows) and the inflate64 fallback (macOS) stream the same
+    bytes out of the same Deflate64 zips: one written by inflate64, one by 7-Zip."""
+    from qpack.builder import sources
+
+    pytest.importorskip("zipfile_deflate64")
+    zipped = tmp_path / "model.zip"
+    if writer == "7z":
+        if shutil.which("7z") is None:
+            pytest.skip("needs 7z (Debian: p7zip-full)")
+        (tmp_path / "in").mkdir()
+        shutil.copy(model, tmp_path / "in" / "tiny.gguf")
+        cmd = ["7z", "a", "-tzip", "-mm=Deflate64", str(zipped), "tiny.gguf"]
+        subprocess.run(cmd, cwd=tmp_path / "in", check=True, capture_output=True)
+    else:
+        deflate64_zip(zipped, "tiny.gguf", model.read_bytes())
+    assert zipfile.ZipFile(zipped).infolist()[0].compress_type == 9
+    got = {}
+    for reader in ("zipfile-deflate64", "inflate64"):
+        monkeypatch.setattr(sources, "deflate64_reader", lambda reader=reader: reader)
+        source = pack.open_model_source(zipped)
+        with source.open() as f:
+            chunks = []
+            while chunk := f.read(4096):
+                chunks.append(chunk)
+        got[reader] = b"".join(chunks)
+    assert got["inflate64"] == got["zipfile-deflate64"] == model.read_bytes()
+
+    # a flipped CRC-32 in the directory: both readers refuse the member
+    data = bytearray(zipped.read_bytes())
+    cd = data.rindex(b"PK\x01\x02")
+    data[cd + 16] ^= 0xFF
+    zipped.write_bytes(bytes(data))
+    for reader in ("zipfile-deflate64", "inflate64"):
+        monkeypatch.setattr(sources, "deflate64_reader", lambda reader=reader: reader)
+        with pytest.raises(zipfile.BadZipFile), pack.open_model_source(zipped).open() as f:
+            while f.read(1 << 20):
+                pass
+
+
 def test_zip_without_exactly_one_gguf_is_refused(model, elf_stub, tmp_path):
     zipped = tmp_path / "two.zip"
     with zipfile.ZipFile(zipped, "w") as zf:
@@ -329,10 +373,10 @@ def test_truncated_gguf(model, elf_stub, tmp_path):
 
 
 def test_unsupported_tensor_type(elf_stub, tmp_path):
-    path = tiny_llama(tmp_path / "mx.gguf", TinyLlamaConfig(weight_type="MXFP4"))
-    with pytest.raises(UnsupportedModel, match="MXFP4"):
+    path = tiny_llama(tmp_path / "nv.gguf", TinyLlamaConfig(weight_type="NVFP4"))
+    with pytest.raises(UnsupportedModel, match="NVFP4"):
         build(path, elf_stub, tmp_path / "x.bin")
-    assert leftovers(tmp_path) == ["mx.gguf"]
+    assert leftovers(tmp_path) == ["nv.gguf"]
 
 
 def test_unsupported_tokenizer(elf_stub, tmp_path):
@@ -378,8 +422,8 @@ def copy_threads() -> list[str]:
 def test_interrupted_copy_leaves_nothing(model, elf_stub, tmp_path, monkeypatch):
     """Ctrl-C on the main thread while the copy and digest threads run (small chunks keep
     them busy): no output, and no thread left behind."""
-    monkeypatch.setattr(pack, "COPY_CHUNK", 4096)
-    monkeypatch.setattr(pack, "DIGEST_CHUNK", 4096)
+    monkeypatch.setattr(copier, "COPY_CHUNK", 4096)
+    monkeypatch.setattr(copier, "DIGEST_CHUNK", 4096)
 
     def interrupted(path, *args, **kw):
         raise KeyboardInterrupt
@@ -461,7 +505,7 @@ def test_copy_through_a_buffer_gives_the_same_bytes(model, elf_stub, tmp_path, m
 
     monkeypatch.setattr(pack.os, "copy_file_range", refused, raising=False)
     monkeypatch.delattr(pack.os, "SEEK_DATA", raising=False)
-    monkeypatch.setattr(pack, "COPY_CHUNK", 1000)  # many chunks, and a short last one
+    monkeypatch.setattr(copier, "COPY_CHUNK", 1000)  # many chunks, and a short last one
     buffered = tmp_path / "buffered.bin"
     build(model, elf_stub, buffered, args=["-c", "64"])
     assert buffered.read_bytes() == kernel.read_bytes()
@@ -525,7 +569,7 @@ def test_cli_build(model, elf_stub, tmp_path, monkeypatch):
     member = embedded.locate_model(str(out))
     assert member.args() == ["-c", "2048", "--port", "9000"]
     assert member.manifest()["name"] == "tiny-llama"
-    remembered = DigestCache(tmp_path / "cache").get(file_key(os.stat(model)))
+    remembered = DigestCache(tmp_path / "cache").get(file_key(model, os.stat(model)))
     assert remembered.sha256 == member.manifest()["model"]["sha256"]
 
 
@@ -543,10 +587,10 @@ def test_cli_build_error_is_one_line(elf_stub, tmp_path):
 def test_second_build_takes_the_digests_from_the_cache(model, elf_stub, tmp_path):
     cache = DigestCache(tmp_path / "cache")
     first = build(model, elf_stub, tmp_path / "a.bin", digest_cache=cache)
-    model_key = file_key(os.stat(model))
+    model_key = file_key(model, os.stat(model))
     sha = hashlib.sha256(model.read_bytes()).hexdigest()
     assert cache.get(model_key) == Digests(sha, zlib.crc32(model.read_bytes()))
-    assert cache.get(file_key(os.stat(elf_stub))).sha256 == (
+    assert cache.get(file_key(elf_stub, os.stat(elf_stub))).sha256 == (
         hashlib.sha256(elf_stub.read_bytes()).hexdigest()
     )
     assert first.model_sha256 == sha
@@ -681,3 +725,101 @@ def test_merge_args_puts_the_command_line_last_or_at_the_marker():
     assert embedded.merge_args(["-c", "512"], ["-c", "1024"]) == ["-c", "512", "-c", "1024"]
     assert embedded.merge_args(["-a", "...", "-b"], ["-x"]) == ["-a", "-x", "-b"]
     assert embedded.merge_args([], ["--version"]) == ["--version"]
+
+
+# --- --split and other targets --------------------------------------------------------------------
+
+
+def test_split_writes_the_model_beside_the_executable(model, elf_stub, tmp_path):
+    out = tmp_path / "tiny.bin"
+    report = build(model, elf_stub, out, args=["-c", "64"], split=True)
+    sibling = tmp_path / "tiny.gguf"
+    assert sibling.read_bytes() == model.read_bytes()
+    with zipfile.ZipFile(out) as zf:
+        assert [i.filename for i in zf.infolist()] == [".args", "qpack.json"]
+        manifest = json.loads(zf.read("qpack.json"))
+    digest = hashlib.sha256(model.read_bytes()).hexdigest()
+    assert manifest["model"]["split_file"] == "tiny.gguf"
+    assert manifest["model"]["sha256"] == digest == report.model_sha256
+    assert manifest["model"]["crc32"] == zlib.crc32(model.read_bytes())
+    member = embedded.locate_model(str(out))
+    assert (member.path, member.offset, member.length) == (str(sibling), 0, sibling.stat().st_size)
+    assert member.executable == str(out) and member.args() == ["-c", "64"]
+    assert embedded.verify(member).sha256 == digest
+    subprocess.run(["readelf", "-h", "-S", "-W", str(out)], check=True, capture_output=True)
+    from qpack.runtime import inspect as facts
+
+    gf, note = facts.open_model(out)  # `qpack inspect tiny.bin` describes the sibling
+    with gf:
+        assert "tiny.gguf, --split" in note and gf.architecture == "llama"
+
+    data = bytearray(sibling.read_bytes())  # a changed sibling fails --verify
+    data[-1] ^= 1
+    sibling.write_bytes(bytes(data))
+    with pytest.raises(EmbeddedModelError, match="CRC-32"):
+        embedded.verify(embedded.locate_model(str(out)))
+    sibling.write_bytes(bytes(data[:-1]))  # another size: refused at start
+    with pytest.raises(EmbeddedModelError, match="not the one it was built with"):
+        embedded.locate_model(str(out))
+    sibling.unlink()
+    with pytest.raises(EmbeddedModelError, match="tiny.gguf: missing.*--split"):
+        embedded.locate_model(str(out))
+
+
+def test_split_of_a_zipped_model_writes_the_gguf(model, elf_stub, tmp_path):
+    zipped = tmp_path / "model.zip"
+    with zipfile.ZipFile(zipped, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.write(model, "tiny.gguf")
+    (tmp_path / "out").mkdir()
+    build(zipped, elf_stub, tmp_path / "out" / "tiny.bin", split=True)
+    assert (tmp_path / "out" / "tiny.gguf").read_bytes() == model.read_bytes()
+
+
+def test_split_digests_wait_for_a_slow_copy(model, elf_stub, tmp_path, monkeypatch):
+    """The digest threads map the sibling before the copy reaches it (a loaded machine made
+    this race real): the sibling must already have its size."""
+    import time
+
+    from qpack.builder import copier
+
+    slow = copier._copy_zipped
+
+    def late_copy(*args):
+        time.sleep(0.3)
+        slow(*args)
+
+    monkeypatch.setattr(copier, "_copy_zipped", late_copy)
+    zipped = tmp_path / "model.zip"
+    with zipfile.ZipFile(zipped, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.write(model, "tiny.gguf")
+    build(zipped, elf_stub, tmp_path / "tiny.bin", split=True)
+    assert (tmp_path / "tiny.gguf").read_bytes() == model.read_bytes()
+
+
+def test_windows_target_over_4_gib_is_refused_naming_split(tmp_path):
+    stub = tmp_path / "stub.exe"
+    stub.write_bytes(synthetic_pe(ARCHIVE))
+    big = tmp_path / "big.gguf"
+    with open(big, "wb") as f:  # sparse: refused on its size, before anything is read
+        f.write(b"GGUF")
+        f.truncate(4 << 30)
+    with pytest.raises(QpackError, match="over 4 GiB: build with --split"):
+        build(big, stub, tmp_path / "big.exe", target="windows-x86_64")
+    assert leftovers(tmp_path) == ["big.gguf", "stub.exe"]
+
+
+def test_a_stub_of_another_os_is_refused_for_the_target(model, elf_stub, tmp_path):
+    with pytest.raises(QpackError, match="an ELF executable, not a runtime stub for --target"):
+        build(model, elf_stub, tmp_path / "x.exe", target="windows-x86_64")
+
+
+def test_target_stub_comes_from_the_cache(tmp_path, monkeypatch):
+    from qpack.builder import stub
+    from qpack.runtime.version import __version__
+
+    monkeypatch.setenv("QPACK_CACHE_DIR", str(tmp_path))
+    with pytest.raises(QpackError, match="no windows-x86_64 runtime stub.*--stub FILE"):
+        stub.get_stub("windows-x86_64")
+    cached = tmp_path / f"qpack-stub-{__version__}-windows-x86_64-0123456789abcdef.exe"
+    cached.write_bytes(b"MZ")
+    assert stub.get_stub("windows-x86_64") == cached

@@ -207,3 +207,21 @@ def test_non_loopback_without_a_key_refuses_to_start():
         s = Server(options)
         s.listen()
         s.close()
+
+
+def test_embedding_answers_are_bounded_in_size(tiny_server):
+    """The issue's 2048 tiny inputs: on a model with 4096-wide embeddings that answer would be
+    ~180 MB of JSON; the request is refused up front instead, naming the bound."""
+    from types import SimpleNamespace
+
+    from qpack.runtime.errors import ApiError
+    from qpack.runtime.openai_api import MAX_EMBEDDING_VALUES, embedding_inputs
+
+    real = tiny_server.loaded
+    wide = SimpleNamespace(tokenizer=real.tokenizer, model=SimpleNamespace(
+        hp=SimpleNamespace(n_embd=4096), n_ctx=real.model.n_ctx, n_vocab=real.model.n_vocab))  # fmt: skip
+    with pytest.raises(ApiError, match=f"at most {MAX_EMBEDDING_VALUES // 4096} items") as e:
+        embedding_inputs({"input": ["a"] * 2048}, wide)
+    assert e.value.status == 400
+    inputs, _ = embedding_inputs({"input": ["a"] * (MAX_EMBEDDING_VALUES // 4096)}, wide)
+    assert len(inputs) == MAX_EMBEDDING_VALUES // 4096

@@ -391,3 +391,51 @@ def test_from_gguf_names_the_file(tmp_path):
     writer.close()
     with pytest.raises(UnsupportedModel, match=r"notok\.gguf.*unheard-of"):
         Tokenizer.from_gguf(open_gguf(path))
+
+
+# --- a hostile vocabulary (issue 11) --------------------------------------------------------
+
+
+@pytest.mark.parametrize("token_type", [3, 4])  # control, user-defined
+def test_an_empty_token_is_never_a_separator(token_type):
+    """Was: a control (or user-defined) token with empty text was cut out of every text, and
+    str.split("") made every encode raise. It is named [EMPTY_i], as llama.cpp does."""
+    md = _tiny_bpe(
+        **{
+            "tokenizer.ggml.tokens": ["<|endoftext|>", "a", "b", "ab", "\u0120", "\u0120a", ""],
+            "tokenizer.ggml.token_type": np.array([3, 1, 1, 1, 1, 1, token_type], np.int32),
+        }
+    )
+    tok = Tokenizer.from_metadata(md)
+    for parse_special in (False, True):
+        assert [tok.token_text(i) for i in tok.encode("ab a", parse_special=parse_special)] == [
+            "ab",
+            "\u0120a",
+        ]
+    assert tok.token_text(6) == "[EMPTY_6]"
+
+
+def test_word_cache_is_bounded_in_bytes(monkeypatch):
+    """Was: 65536 entries whatever their size. Distinct long words fill it to its byte bound
+    (measured with sys.getsizeof, not the cache's own accounting) and no further."""
+    import random
+    import sys
+
+    from qpack.runtime import tokenizer as tk
+
+    monkeypatch.setattr(tk, "WORD_CACHE_BYTES", 256 << 10)
+    tok = Tokenizer.from_metadata(_tiny_bpe())
+    rng = random.Random(0)
+    peak = 0
+    for _ in range(40):
+        words = ["".join(rng.choice("ab") for _ in range(rng.randint(20, 250))) for _ in range(50)]
+        tok.encode(" ".join(words))
+        cache = tok._word_cache
+        held = sum(
+            sys.getsizeof(k) + sys.getsizeof(v) + 32 * len(v) + 100 for k, v in cache.items()
+        )
+        assert held <= tk.WORD_CACHE_BYTES
+        peak = max(peak, held)
+    assert peak > tk.WORD_CACHE_BYTES // 2  # it was used, up to its bound
+    tok.encode("a" * 5000)  # one huge word: encoded, not kept
+    assert "a" * 5000 not in tok._word_cache

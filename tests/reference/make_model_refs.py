@@ -4,6 +4,7 @@ perplexity for the real models, the independent reference the engine tests compa
 Run with a Python that has llama-cpp-python (never a test or runtime dependency):
     python -m venv /opt/refenv && /opt/refenv/bin/pip install numpy llama-cpp-python
     /opt/refenv/bin/python tests/reference/make_model_refs.py SMOLLM2.gguf GEMMA3.gguf
+    /opt/refenv/bin/python tests/reference/make_model_refs.py --perplexity-only SMOLLM2.gguf GEMMA3.gguf
 The test file tests/test_model.py names the texts and settings used here (keep them in sync).
 """
 
@@ -31,8 +32,9 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
 def perplexity(
     llm: Llama, tokens: list[int], n_ctx: int, bos: int | None
 ) -> tuple[float, float, int]:
-    """llama-perplexity's scheme: non-overlapping windows of n_ctx tokens (the first replaced by
-    BOS when the model adds one), each scored on its second half."""
+    """llama-perplexity's scheme: the text tokenized WITH the BOS the model adds, cut into
+    non-overlapping windows of n_ctx tokens (the first of each replaced by BOS when the model
+    adds one), each scored on its second half."""
     nll = nll2 = 0.0
     count = 0
     first = n_ctx // 2
@@ -84,15 +86,34 @@ def make(name: str, path: str) -> None:
         out[f"greedy_prompt_{k}"] = np.array(ptoks, np.int32)
         out[f"greedy_{k}"] = np.array(gen, np.int32)
 
-    text = Path(TEXTS["perplexity_file"]).read_text()
-    ptoks = llm.tokenize(text.encode(), add_bos=False, special=False)
-    ppl, err, count = perplexity(llm, ptoks, 128, llm.token_bos() if add_bos else None)
-    out["perplexity"] = np.array([ppl, err, count], np.float64)
-    print(f"{name}: perplexity {ppl:.4f} ± {err:.4f} over {count} tokens", flush=True)
+    out["perplexity"] = perplexity_ref(llm, name, add_bos)
     OUT.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(OUT / f"{name}.npz", **out)
 
 
+def perplexity_ref(llm: Llama, name: str, add_bos: bool) -> np.ndarray:
+    text = Path(TEXTS["perplexity_file"]).read_text()
+    ptoks = llm.tokenize(text.encode(), add_bos=add_bos, special=False)
+    ppl, err, count = perplexity(llm, ptoks, 128, llm.token_bos() if add_bos else None)
+    print(f"{name}: perplexity {ppl:.4f} ± {err:.4f} over {count} tokens", flush=True)
+    return np.array([ppl, err, count], np.float64)
+
+
+def update_perplexity(name: str, path: str) -> None:
+    """Only the perplexity entry of an existing reference file (the rest left as it is)."""
+    llm = Llama(
+        model_path=path, n_ctx=512, n_batch=512, n_threads=2, logits_all=True, verbose=False, seed=0
+    )
+    add_bos = llm.metadata.get("tokenizer.ggml.add_bos_token", "false") == "true"
+    with np.load(OUT / f"{name}.npz") as f:
+        out = dict(f)
+    out["perplexity"] = perplexity_ref(llm, name, add_bos)
+    np.savez_compressed(OUT / f"{name}.npz", **out)
+
+
 if __name__ == "__main__":
-    make("smollm2", sys.argv[1])
-    make("gemma3", sys.argv[2])
+    # --perplexity-only SMOLLM2.gguf GEMMA3.gguf: refresh just that entry
+    step = update_perplexity if sys.argv[1] == "--perplexity-only" else make
+    paths = sys.argv[2:] if step is update_perplexity else sys.argv[1:]
+    step("smollm2", paths[0])
+    step("gemma3", paths[1])
