@@ -26,7 +26,6 @@ LLAMA_FTYPES = {
 
 LLAMA_SNIPPET = """
 import ctypes, sys, time, llama_cpp
-llama_cpp.llama_log_set(llama_cpp.llama_log_callback(lambda *a: None), ctypes.c_void_p(0))
 p = llama_cpp.llama_model_quantize_default_params()
 p.ftype, p.nthread = int(sys.argv[3]), int(sys.argv[4])
 t = time.perf_counter()

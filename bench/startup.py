@@ -244,6 +244,30 @@ def peak_rss_mib(cmd: list[str]) -> float:
     return kib / 1024 if sys.platform != "darwin" else kib / 2**20  # macOS reports bytes
 
 
+def compare_stubs(stubs: list[Path], model: Path | None, runs: int) -> None:
+    from qpack.builder import models, pack, stub
+
+    model = model or models.default_model_path()
+    suffix = ".exe" if sys.platform == "win32" else ".bin"
+    with tempfile.TemporaryDirectory(prefix="qpack-bench-", dir=os.getcwd()) as tmp:
+        exes = []
+        for i, s in enumerate(stubs):
+            exe = Path(tmp) / f"stub{i}{suffix}"
+            pack.build_executable(model, exe, s, name="m", target=stub.current_platform(),
+                                  show_progress=False)  # fmt: skip
+            time_to_health(exe)  # warm
+            exes.append(exe)
+        times: list[list[float]] = [[] for _ in exes]
+        for _ in range(runs):
+            for i, exe in enumerate(exes):
+                times[i].append(time_to_health(exe)[0])
+    print(f"{'stub':48} {'extracted':>10} {'files':>5} {'/health median':>15} {'fastest':>8}")
+    for s, t in zip(stubs, times, strict=True):
+        files = stub.extracted_files(s)
+        print(f"{s.name[:48]:48} {sum(n for _, n in files) / 2**20:6.1f} MiB {len(files):5} "
+              f"{statistics.median(t):13.2f} s {min(t):6.2f} s")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", nargs="?", type=Path)
@@ -258,7 +282,18 @@ def main() -> None:
         "--big-path", type=Path, default=Path(tempfile.gettempdir()) / "qpack-bench-big.gguf"
     )
     parser.add_argument("--build-only", action="store_true", help="time the builds only")
+    parser.add_argument(
+        "--compare-stubs",
+        nargs="+",
+        type=Path,
+        metavar="STUB",
+        help="only compare these runtime stubs: bytes extracted at each start and exec -> "
+        "/health, the stubs' executables started in turn (same load for each)",
+    )
     args = parser.parse_args()
+    if args.compare_stubs:
+        compare_stubs(args.compare_stubs, args.model, args.runs)
+        return
 
     from qpack.builder import models, stub
 

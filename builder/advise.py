@@ -22,6 +22,7 @@ from qpack.runtime.errors import QpackError
 from qpack.runtime.gguf import open_gguf
 from qpack.runtime.kl_divergence import kl_divergence
 from qpack.runtime.model import Model
+from qpack.runtime.perplexity import scoring_stream
 from qpack.runtime.tokenizer import Tokenizer
 
 CANDIDATES = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_K_S", "IQ4_XS", "Q4_0", "Q3_K_M", "Q2_K")
@@ -143,10 +144,10 @@ def advise(
             f"{model_path}: advise needs the unquantized model (F16, BF16 or F32), not {base_type}"
         )
     tok = Tokenizer.from_gguf(gf)
-    tokens = tok.encode(text, add_bos=False)[: eval_ctx * eval_windows]
+    tokens, bos = scoring_stream(tok, text)  # perplexity's windows, as llama-perplexity's
+    tokens = tokens[: eval_ctx * eval_windows]
     if len(tokens) < eval_ctx:
         raise QpackError(f"the text has {len(tokens)} tokens: at least {eval_ctx} needed")
-    bos = tok.bos_id if tok.add_bos else None
     s = Settings(ctx, eval_ctx, len(tokens) // eval_ctx, threads, _digest(tokens))
     folder = cache / "advise" / model_key(model_path)
     folder.mkdir(parents=True, exist_ok=True)

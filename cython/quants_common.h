@@ -178,6 +178,9 @@ static inline uint16_t qk_fp32_to_fp16(float f) {
 #endif
 }
 
+/* The f16 stored at p (any alignment): a block's scale. */
+static inline float qk_half_at(const uint8_t *p) { return qk_fp16_to_fp32(qk_load_u16(p)); }
+
 static inline float qk_bf16_to_fp32(uint16_t h) {
     const uint32_t bits = (uint32_t)h << 16;
     float f;

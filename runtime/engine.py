@@ -55,7 +55,7 @@ class Request:
     def __init__(self, prompt: list[int], params: SamplingParams, constraint=None):
         self.prompt = list(prompt)
         self.params = params
-        # Optional: .mask(logits) -> logits allowed next, .advance(token) (JSON mode).
+        # Optional: .mask(logits) -> logits allowed next, .advance(token) (grammar.py).
         self.constraint = constraint
         self.usage = Usage(prompt_tokens=len(prompt))
         self._queue: queue.Queue[Event] = queue.Queue()

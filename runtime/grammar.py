@@ -101,6 +101,7 @@ def vocabulary(tokenizer: Tokenizer, n_vocab: int | None = None) -> llguidance.L
 
 _UNIMPLEMENTED = re.compile(r"Unimplemented keys: \[(.*?)\]")
 _UNKNOWN_FORMAT = re.compile(r"Unknown format: (\S+)")
+_NOT_SUPPORTED = re.compile(r"(\$?\w+) constraints are not supported")
 
 
 def _refusal(message: str) -> SchemaError:
@@ -119,6 +120,18 @@ def _refusal(message: str) -> SchemaError:
             f"JSON schema 'format': {found.group(1)!r} is not supported by the constrained "
             "decoder; remove it",
             keyword="format",
+        )
+    found = _NOT_SUPPORTED.search(message)
+    if found:
+        return SchemaError(
+            f"JSON schema keyword {found.group(1)!r} is not supported by the constrained "
+            "decoder; remove it",
+            keyword=found.group(1),
+        )
+    if "Resource '" in message:  # a $ref outside the schema: nothing is fetched
+        return SchemaError(
+            "JSON schema '$ref' to a resource outside the schema is not supported; inline it",
+            keyword="$ref",
         )
     if "regex" in message:
         first = message.strip().splitlines()
@@ -179,6 +192,7 @@ class GrammarConstraint:
 
     def __init__(self, tokenizer: Tokenizer, grammar: str, n_vocab: int):
         self.n_vocab = n_vocab
+        self.stop_ids = np.array(sorted(tokenizer.stop_ids), dtype=np.intp)
         self.matcher = llguidance.LLMatcher(vocabulary(tokenizer, n_vocab), grammar)
         if self.matcher.is_error():
             raise _refusal(self.matcher.get_error())
@@ -195,6 +209,9 @@ class GrammarConstraint:
         n = min(len(logits), self.n_vocab)
         out = np.full(logits.shape, -np.inf, dtype=np.float32)
         allowed = self.allowed()[:n]
+        if not allowed.any():  # the matcher failed (a limit hit): end rather than write garbage
+            allowed = np.zeros(n, dtype=bool)
+            allowed[self.stop_ids[self.stop_ids < n]] = True
         out[:n][allowed] = logits[:n][allowed]
         return out
 

@@ -149,9 +149,9 @@ def msvc_view(arch: str, cython_dir: Path = CYTHON) -> str:
     macro but cl's, and empty system headers: only our code is left)."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        for header in re.findall(r"#\s*include\s*<([^>]+)>", "".join(
-            p.read_text() for p in cython_dir.glob("*.[hp]*")
-        )):  # fmt: skip
+        sources = [p for p in cython_dir.rglob("*") if p.suffix in (".h", ".pxi", ".def")]
+        text = "".join(p.read_text() for p in sources)
+        for header in re.findall(r"#\s*include\s*<([^>]+)>", text):
             (tmp / header).parent.mkdir(parents=True, exist_ok=True)
             (tmp / header).write_text("")
         (tmp / "unit.c").write_text(c_unit())

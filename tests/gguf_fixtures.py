@@ -164,7 +164,11 @@ def tiny_llama(path: str | Path, config: TinyLlamaConfig | None = None) -> Path:
     }
 
     def w(*shape: int) -> np.ndarray:  # numpy order: (rows, row length)
-        return (rng.standard_normal(shape) * 0.05).astype(np.float32)
+        x = (rng.standard_normal(shape) * 0.05).astype(np.float32)
+        if c.weight_type == "NVFP4":  # gguf cannot quantize it: zero blocks, a type qpack refuses
+            block_elems, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType.NVFP4]
+            return np.zeros((*shape[:-1], shape[-1] // block_elems * block_bytes), np.uint8)
+        return x
 
     def norm() -> np.ndarray:
         return (1.0 + 0.1 * rng.standard_normal(c.n_embd)).astype(np.float32)

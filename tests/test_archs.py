@@ -14,12 +14,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from gguf import GGUFValueType
 from qpack.runtime import cpu
+from qpack.runtime.errors import UnsupportedModel
+from qpack.runtime.facts import read_model_facts
 from qpack.runtime.gguf import open_gguf
-from qpack.runtime.model import Model
+from qpack.runtime.model import Model, native_arguments
 from reference_forward import ReferenceModel
 from tiny_models import tiny_model
 
+U32, F32 = GGUFValueType.UINT32, GGUFValueType.FLOAT32
+ARRAY, BOOL = GGUFValueType.ARRAY, GGUFValueType.BOOL
 DATA = Path(__file__).parent / "data" / "arch_refs"
 CASES = ["qwen3", "qwen3moe", "phi3", "phi3-long", "gemma2"]
 TOLERANCE = {"f32": 0.02, "q8_0": 0.05}  # Q8_0: both engines quantize activations to 8 bits
@@ -122,3 +127,64 @@ def test_gemma2_soft_caps_bound_the_logits(tmp_path):
     assert np.abs(logits).max() <= 3.0
     ref.final_cap = 0.0
     assert np.abs(ref.logits(toks)).max() > 3.0
+
+
+# ---------------------------------------------------------------- hostile files
+
+
+@pytest.mark.parametrize(
+    "arch, metadata, tensors, problem",
+    [
+        ("qwen3moe", {"qwen3moe.expert_used_count": (U32, 9)}, {}, "expert_used_count = 9"),
+        ("qwen3moe", {"qwen3moe.expert_count": (U32, 0)}, {}, "expert_count = 0"),
+        (
+            "qwen3moe",
+            {"qwen3moe.expert_feed_forward_length": None, "qwen3moe.feed_forward_length": None},
+            {},
+            "expert_feed_forward_length is missing",
+        ),
+        (  # 7 experts stored where the metadata says 8
+            "qwen3moe",
+            {},
+            {"blk.1.ffn_up_exps.weight": (np.zeros((7, 256, 256), np.float32), "F32")},
+            r"blk\.1\.ffn_up_exps\.weight has shape \[256, 256, 7\]",
+        ),
+        (
+            "phi3",
+            {},
+            {"blk.0.attn_qkv.weight": (np.zeros((500, 256), np.float32), "F32")},
+            r"blk\.0\.attn_qkv\.weight has shape",
+        ),
+        (
+            "phi3",
+            {},
+            {"rope_factors_short.weight": (np.ones(5, np.float32), "F32")},
+            r"rope_factors_short\.weight has shape \[5\]",
+        ),
+        ("gemma2", {"gemma2.attn_logit_softcapping": (F32, float("nan"))}, {}, "out of range"),
+        (
+            "gemma2",
+            {"gemma2.attention.sliding_window_pattern": (ARRAY, (BOOL, [True, False, True]))},
+            {},
+            "sliding_window_pattern",
+        ),
+    ],
+)
+def test_hostile_files_are_refused_by_name(tmp_path, arch, metadata, tensors, problem):
+    path = tiny_model(tmp_path / "m.gguf", arch, metadata=metadata, tensors=tensors)
+    with pytest.raises(UnsupportedModel, match=problem):
+        Model(open_gguf(str(path)), n_ctx=32, threads=1)
+
+
+def test_compiled_model_refuses_bad_experts_itself(tmp_path):
+    """Handed hostile expert counts directly (facts.py bypassed), the C side refuses them."""
+    path = tiny_model(tmp_path / "m.gguf", "qwen3moe")
+    gf = open_gguf(str(path))
+    c_hp, globals_, layers = native_arguments(gf, read_model_facts(gf), cpu._import("generic"))
+    for changes, problem in (
+        ({"n_expert_used": 9}, "experts used"),
+        ({"n_expert": 4, "n_expert_used": 2}, r"ffn_gate_inp\.weight has shape"),
+        ({"attn_softcap": float("nan")}, "not finite"),
+    ):
+        with pytest.raises(UnsupportedModel, match=problem):
+            cpu._import("generic").NativeModel({**c_hp, **changes}, globals_, layers, 32, 1, 8, 2)

@@ -409,7 +409,7 @@ def test_type_table_matches_gguf_package():
         assert int(ref) == qt.id
         assert GGML_QUANT_SIZES[ref] == (qt.block_elems, qt.block_bytes), qt.name
     assert quants.SUPPORTED_WEIGHT_TYPES <= set(quants.QUANT_TYPES_BY_NAME)
-    assert len(quants.SUPPORTED_WEIGHT_TYPES) == 15
+    assert len(quants.SUPPORTED_WEIGHT_TYPES) == 25
     for removed in (4, 5, 31, 32, 33, 36, 37, 38, 1000):
         assert quants.quant_type(removed) is None
     assert quants.quant_type("Q4_1").bits_per_weight == 5.0

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from gguf import GGUFValueType
-from gguf_fixtures import TinyLlamaConfig, quantized, tiny_llama, write_gguf
+from gguf_fixtures import TinyLlamaConfig, tiny_llama, write_gguf
 from qpack.builder.cli import main as qpack_cli
 from qpack.runtime import inspect as facts
 from qpack.runtime.facts import DEFAULT_CTX, read_model_facts
@@ -217,14 +217,12 @@ def test_explicit_head_dims_and_per_layer_kv_heads(tmp_path):
 
 
 def test_missing_hyperparameters_and_unsupported_types(tmp_path):
-    data, _ = quantized(np.zeros((2, 256), np.float32), "TQ2_0")
-    path = write_gguf(
-        tmp_path / "odd.gguf", {}, {"w": (np.zeros((2, 256), np.float32), "TQ2_0")}, arch="odd"
-    )
-    assert open_gguf(path).tensor("w").nbytes == data.nbytes
+    blocks = np.zeros((2, 4 * 36), np.uint8)  # NVFP4: 64 elements in 36 bytes
+    path = write_gguf(tmp_path / "odd.gguf", {}, {"w": (blocks, "NVFP4")}, arch="odd")
+    assert open_gguf(path).tensor("w").nbytes == blocks.nbytes
     f = run_json(path)
     assert f["n_layers"] is None and f["ram"]["kv_cache"] is None and f["ram"]["total"] is None
-    assert f["unsupported_types"] == ["TQ2_0"]
+    assert f["unsupported_types"] == ["NVFP4"]
     assert f["ram"]["ctx"] == DEFAULT_CTX
     text = run(path).stdout
     assert "not supported by qpack" in text and "layers        ?" in text
@@ -273,7 +271,9 @@ def test_ram_estimate_matches_what_the_engine_allocates(smollm2_path):
         assert abs(ram["scratch"] / model.native.scratch_bytes - 1) < 0.2
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+@pytest.mark.parametrize(
+    "arch", ["llama", "qwen2", "gemma3", "qwen3", "qwen3moe", "phi3", "gemma2"]
+)
 def test_one_source_of_memory_facts(tmp_path, arch):
     """The KV cache and activation buffers model.pxi allocates are exactly ModelFacts' figures
     (they had drifted apart: 3 x n_embd allocated, 4 x n_embd reported)."""
@@ -321,8 +321,8 @@ def test_metadata_reaches_the_terminal_escaped(tmp_path):
 
 def test_error_lines_are_escaped(tmp_path):
     """An error naming a tensor from the file (an unsupported type) is one escaped line."""
-    data = np.zeros((4, 256), np.float32)
-    path = write_gguf(tmp_path / "t.gguf", {}, {"tok\x1b[31mred": (data, "TQ2_0")})
+    data = np.zeros((4, 4 * 36), np.uint8)  # NVFP4 blocks, a type qpack refuses
+    path = write_gguf(tmp_path / "t.gguf", {}, {"tok\x1b[31mred": (data, "NVFP4")})
     result = CliRunner().invoke(qpack_cli, ["run", str(path), "-p", "hi"])
     assert result.exit_code == 1
-    assert "tok\\x1b[31mred has type TQ2_0" in result.output and "\x1b" not in result.output
+    assert "tok\\x1b[31mred has type NVFP4" in result.output and "\x1b" not in result.output

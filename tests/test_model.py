@@ -154,11 +154,11 @@ def test_unsupported_architecture_and_type_are_named(tmp_path):
     bad_arch = write_gguf(tmp_path / "a.gguf", {"mamba.block_count": 1}, {}, arch="mamba")
     with pytest.raises(UnsupportedModel, match="mamba"):
         Model(open_gguf(str(bad_arch)))
-    # a real file with an unsupported type: TQ2_0 written by gguf's own quantizer
+    # a real file with an unsupported type: NVFP4 blocks (4 rows of 256 elements, 4 x 36 bytes)
     bad_type = write_gguf(
-        tmp_path / "t.gguf", {}, {"token_embd.weight": (np.zeros((4, 256), np.float32), "TQ2_0")}
+        tmp_path / "t.gguf", {}, {"token_embd.weight": (np.zeros((4, 144), np.uint8), "NVFP4")}
     )
-    with pytest.raises(UnsupportedModel, match="TQ2_0"):
+    with pytest.raises(UnsupportedModel, match="NVFP4"):
         Model(open_gguf(str(bad_type)))
 
 

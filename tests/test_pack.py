@@ -373,10 +373,10 @@ def test_truncated_gguf(model, elf_stub, tmp_path):
 
 
 def test_unsupported_tensor_type(elf_stub, tmp_path):
-    path = tiny_llama(tmp_path / "mx.gguf", TinyLlamaConfig(weight_type="MXFP4"))
-    with pytest.raises(UnsupportedModel, match="MXFP4"):
+    path = tiny_llama(tmp_path / "nv.gguf", TinyLlamaConfig(weight_type="NVFP4"))
+    with pytest.raises(UnsupportedModel, match="NVFP4"):
         build(path, elf_stub, tmp_path / "x.bin")
-    assert leftovers(tmp_path) == ["mx.gguf"]
+    assert leftovers(tmp_path) == ["nv.gguf"]
 
 
 def test_unsupported_tokenizer(elf_stub, tmp_path):

@@ -75,7 +75,7 @@ def test_traits_match_the_type_tables(variant):
     assert listed == MODULES["generic"].supported_types()
     assert {name for _id, name, _e, _b in listed} == set(seen) == rq.SUPPORTED_WEIGHT_TYPES
     assert mod.type_traits(9) is None  # Q8_1: an activation type, never a weight here
-    assert mod.type_traits(16) is None  # IQ2_XXS: not supported
+    assert mod.type_traits(40) is None  # NVFP4: not supported
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -223,8 +223,8 @@ def test_lengths_are_checked(variant):
         mod.quantize_act(mod.ACT_Q8_32, np.ones(33, np.float32))
     with pytest.raises(ValueError, match="unknown activation"):
         mod.quantize_act(7, x)
-    with pytest.raises(UnsupportedModel, match="type 16"):
-        mod.dequantize(16, raw, 32)
+    with pytest.raises(UnsupportedModel, match="type 40"):  # NVFP4
+        mod.dequantize(40, raw, 64)
     with pytest.raises(UnsupportedModel):
         mod.matvec(9, raw.reshape(4, 18), x)
     assert mod.matvec(q4, raw.reshape(4, 18)[:0], x[:32]).shape == (0,)

@@ -4,6 +4,7 @@ reference in reference_forward.py without a real model."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import gguf
@@ -35,11 +36,13 @@ def tiny_model(
     softcaps: tuple[float, float] = (5.0, 3.0),
     metadata: dict | None = None,
     tensors: dict | None = None,
+    quantize: Callable[[np.ndarray, str], np.ndarray] | None = None,
 ) -> Path:
     """A random model of `arch` (llama, qwen2, qwen3, qwen3moe, phi3, gemma2, gemma3) under
     llama.cpp's tensor and key names. Matrices in weight_type (K-quants and IQ types as random
-    blocks); norms and biases F32. n_embd/n_ff multiples of 256 fit every quant type. qwen3moe
-    has n_expert experts of n_ff rows each; phi3 has rope factors (long ones past n_ctx_orig);
+    blocks, or, given `quantize`, random f32 matrices passed through quantize(matrix,
+    weight_type) -> raw blocks); norms and biases F32. n_embd/n_ff multiples of 256 fit every
+    quant type. qwen3moe has n_expert experts of n_ff rows each; phi3 has rope factors (long ones past n_ctx_orig);
     gemma2 caps attention scores and logits at `softcaps` (small enough to bind by default).
     `metadata` and `tensors` override entries (a value of None drops one): hostile variants
     for the fuzz and boundary tests."""
@@ -80,6 +83,9 @@ def tiny_model(
         md[f"{arch}.rope.scaling.attn_factor"] = (F32, 1.19)
 
     def mat(rows: int, cols: int, scale: float = 0.05):
+        if quantize is not None:
+            f32 = (rng.standard_normal((rows, cols)) * scale).astype(np.float32)
+            return quantize(f32, weight_type), weight_type
         if weight_type in K_QUANTS:
             return scaled_blocks(
                 random_quantized((rows, cols), weight_type, rng), weight_type, scale

@@ -10,8 +10,6 @@
 
 _Static_assert(sizeof(qk_act_q8_256) == 292, "Q8_256 activation block");
 
-static inline float qk_k_half(const uint8_t *p) { return qk_fp16_to_fp32(qk_load_u16(p)); }
-
 /* The portable code unpacks one super-block into int8 q[256] in element order, then works
  * per group with plain loops (which compilers vectorize even for baseline SSE2). */
 static inline int32_t qk_k_dot_i8(const int8_t *restrict q, const int8_t *restrict a, int len) {

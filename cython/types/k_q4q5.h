@@ -46,7 +46,7 @@ QK_NO_CONTRACT static inline void qk_k45_dequant(const uint8_t *x, int bytes, in
     QK_NO_CONTRACT_BODY
     uint8_t q[QK_SUPER], sc[8], mn[8];
     for (int64_t i = 0; i < n / QK_SUPER; i++, x += bytes, y += QK_SUPER) {
-        const float d = qk_k_half(x), dmin = qk_k_half(x + 2);
+        const float d = qk_half_at(x), dmin = qk_half_at(x + 2);
         qk_k4_scales(x + 4, sc, mn);
         qk_k45_unpack(x, five, q);
         for (int b = 0; b < 8; b++) {
@@ -67,7 +67,7 @@ static inline float qk_k45_dot(int64_t n, const uint8_t *x, int bytes, int five,
             sumi += sc[b] * qk_k_dot_i8((const int8_t *)q + 32 * b, y->qs + 32 * b, 32);
             summ += mn[b] * (y->bsums[2 * b] + y->bsums[2 * b + 1]);
         }
-        sum += y->d * qk_k_half(x) * (float)sumi - y->d * qk_k_half(x + 2) * (float)summ;
+        sum += y->d * qk_half_at(x) * (float)sumi - y->d * qk_half_at(x + 2) * (float)summ;
     }
     return sum;
 }
@@ -80,8 +80,8 @@ static inline void qk_k45_row_scales(const uint8_t *x, qk_panel256 *p, int i) {
         p->sc[s][i] = sc[s];
         p->mn[s][i] = qk_pair16(mn[s], mn[s]); /* a 32-element sub-block covers bsums 2s, 2s+1 */
     }
-    p->d[i] = qk_k_half(x);
-    p->nd[i] = -qk_k_half(x + 2);
+    p->d[i] = qk_half_at(x);
+    p->nd[i] = -qk_half_at(x + 2);
 }
 
 static inline void qk_k45_row(const uint8_t *x, int five, uint8_t u[QK_SUPER], qk_panel256 *p, int i) {

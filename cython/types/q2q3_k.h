@@ -42,7 +42,7 @@ QK_NO_CONTRACT static void qk_dequant_q2_k(const void *restrict src, float *rest
     const uint8_t *x = (const uint8_t *)src;
     uint8_t u[QK_SUPER];
     for (int64_t i = 0; i < n / QK_SUPER; i++, x += 84, y += QK_SUPER) {
-        const float d = qk_k_half(x + 80), dmin = qk_k_half(x + 82);
+        const float d = qk_half_at(x + 80), dmin = qk_half_at(x + 82);
         qk_unpack_q23_k(x + 16, NULL, u);
         for (int g = 0; g < 16; g++) {
             const float dl = d * (float)(x[g] & 0xf);
@@ -64,7 +64,7 @@ static float qk_dot_q2_k(int64_t n, const void *restrict w, const void *restrict
             sumi += (x[g] & 0xf) * qk_k_dot_i8((const int8_t *)u + 16 * g, y->qs + 16 * g, 16);
             summ += (x[g] >> 4) * y->bsums[g];
         }
-        sum += y->d * qk_k_half(x + 80) * (float)sumi - y->d * qk_k_half(x + 82) * (float)summ;
+        sum += y->d * qk_half_at(x + 80) * (float)sumi - y->d * qk_half_at(x + 82) * (float)summ;
     }
     return sum;
 }
@@ -72,8 +72,8 @@ static float qk_dot_q2_k(int64_t n, const void *restrict w, const void *restrict
 static inline void qk_q2_k_row_scales(const uint8_t *x, qk_panel256 *p, int i) {
     for (int g = 0; g < 16; g++) p->sc[g][i] = x[g] & 0xf;
     for (int q = 0; q < 8; q++) p->mn[q][i] = qk_pair16(x[2 * q] >> 4, x[2 * q + 1] >> 4);
-    p->d[i] = qk_k_half(x + 80);
-    p->nd[i] = -qk_k_half(x + 82);
+    p->d[i] = qk_half_at(x + 80);
+    p->nd[i] = -qk_half_at(x + 82);
 }
 
 static inline void qk_row_q2_k(const uint8_t *x, uint8_t u[QK_SUPER], qk_panel256 *p, int i) {
@@ -88,7 +88,7 @@ static void qk_dequant_q3_k(const void *restrict src, float *restrict y, int64_t
     uint8_t u[QK_SUPER];
     int8_t sc[16];
     for (int64_t i = 0; i < n / QK_SUPER; i++, x += 110, y += QK_SUPER) {
-        const float d = qk_k_half(x + 108);
+        const float d = qk_half_at(x + 108);
         qk_unpack_q23_k(x + 32, x, u);
         qk_k3_scales(x + 96, sc);
         for (int g = 0; g < 16; g++) {
@@ -110,7 +110,7 @@ static float qk_dot_q3_k(int64_t n, const void *restrict w, const void *restrict
         qk_k3_scales(x + 96, sc);
         int32_t sumi = 0;
         for (int g = 0; g < 16; g++) sumi += sc[g] * qk_k_dot_i8(q + 16 * g, y->qs + 16 * g, 16);
-        sum += y->d * qk_k_half(x + 108) * (float)sumi;
+        sum += y->d * qk_half_at(x + 108) * (float)sumi;
     }
     return sum;
 }
@@ -120,7 +120,7 @@ static inline void qk_q3_k_row_scales(const uint8_t *x, qk_panel256 *p, int i) {
     qk_k3_scales(x + 96, sc);
     for (int g = 0; g < 16; g++) p->sc[g][i] = sc[g];
     for (int q = 0; q < 8; q++) p->mn[q][i] = qk_pair16(4 * sc[2 * q], 4 * sc[2 * q + 1]);
-    const float d = qk_k_half(x + 108);
+    const float d = qk_half_at(x + 108);
     p->d[i] = d;
     p->nd[i] = -d; /* x = d*sc*(u - 4) */
 }

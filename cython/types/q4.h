@@ -33,8 +33,6 @@ static inline int qk_sum_i8x32(const int8_t *x, const int8_t *y) {
     return s;
 }
 
-static inline float qk_half_at(const uint8_t *p) { return qk_fp16_to_fp32(qk_load_u16(p)); }
-
 /* x = d * q (offset already in q), then + m for the types with a min: two roundings, as in
  * gguf's numpy reference. */
 QK_NO_CONTRACT static inline void qk_scale_block(const int8_t q[32], float d, float *restrict dst) {

@@ -24,7 +24,7 @@ static void qk_dequant_q6_k(const void *restrict src, float *restrict y, int64_t
     const uint8_t *x = (const uint8_t *)src;
     uint8_t u[QK_SUPER];
     for (int64_t i = 0; i < n / QK_SUPER; i++, x += 210, y += QK_SUPER) {
-        const float d = qk_k_half(x + 208);
+        const float d = qk_half_at(x + 208);
         const int8_t *sc = (const int8_t *)(x + 192);
         qk_unpack_q6_k(x, u);
         for (int g = 0; g < 16; g++) {
@@ -46,7 +46,7 @@ static float qk_dot_q6_k(int64_t n, const void *restrict w, const void *restrict
         for (int e = 0; e < QK_SUPER; e++) q[e] = (int8_t)(u[e] - 32);
         int32_t sumi = 0;
         for (int g = 0; g < 16; g++) sumi += sc[g] * qk_k_dot_i8(q + 16 * g, y->qs + 16 * g, 16);
-        sum += y->d * qk_k_half(x + 208) * (float)sumi;
+        sum += y->d * qk_half_at(x + 208) * (float)sumi;
     }
     return sum;
 }
@@ -55,7 +55,7 @@ static inline void qk_q6_k_row_scales(const uint8_t *x, qk_panel256 *p, int i) {
     const int8_t *sc = (const int8_t *)(x + 192);
     for (int s = 0; s < 16; s++) p->sc[s][i] = sc[s];
     for (int q = 0; q < 8; q++) p->mn[q][i] = qk_pair16(32 * sc[2 * q], 32 * sc[2 * q + 1]);
-    const float d = qk_k_half(x + 208);
+    const float d = qk_half_at(x + 208);
     p->d[i] = d;
     p->nd[i] = -d; /* x = d*sc*(q - 32) = d*sc*q - d*(32 sc) */
 }

@@ -1,0 +1,144 @@
+/* IQ1_S and IQ1_M: groups of 8 elements are one row of a grid of {-1, 0, 1} (iq_tables.h,
+ * stored as g + 1) shifted by a delta of +-1/8; 3-bit scales.
+ *     IQ1_S: per 32 elements a u16 qh: 3 high index bits per group, scale ls in bits 12..14,
+ *            delta sign in bit 15;  x = d * (2 ls + 1) * (g + delta)
+ *     IQ1_M: the f16 d is spread over the top nibbles of the four scale words; a 3-bit scale
+ *            per 16 elements, a delta sign per group of 8 (bit 3 of the group's qh nibble)
+ * (gguf-py's IQ1_S / IQ1_M, ggml's dequantize_row_iq1_*).
+ *
+ * Panel form (panel_unpack.h): 8 (g + delta) = 8 g +- 1 is an integer, so the delta goes into
+ * u = 8 (g + 1) + (delta > 0 ? 2 : 0) in 0..18, x = d/8 * (2 ls + 1) * (u - 9): sc = 2 ls + 1,
+ * the bsums coefficient 9 sc. max(u) = 18: AVX2 group 4.
+ */
+#ifndef QPACK_TYPES_IQ1_H
+#define QPACK_TYPES_IQ1_H
+
+#include "panel_unpack.h"
+#include "iq_tables.h"
+
+typedef struct {
+    uint8_t d[2];
+    uint8_t qs[32]; /* low 8 bits of the grid index of each group of 8 */
+    uint8_t qh[16]; /* 8 u16, one per 32 elements (see above) */
+} qk_block_iq1_s;
+QK_BLOCK_SIZE_IS(qk_block_iq1_s, 50);
+
+typedef struct {
+    uint8_t qs[32];
+    uint8_t qh[16];     /* a nibble per group: 3 high index bits, delta sign in bit 3 */
+    uint8_t scales[8];  /* 4 u16: four 3-bit scales each (bits 0..11), d's nibbles in 12..15 */
+} qk_block_iq1_m;
+QK_BLOCK_SIZE_IS(qk_block_iq1_m, 56);
+
+#define QK_IQ1_DELTA 0.125f
+
+/* grid + delta for the 8 elements of grid row idx, then dl * that (gguf-py's two roundings). */
+QK_NO_CONTRACT static inline void qk_iq1_group_to_f32(float dl, int idx, int neg_delta, float *y) {
+    QK_NO_CONTRACT_BODY
+    const uint64_t g = qk_iq1s_grid_p1[idx];
+    const float delta = neg_delta ? -QK_IQ1_DELTA : QK_IQ1_DELTA;
+    for (int k = 0; k < 8; k++) y[k] = dl * ((float)((int)((g >> (8 * k)) & 0xff) - 1) + delta);
+}
+
+/* u for one group: 8 (g + 1) per byte (g + 1 <= 2: the shift stays in the byte), + 2 unless
+ * the delta is negative. */
+static inline uint64_t qk_iq1_u8(int idx, int neg_delta) {
+    return (qk_iq1s_grid_p1[idx] << 3) + (neg_delta ? 0 : 0x0202020202020202ull);
+}
+
+static inline float qk_iq1_m_d(const qk_block_iq1_m *x) {
+    const uint16_t s0 = qk_load_u16(x->scales), s1 = qk_load_u16(x->scales + 2);
+    const uint16_t s2 = qk_load_u16(x->scales + 4), s3 = qk_load_u16(x->scales + 6);
+    return qk_fp16_to_fp32((uint16_t)((s0 >> 12) | ((s1 >> 8) & 0x00f0) | ((s2 >> 4) & 0x0f00) | (s3 & 0xf000)));
+}
+
+/* 3-bit scale of 16-element sub-block s. */
+static inline int qk_iq1_m_scale(const qk_block_iq1_m *x, int s) {
+    return (qk_load_u16(x->scales + 2 * (s / 4)) >> (3 * (s % 4))) & 7;
+}
+
+/* Grid index and delta sign of group j (0..31) of an IQ1_M block. */
+static inline int qk_iq1_m_nibble(const qk_block_iq1_m *x, int j) { return (x->qh[j / 2] >> (4 * (j % 2))) & 0xf; }
+
+QK_NO_CONTRACT static void qk_dequant_iq1_s(const void *restrict src, float *restrict y, int64_t n) {
+    QK_NO_CONTRACT_BODY
+    const qk_block_iq1_s *x = (const qk_block_iq1_s *)src;
+    for (int64_t b = 0; b < n / 256; b++, x++) {
+        const float d = qk_fp16_to_fp32(qk_load_u16(x->d));
+        for (int ib = 0; ib < 8; ib++) {
+            const uint16_t h = qk_load_u16(x->qh + 2 * ib);
+            const float dl = d * (float)(2 * ((h >> 12) & 7) + 1);
+            for (int l = 0; l < 4; l++, y += 8)
+                qk_iq1_group_to_f32(dl, x->qs[4 * ib + l] | (((h >> (3 * l)) & 7) << 8), h >> 15, y);
+        }
+    }
+}
+
+QK_NO_CONTRACT static void qk_dequant_iq1_m(const void *restrict src, float *restrict y, int64_t n) {
+    QK_NO_CONTRACT_BODY
+    const qk_block_iq1_m *x = (const qk_block_iq1_m *)src;
+    for (int64_t b = 0; b < n / 256; b++, x++) {
+        const float d = qk_iq1_m_d(x);
+        for (int j = 0; j < 32; j++, y += 8) {
+            const float dl = d * (float)(2 * qk_iq1_m_scale(x, j / 2) + 1);
+            const int nib = qk_iq1_m_nibble(x, j);
+            qk_iq1_group_to_f32(dl, x->qs[j] | ((nib & 7) << 8), nib & 8, y);
+        }
+    }
+}
+
+static inline void qk_unpack_iq1_s(const uint8_t *blk, uint8_t *u, qk_panel256 *p, int i) {
+    const qk_block_iq1_s *x = (const qk_block_iq1_s *)blk;
+    for (int ib = 0; ib < 8; ib++) {
+        const uint16_t h = qk_load_u16(x->qh + 2 * ib);
+        const uint8_t *q = x->qs + 4 * ib;
+#if QK_TILES_X86
+        const uint64_t *g = qk_iq1s_grid_p1;
+        const __m256i v = qk_grid4x8(g[q[0] | (h & 7) << 8], g[q[1] | (h & 0x38) << 5], g[q[2] | (h & 0x1c0) << 2],
+                                     g[q[3] | (h & 0xe00) >> 1]);
+        _mm256_storeu_si256((__m256i *)(u + 32 * ib),
+                            _mm256_add_epi8(_mm256_slli_epi16(v, 3), _mm256_set1_epi8((char)((~h >> 14) & 2))));
+#else
+        for (int l = 0; l < 4; l++) qk_store_u64(u + 32 * ib + 8 * l, qk_iq1_u8(q[l] | (((h >> (3 * l)) & 7) << 8), h >> 15));
+#endif
+        const int sc = 2 * ((h >> 12) & 7) + 1;
+        p->sc[ib][i] = sc;
+        p->mn[ib][i] = qk_pair16(9 * sc, 9 * sc);
+    }
+    const float d = qk_fp16_to_fp32(qk_load_u16(x->d)) * 0.125f;
+    p->d[i] = d;
+    p->nd[i] = -d;
+}
+
+static inline void qk_unpack_iq1_m(const uint8_t *blk, uint8_t *u, qk_panel256 *p, int i) {
+    const qk_block_iq1_m *x = (const qk_block_iq1_m *)blk;
+#if QK_TILES_X86
+    const uint64_t *g = qk_iq1s_grid_p1;
+    const uint64_t two = 0x0202020202020202ull;
+    for (int j = 0; j < 32; j += 4) {
+        const uint32_t h0 = x->qh[j / 2], h1 = x->qh[j / 2 + 1]; /* nibbles of groups j..j+3 */
+        const __m256i v = qk_grid4x8(g[x->qs[j] | (h0 & 7) << 8], g[x->qs[j + 1] | (h0 & 0x70) << 4],
+                                     g[x->qs[j + 2] | (h1 & 7) << 8], g[x->qs[j + 3] | (h1 & 0x70) << 4]);
+        const __m256i delta = qk_grid4x8((~h0 >> 3 & 1) * two, (~h0 >> 7 & 1) * two, (~h1 >> 3 & 1) * two,
+                                         (~h1 >> 7 & 1) * two); /* branch-free: the bits are random */
+        _mm256_storeu_si256((__m256i *)(u + 8 * j), _mm256_add_epi8(_mm256_slli_epi16(v, 3), delta));
+    }
+#else
+    for (int j = 0; j < 32; j++) {
+        const int nib = qk_iq1_m_nibble(x, j);
+        qk_store_u64(u + 8 * j, qk_iq1_u8(x->qs[j] | ((nib & 7) << 8), nib & 8));
+    }
+#endif
+    const uint64_t sc4 = qk_load_u16(x->scales) | (uint64_t)qk_load_u16(x->scales + 2) << 16 |
+                         (uint64_t)qk_load_u16(x->scales + 4) << 32 | (uint64_t)qk_load_u16(x->scales + 6) << 48;
+    for (int s = 0; s < 16; s++) p->sc[s][i] = 2 * (int)((sc4 >> (16 * (s / 4) + 3 * (s % 4))) & 7) + 1;
+    for (int q = 0; q < 8; q++) p->mn[q][i] = qk_pair16(9 * p->sc[2 * q][i], 9 * p->sc[2 * q + 1][i]);
+    const float d = qk_iq1_m_d(x) * 0.125f;
+    p->d[i] = d;
+    p->nd[i] = -d;
+}
+
+QK_UNPACKED_TYPE256(iq1_s, qk_unpack_iq1_s, 50, 32)
+QK_UNPACKED_TYPE256(iq1_m, qk_unpack_iq1_m, 56, 16)
+
+#endif

@@ -1,0 +1,170 @@
+/* IQ2_XXS, IQ2_XS, IQ2_S: 2-bit-ish "importance" quants. Each group of 8 elements is one row
+ * of a grid of magnitudes {8, 25, 43} (iq_tables.h) with 8 signs; a scale per 32 (XXS) or 16
+ * (XS, S) elements: x = d * (0.5 + ls) / 4 * grid * sign (gguf-py's IQ2_* classes, ggml's
+ * dequantize_row_iq2_*).
+ *
+ * Panel form (panel_unpack.h): u = 43 + sign * grid in 0..86, x = d/8 * (2 ls + 1) * (u - 43),
+ * so sc = 2 ls + 1 and the bsums coefficient is 43 sc. max(u) = 86: AVX2 group 1.
+ */
+#ifndef QPACK_TYPES_IQ2_H
+#define QPACK_TYPES_IQ2_H
+
+#include "panel_unpack.h"
+#include "iq_tables.h"
+
+typedef struct {
+    uint8_t d[2];   /* f16 */
+    uint8_t qs[64]; /* per 32 elements: 4 grid indices (bytes), then a u32 of 4 x 7 sign bits
+                       (ksigns index) and the 4-bit scale in bits 28..31 */
+} qk_block_iq2_xxs;
+QK_BLOCK_SIZE_IS(qk_block_iq2_xxs, 66);
+
+typedef struct {
+    uint8_t d[2];
+    uint8_t qs[64];    /* 32 u16: grid index in bits 0..8, ksigns index in 9..15 */
+    uint8_t scales[8]; /* 4 bits per 16 elements, low nibble first */
+} qk_block_iq2_xs;
+QK_BLOCK_SIZE_IS(qk_block_iq2_xs, 74);
+
+typedef struct {
+    uint8_t d[2];
+    uint8_t qs[32];    /* low 8 bits of the grid index of each group of 8 */
+    uint8_t signs[32]; /* one byte per group: bit k = element k negative */
+    uint8_t qh[8];     /* 2 high index bits per group, four groups a byte */
+    uint8_t scales[8];
+} qk_block_iq2_s;
+QK_BLOCK_SIZE_IS(qk_block_iq2_s, 82);
+
+#define QK_IQ2_OFF8 0x2b2b2b2b2b2b2b2bull /* 43 in every byte */
+
+/* ---------------------------------------------------------------- dequantization (gguf-py order) */
+
+QK_NO_CONTRACT static void qk_dequant_iq2_xxs(const void *restrict src, float *restrict y, int64_t n) {
+    QK_NO_CONTRACT_BODY
+    const qk_block_iq2_xxs *x = (const qk_block_iq2_xxs *)src;
+    for (int64_t b = 0; b < n / 256; b++, x++) {
+        const float d = qk_fp16_to_fp32(qk_load_u16(x->d));
+        for (int ib = 0; ib < 8; ib++) {
+            const uint8_t *q = x->qs + 8 * ib;
+            const uint32_t aux = qk_load_u32(q + 4);
+            const float db = d * (0.5f + (float)(aux >> 28)) * 0.25f;
+            for (int l = 0; l < 4; l++, y += 8)
+                qk_iq_grid8_to_f32(db, qk_iq2xxs_grid[q[l]], qk_ksigns[(aux >> (7 * l)) & 127], y);
+        }
+    }
+}
+
+QK_NO_CONTRACT static void qk_dequant_iq2_xs(const void *restrict src, float *restrict y, int64_t n) {
+    QK_NO_CONTRACT_BODY
+    const qk_block_iq2_xs *x = (const qk_block_iq2_xs *)src;
+    for (int64_t b = 0; b < n / 256; b++, x++) {
+        const float d = qk_fp16_to_fp32(qk_load_u16(x->d));
+        for (int s = 0; s < 16; s++) {
+            const float db = d * (0.5f + (float)((x->scales[s / 2] >> (4 * (s % 2))) & 0xf)) * 0.25f;
+            for (int l = 0; l < 2; l++, y += 8) {
+                const uint16_t q = qk_load_u16(x->qs + 2 * (2 * s + l));
+                qk_iq_grid8_to_f32(db, qk_iq2xs_grid[q & 511], qk_ksigns[q >> 9], y);
+            }
+        }
+    }
+}
+
+static inline int qk_iq2_s_index(const qk_block_iq2_s *x, int j) {
+    return x->qs[j] | (((x->qh[j / 4] >> (2 * (j % 4))) & 3) << 8);
+}
+
+QK_NO_CONTRACT static void qk_dequant_iq2_s(const void *restrict src, float *restrict y, int64_t n) {
+    QK_NO_CONTRACT_BODY
+    const qk_block_iq2_s *x = (const qk_block_iq2_s *)src;
+    for (int64_t b = 0; b < n / 256; b++, x++) {
+        const float d = qk_fp16_to_fp32(qk_load_u16(x->d));
+        for (int s = 0; s < 16; s++) {
+            const float db = d * (0.5f + (float)((x->scales[s / 2] >> (4 * (s % 2))) & 0xf)) * 0.25f;
+            for (int l = 0; l < 2; l++, y += 8) {
+                const int j = 2 * s + l;
+                qk_iq_grid8_to_f32(db, qk_iq2s_grid[qk_iq2_s_index(x, j)], x->signs[j], y);
+            }
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- unpack to the panel */
+
+static inline void qk_iq2_scales16(const uint8_t *scales, qk_panel256 *p, int i) {
+    for (int s = 0; s < 16; s++) p->sc[s][i] = 2 * ((scales[s / 2] >> (4 * (s % 2))) & 0xf) + 1;
+    for (int q = 0; q < 8; q++) p->mn[q][i] = qk_pair16(43 * p->sc[2 * q][i], 43 * p->sc[2 * q + 1][i]);
+}
+
+static inline void qk_iq2_d(const uint8_t *d16, qk_panel256 *p, int i) {
+    const float d = qk_fp16_to_fp32(qk_load_u16(d16)) * 0.125f;
+    p->d[i] = d;
+    p->nd[i] = -d;
+}
+
+static inline void qk_unpack_iq2_xxs(const uint8_t *blk, uint8_t *u, qk_panel256 *p, int i) {
+    const qk_block_iq2_xxs *x = (const qk_block_iq2_xxs *)blk;
+    for (int ib = 0; ib < 8; ib++) {
+        const uint8_t *q = x->qs + 8 * ib;
+        const uint32_t aux = qk_load_u32(q + 4);
+#if QK_TILES_X86
+        qk_store_signed32(u + 32 * ib,
+                          qk_grid4x8(qk_iq2xxs_grid[q[0]], qk_iq2xxs_grid[q[1]], qk_iq2xxs_grid[q[2]], qk_iq2xxs_grid[q[3]]),
+                          qk_ksigns4(aux), 43);
+#else
+        for (int l = 0; l < 4; l++)
+            qk_store_u64(u + 32 * ib + 8 * l,
+                         qk_signed_offset8(qk_iq2xxs_grid[q[l]], qk_ksigns[(aux >> (7 * l)) & 127], QK_IQ2_OFF8));
+#endif
+        const int sc = 2 * (int)(aux >> 28) + 1;
+        p->sc[ib][i] = sc;
+        p->mn[ib][i] = qk_pair16(43 * sc, 43 * sc);
+    }
+    qk_iq2_d(x->d, p, i);
+}
+
+static inline void qk_unpack_iq2_xs(const uint8_t *blk, uint8_t *u, qk_panel256 *p, int i) {
+    const qk_block_iq2_xs *x = (const qk_block_iq2_xs *)blk;
+#if QK_TILES_X86
+    for (int j = 0; j < 32; j += 4) {
+        const uint16_t q0 = qk_load_u16(x->qs + 2 * j), q1 = qk_load_u16(x->qs + 2 * j + 2);
+        const uint16_t q2 = qk_load_u16(x->qs + 2 * j + 4), q3 = qk_load_u16(x->qs + 2 * j + 6);
+        const uint32_t signs = (uint32_t)qk_ksigns[q0 >> 9] | (uint32_t)qk_ksigns[q1 >> 9] << 8 |
+                               (uint32_t)qk_ksigns[q2 >> 9] << 16 | (uint32_t)qk_ksigns[q3 >> 9] << 24;
+        qk_store_signed32(u + 8 * j,
+                          qk_grid4x8(qk_iq2xs_grid[q0 & 511], qk_iq2xs_grid[q1 & 511], qk_iq2xs_grid[q2 & 511],
+                                     qk_iq2xs_grid[q3 & 511]),
+                          signs, 43);
+    }
+#else
+    for (int j = 0; j < 32; j++) {
+        const uint16_t q = qk_load_u16(x->qs + 2 * j);
+        qk_store_u64(u + 8 * j, qk_signed_offset8(qk_iq2xs_grid[q & 511], qk_ksigns[q >> 9], QK_IQ2_OFF8));
+    }
+#endif
+    qk_iq2_scales16(x->scales, p, i);
+    qk_iq2_d(x->d, p, i);
+}
+
+static inline void qk_unpack_iq2_s(const uint8_t *blk, uint8_t *u, qk_panel256 *p, int i) {
+    const qk_block_iq2_s *x = (const qk_block_iq2_s *)blk;
+#if QK_TILES_X86
+    for (int j = 0; j < 32; j += 4) {
+        const uint32_t qh = x->qh[j / 4]; /* the 2 high bits of groups j..j+3 */
+        qk_store_signed32(u + 8 * j,
+                          qk_grid4x8(qk_iq2s_grid[x->qs[j] | (qh & 3) << 8], qk_iq2s_grid[x->qs[j + 1] | (qh & 12) << 6],
+                                     qk_iq2s_grid[x->qs[j + 2] | (qh & 48) << 4], qk_iq2s_grid[x->qs[j + 3] | (qh & 192) << 2]),
+                          qk_load_u32(x->signs + j), 43);
+    }
+#else
+    for (int j = 0; j < 32; j++)
+        qk_store_u64(u + 8 * j, qk_signed_offset8(qk_iq2s_grid[qk_iq2_s_index(x, j)], x->signs[j], QK_IQ2_OFF8));
+#endif
+    qk_iq2_scales16(x->scales, p, i);
+    qk_iq2_d(x->d, p, i);
+}
+
+QK_UNPACKED_TYPE256(iq2_xxs, qk_unpack_iq2_xxs, 66, 32)
+QK_UNPACKED_TYPE256(iq2_xs, qk_unpack_iq2_xs, 74, 16)
+QK_UNPACKED_TYPE256(iq2_s, qk_unpack_iq2_s, 82, 16)
+
+#endif

@@ -1,0 +1,161 @@
+/* What the grid, ternary and MXFP4 files (iq1.h, iq2.h, iq3.h, tq.h, mxfp4.h) share.
+ *
+ * Their blocks are unpacked one row at a time by a row unpacker of panel.h's signature
+ * (qk_row256_fn / qk_row32_fn): one block of one row as unsigned bytes u in natural element
+ * order, plus that row's scales, so that
+ *     256-element types:  x = d * sc_s * u + nd * (coefficient of the sub-block's bsums)
+ *     32-element types:   x = d * u + m
+ * All their u stay below 128 (narrow types: unsigned for vpdpbusd and maddubs, and valid as the
+ * signed bytes NEON's sdot reads). The x86 pack unpacks eight rows into a buffer and lays it
+ * into the interleaved panel with the 4x4 transposes of panel.h; the other builds write the
+ * rows through qk_pack256_rows / qk_pack32_rows. The per-row dot (the traits' reference) runs
+ * the tile's arithmetic on one unpacked row.
+ */
+#ifndef QPACK_TYPES_PANEL_UNPACK_H
+#define QPACK_TYPES_PANEL_UNPACK_H
+
+#include "../panel.h"
+#include "iq_tables.h"
+
+/* Byte k = 0xff where bit k of bits is set, else 0. */
+static inline uint64_t qk_bits_to_mask8(uint32_t bits) {
+    uint64_t x = ((uint64_t)(bits & 0xff) * 0x0101010101010101ull) & 0x8040201008040201ull;
+    x = ((x + 0x7f7f7f7f7f7f7f7full) | x) & 0x8080808080808080ull; /* top bit where nonzero */
+    return (x >> 7) * 0xff;
+}
+
+/* Eight bytes off + g_k, or off - g_k where bit k of signs is set (g_k <= off, off + g_k < 256:
+ * no carry or borrow crosses a byte). */
+static inline uint64_t qk_signed_offset8(uint64_t g, uint32_t signs, uint64_t off8) {
+    const uint64_t m = qk_bits_to_mask8(signs);
+    return ((off8 + g) & ~m) | ((off8 - g) & m);
+}
+
+/* (grid types) The four ksigns bytes of the 7-bit indices in bits 0..27 of aux, as one u32:
+ * ksigns[i] is i with bit 7 = the parity of i, computed here without the table (fewer
+ * instructions than four lookups; the tests hold both to gguf). */
+static inline uint32_t qk_ksigns4(uint32_t aux) {
+    const uint32_t x = (aux & 0x7f) | (aux & 0x3f80) << 1 | (aux & 0x1fc000) << 2 | (aux & 0xfe00000) << 3;
+    uint32_t p = x ^ (x >> 4); /* bit 0 of each byte ends as the parity of that byte */
+    p ^= p >> 2;
+    p ^= p >> 1;
+    return x | (p & 0x01010101u) << 7;
+}
+
+static inline void qk_store_u64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
+
+/* Dequantization of the grid types: eight values db * grid_k, negated where bit k of signs is
+ * set (gguf-py multiplies by the sign after the scale: -(db * g) exactly). */
+QK_NO_CONTRACT static inline void qk_iq_grid8_to_f32(float db, uint64_t g, uint32_t signs, float *y) {
+    QK_NO_CONTRACT_BODY
+    for (int k = 0; k < 8; k++) {
+        const float v = db * (float)((g >> (8 * k)) & 0xff);
+        y[k] = (signs >> k) & 1 ? -v : v;
+    }
+}
+
+#if QK_TILES_X86
+/* 32 bits -> 32 bytes, byte j = 0xff where bit j is set. */
+static inline __m256i qk_bits_to_bytes32(uint32_t bits) {
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+    return _mm256_movm_epi8((__mmask32)bits);
+#else
+    const __m256i shuf = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                          2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    const __m256i b = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), shuf);
+    const __m256i bitmask = _mm256_set1_epi64x((long long)0x8040201008040201ull);
+    return _mm256_cmpeq_epi8(_mm256_and_si256(b, bitmask), bitmask);
+#endif
+}
+
+/* 32 bytes off + g_k, or off - g_k where bit k of signs is set, stored at u (the x86 form of
+ * qk_signed_offset8 for four groups at once). */
+static inline void qk_store_signed32(uint8_t *u, __m256i g, uint32_t signs, char off) {
+    const __m256i m = qk_bits_to_bytes32(signs);
+    const __m256i v = _mm256_sub_epi8(_mm256_xor_si256(g, m), m);
+    _mm256_storeu_si256((__m256i *)u, _mm256_add_epi8(v, _mm256_set1_epi8(off)));
+}
+
+/* Four 8-byte grid rows as one vector, in order. */
+static inline __m256i qk_grid4x8(uint64_t g0, uint64_t g1, uint64_t g2, uint64_t g3) {
+    return _mm256_set_epi64x((long long)g3, (long long)g2, (long long)g1, (long long)g0);
+}
+
+/* Eight natural-order rows of len bytes (a multiple of 16) into the interleaved q[j][i][4]. */
+static inline void qk_lay_panel(const uint8_t *const rows[8], int len, uint8_t (*q)[QK_PANEL_ROWS][4]) {
+    for (int off = 0; off < len; off += 16) {
+        __m256i g[4];
+        qk_groups4(rows, (size_t)off, g);
+        for (int k = 0; k < 4; k++) qk_store_q(q[off / 4 + k][0], g[k]);
+    }
+}
+#endif
+
+/* One block of eight rows into the panel, through the type's row unpacker. */
+QK_TILE_INLINE void qk_pack256_unpacked(const uint8_t *const rp[8], size_t o, qk_panel256 *p, qk_row256_fn unpack) {
+#if QK_TILES_X86
+    uint8_t tmp[8][256];
+    const uint8_t *const rows[8] = {tmp[0], tmp[1], tmp[2], tmp[3], tmp[4], tmp[5], tmp[6], tmp[7]};
+    for (int i = 0; i < 8; i++) unpack(rp[i] + o, tmp[i], p, i);
+    qk_lay_panel(rows, 256, p->q);
+#else
+    qk_pack256_rows(rp, o, p, unpack);
+#endif
+}
+
+static inline int32_t qk_unpacked_dot(const uint8_t *u, const int8_t *a, int n) {
+    int32_t s = 0;
+    for (int e = 0; e < n; e++) s += (int32_t)u[e] * a[e];
+    return s;
+}
+
+/* The per-row product with the tile's arithmetic (tiles.h), lane 0 of a one-row panel. */
+QK_TILE_INLINE float qk_dot_unpacked256(qk_row256_fn unpack, int bytes, int sub, int64_t n, const uint8_t *w,
+                                        const qk_act_q8_256 *a) {
+    qk_panel256 p;
+    uint8_t u[256];
+    float acc = 0.0f;
+    for (int64_t b = 0; b < n / 256; b++) {
+        unpack(w + b * bytes, u, &p, 0);
+        int32_t tot = 0, mins = 0;
+        for (int s = 0; s < 256 / sub; s++) /* constant lengths, so that the sums vectorize */
+            tot += (sub == 32 ? qk_unpacked_dot(u + 32 * s, a[b].qs + 32 * s, 32)
+                              : qk_unpacked_dot(u + 16 * s, a[b].qs + 16 * s, 16)) * p.sc[s][0];
+        for (int q = 0; q < 8; q++) {
+            const int32_t c = p.mn[q][0];
+            mins += (int16_t)(c & 0xffff) * a[b].bsums[2 * q] + (int16_t)(c >> 16) * a[b].bsums[2 * q + 1];
+        }
+        acc = acc + (p.d[0] * a[b].d) * (float)tot;
+        acc = acc + (p.nd[0] * a[b].d) * (float)mins;
+    }
+    return acc;
+}
+
+QK_TILE_INLINE float qk_dot_unpacked32(qk_row32_fn unpack, int bytes, int64_t n, const uint8_t *w,
+                                       const qk_act_q8_32 *a) {
+    uint8_t u[32];
+    float acc = 0.0f, d, m;
+    for (int64_t b = 0; b < n / 32; b++) {
+        unpack(w + b * bytes, u, &d, &m);
+        acc = acc + (d * a[b].d) * (float)qk_unpacked_dot(u, a[b].qs, 32);
+        acc = acc + m * a[b].s;
+    }
+    return acc;
+}
+
+/* The reference dot of a 256-element type from its row unpacker (sub: 16 or 32 elements per
+ * integer scale), and its pack when that goes through the unpacker too. */
+#define QK_UNPACKED_DOT256(name, unpack, BYTES, sub)                                                  \
+    static float qk_dot_##name(int64_t n, const void *restrict w, const void *restrict act) {       \
+        return qk_dot_unpacked256(unpack, BYTES, sub, n, (const uint8_t *)w, (const qk_act_q8_256 *)act); \
+    }
+#define QK_UNPACKED_TYPE256(name, unpack, BYTES, sub)                                                 \
+    QK_UNPACKED_DOT256(name, unpack, BYTES, sub)                                                      \
+    static inline void qk_pack_##name(const uint8_t *const rp[8], size_t o, qk_panel256 *p) {        \
+        qk_pack256_unpacked(rp, o, p, unpack);                                                        \
+    }
+
+/* Compile-time check of a block struct's size (C99: a negative array size fails). */
+#define QK_BLOCK_SIZE_IS(type, bytes) typedef char qk_size_check_##type[sizeof(type) == (bytes) ? 1 : -1]
+
+#endif
