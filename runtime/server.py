@@ -28,6 +28,7 @@ from . import cpu, routes, session
 from . import openai_api as api
 from .errors import QpackError
 from .openai_api import ServerDefaults
+from .terminal import printable
 from .transport import HttpServer, Limits, Policy, listen_error
 from .version import __version__
 
@@ -195,7 +196,7 @@ def run(gguf: Any, options: ServerOptions) -> None:
         server.close()
         raise
     key_note = "; API key required" if options.api_key else ""
-    click.echo(f"qpack: ready: {server.model_id}, context {server.loaded.model.n_ctx}, "
+    click.echo(f"qpack: ready: {printable(server.model_id)}, context {server.loaded.model.n_ctx}, "
                f"{options.parallel} parallel{key_note}. Chat page: {url}", err=True)  # fmt: skip
     if options.open_browser and _desktop_present():
         threading.Thread(target=webbrowser.open, args=(url,), daemon=True).start()

@@ -520,3 +520,19 @@ def test_stream_completes_while_1100_slow_clients_are_held(smollm2_path):
         s.stop()
     log = "".join(s.log)
     assert "Traceback" not in log and "internal error" not in log, log
+
+
+def test_the_ready_line_escapes_the_models_name(tmp_path):
+    """general.name is the model file's text: its escape sequences never reach the terminal."""
+    from gguf_fixtures import TinyLlamaConfig, tiny_llama
+
+    name = "evil\x1b]0;pwned\x07\x1b[2J"
+    model = tiny_llama(
+        tmp_path / "evil.gguf", TinyLlamaConfig(extra_metadata={"general.name": name})
+    )
+    s = ServerProcess(str(model), "-t", "1")
+    try:
+        ready = [line for line in s.log if "ready:" in line]
+        assert ready and "\x1b" not in ready[0] and "\x07" not in ready[0], ready
+    finally:
+        s.stop()
