@@ -523,12 +523,13 @@ def test_stream_completes_while_1100_slow_clients_are_held(smollm2_path):
 
 
 def test_the_ready_line_escapes_the_models_name(tmp_path):
-    """general.name is the model file's text: its escape sequences never reach the terminal."""
+    """general.name is the model file's text (the id of a model whose file name does not end
+    in .gguf): its escape sequences never reach the terminal."""
     from gguf_fixtures import TinyLlamaConfig, tiny_llama
 
     name = "evil\x1b]0;pwned\x07\x1b[2J"
     model = tiny_llama(
-        tmp_path / "evil.gguf", TinyLlamaConfig(extra_metadata={"general.name": name})
+        tmp_path / "evil.model", TinyLlamaConfig(extra_metadata={"general.name": name})
     )
     s = ServerProcess(str(model), "-t", "1")
     try:
