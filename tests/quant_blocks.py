@@ -118,3 +118,27 @@ def check_matvec(mod, name: str, raw_rows: np.ndarray, x: np.ndarray) -> np.ndar
     one = mod.dot(qtype(name), shifted, x)
     assert abs(one - got[-1]) <= DOT_RTOL * scale[-1] + 1e-30
     return got
+
+
+def activations(n_tok: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Gaussian rows of skewed magnitudes, a row of +1 (every quant 127) and one of -1."""
+    x = rng.standard_normal((n_tok, n)).astype(np.float32) * rng.uniform(0.1, 10, (n_tok, 1))
+    x[0] = 1.0
+    if n_tok > 1:
+        x[1] = -1.0
+    return x.astype(np.float32)
+
+
+def assert_batch_invariant(mod, ggml_type: int, w: np.ndarray, x: np.ndarray) -> None:
+    """Every (row, token) of W.x bit-identical whether computed alone, in a ragged panel or in a
+    full tile of tokens (w: 21 rows, x: 10 tokens)."""
+    whole = mod.gemm(ggml_type, w, x)
+    for r0, r1, t0, t1 in [
+        (0, 1, 0, 1),
+        (3, 20, 2, 3),
+        (5, 13, 1, 9),
+        (16, 21, 9, 10),
+        (0, 21, 4, 8),
+    ]:
+        part = mod.gemm(ggml_type, np.ascontiguousarray(w[r0:r1]), np.ascontiguousarray(x[t0:t1]))
+        assert np.array_equal(part, whole[t0:t1, r0:r1]), (r0, r1, t0, t1)

@@ -19,7 +19,16 @@ import pytest
 from gguf import GGML_QUANT_SIZES
 from gguf import quants as gq
 from qpack.runtime import quants as rq
-from quant_blocks import MODULES, VARIANTS, assert_bits_equal, check_matvec, dequant_act, qtype
+from quant_blocks import (
+    MODULES,
+    VARIANTS,
+    activations,
+    assert_batch_invariant,
+    assert_bits_equal,
+    check_matvec,
+    dequant_act,
+    qtype,
+)
 
 IQ_TYPES = ["IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S"]
 NEW_TYPES = IQ_TYPES + ["TQ1_0", "TQ2_0", "MXFP4"]
@@ -50,15 +59,6 @@ def random_rows(name: str, rows: int, n: int, rng: np.random.Generator) -> np.nd
         raw[:, :, 0] = rng.integers(110, 135, (rows, nb))
         raw[0, 0, 0], raw[0, -1, 0] = 0, 1
     return raw.reshape(rows, nb * block_bytes)
-
-
-def activations(n_tok: int, n: int, rng: np.random.Generator) -> np.ndarray:
-    """Gaussian rows of skewed magnitudes, a row of +1 (every quant 127) and one of -1."""
-    x = rng.standard_normal((n_tok, n)).astype(np.float32) * rng.uniform(0.1, 10, (n_tok, 1))
-    x[0] = 1.0
-    if n_tok > 1:
-        x[1] = -1.0
-    return x.astype(np.float32)
 
 
 def row_len(name: str, blocks: int) -> int:
@@ -158,17 +158,7 @@ def test_results_do_not_depend_on_the_batch(variant, name):
     n = row_len(name, 1 if name != "MXFP4" else 2)
     w = random_rows(name, 21, n, rng)
     x = activations(10, n, rng)
-    t = int(qtype(name))
-    whole = mod.gemm(t, w, x)
-    for r0, r1, t0, t1 in [
-        (0, 1, 0, 1),
-        (3, 20, 2, 3),
-        (5, 13, 1, 9),
-        (16, 21, 9, 10),
-        (0, 21, 4, 8),
-    ]:
-        part = mod.gemm(t, np.ascontiguousarray(w[r0:r1]), np.ascontiguousarray(x[t0:t1]))
-        assert np.array_equal(part, whole[t0:t1, r0:r1]), (r0, r1, t0, t1)
+    assert_batch_invariant(mod, int(qtype(name)), w, x)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -16,6 +16,7 @@ import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gq
 from qpack.runtime import cpu
+from quant_blocks import activations, assert_batch_invariant
 
 VARIANTS = cpu.supported_variants()
 MODULES = {name: cpu._import(name) for name in VARIANTS}
@@ -63,15 +64,6 @@ def dequant_act(mod, act: int, x: np.ndarray) -> np.ndarray:
     else:
         b = raw.view(Q8_256)
     return (b["d"][:, None].astype(np.float64) * b["qs"]).ravel()
-
-
-def activations(n_tok: int, n: int, rng: np.random.Generator) -> np.ndarray:
-    """Gaussian rows, a row of +1 (every quant 127) and a row of -1, skewed magnitudes."""
-    x = rng.standard_normal((n_tok, n)).astype(np.float32) * rng.uniform(0.1, 10, (n_tok, 1))
-    x[0] = 1.0
-    if n_tok > 1:
-        x[1] = -1.0
-    return x.astype(np.float32)
 
 
 def check_against_exact(mod, name: str, w: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
@@ -128,17 +120,7 @@ def test_results_do_not_depend_on_the_batch(variant, name):
     n = 256 if GGML_QUANT_SIZES[qtype(name)][0] == 256 else 64
     w = random_rows(name, 21, n, rng)
     x = activations(10, n, rng)
-    t = int(qtype(name))
-    whole = mod.gemm(t, w, x)
-    for r0, r1, t0, t1 in [
-        (0, 1, 0, 1),
-        (3, 20, 2, 3),
-        (5, 13, 1, 9),
-        (16, 21, 9, 10),
-        (0, 21, 4, 8),
-    ]:
-        part = mod.gemm(t, np.ascontiguousarray(w[r0:r1]), np.ascontiguousarray(x[t0:t1]))
-        assert np.array_equal(part, whole[t0:t1, r0:r1]), (r0, r1, t0, t1)
+    assert_batch_invariant(mod, int(qtype(name)), w, x)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
