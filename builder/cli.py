@@ -218,16 +218,21 @@ def quantize_command(src, dst, ftype, imatrix_file, allow_requantize, threads) -
     _run_quantize(src, dst, ftype, imatrix, allow_requantize, threads)
 
 
+def text_file_option(help: str):
+    """-f/--file TEXT: the UTF-8 text that imatrix, advise and perplexity read."""
+    return click.option(
+        "-f",
+        "--file",
+        "text_file",
+        required=True,
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        help=help,
+    )
+
+
 @main.command("imatrix")
 @click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option(
-    "-f",
-    "--file",
-    "text_file",
-    required=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Calibration text (UTF-8).",
-)
+@text_file_option("Calibration text (UTF-8).")
 @click.option(
     "-o",
     "--output",
@@ -264,13 +269,8 @@ def imatrix_command(model, text_file, output, ctx_size, chunks, cpu_choice) -> N
 
 @main.command("advise")
 @click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option(
-    "-f",
-    "--file",
-    "text_file",
-    required=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Text for perplexity and KL divergence (UTF-8; a few thousand tokens are enough).",
+@text_file_option(
+    "Text for perplexity and KL divergence (UTF-8; a few thousand tokens are enough)."
 )
 @click.option("--ram", default=None, help="RAM budget, e.g. 8G (default: this machine's RAM).")
 @click.option("--ctx", default=4096, show_default=True, type=click.IntRange(min=8),
@@ -405,14 +405,7 @@ def serve_command(model, **kw) -> None:
 
 @main.command("perplexity")
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option(
-    "-f",
-    "--file",
-    "text_file",
-    required=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Text to score (UTF-8).",
-)
+@text_file_option("Text to score (UTF-8).")
 @click.option(
     "-c",
     "--ctx-size",
