@@ -98,6 +98,13 @@ static inline void qk_unpack_iq1_s(const uint8_t *blk, uint8_t *u, qk_panel256 *
                                      g[q[3] | (h & 0xe00) >> 1]);
         _mm256_storeu_si256((__m256i *)(u + 32 * ib),
                             _mm256_add_epi8(_mm256_slli_epi16(v, 3), _mm256_set1_epi8((char)((~h >> 14) & 2))));
+#elif QK_TILES_NEON
+        const uint64_t *g = qk_iq1s_grid_p1;
+        const uint8x16_t delta = vdupq_n_u8((uint8_t)((~h >> 14) & 2));
+        const uint8x16_t v0 = qk_grid2x8_neon(g[q[0] | (h & 7) << 8], g[q[1] | (h & 0x38) << 5]);
+        const uint8x16_t v1 = qk_grid2x8_neon(g[q[2] | (h & 0x1c0) << 2], g[q[3] | (h & 0xe00) >> 1]);
+        vst1q_u8(u + 32 * ib, vaddq_u8(vshlq_n_u8(v0, 3), delta));
+        vst1q_u8(u + 32 * ib + 16, vaddq_u8(vshlq_n_u8(v1, 3), delta));
 #else
         for (int l = 0; l < 4; l++) qk_store_u64(u + 32 * ib + 8 * l, qk_iq1_u8(q[l] | (((h >> (3 * l)) & 7) << 8), h >> 15));
 #endif
@@ -122,6 +129,14 @@ static inline void qk_unpack_iq1_m(const uint8_t *blk, uint8_t *u, qk_panel256 *
         const __m256i delta = qk_grid4x8((~h0 >> 3 & 1) * two, (~h0 >> 7 & 1) * two, (~h1 >> 3 & 1) * two,
                                          (~h1 >> 7 & 1) * two); /* branch-free: the bits are random */
         _mm256_storeu_si256((__m256i *)(u + 8 * j), _mm256_add_epi8(_mm256_slli_epi16(v, 3), delta));
+    }
+#elif QK_TILES_NEON
+    const uint64_t *g = qk_iq1s_grid_p1;
+    for (int j = 0; j < 32; j += 2) {
+        const uint32_t h = x->qh[j / 2]; /* nibbles of groups j, j+1 */
+        const uint8x16_t v = qk_grid2x8_neon(g[x->qs[j] | (h & 7) << 8], g[x->qs[j + 1] | (h & 0x70) << 4]);
+        const uint8x16_t delta = vcombine_u8(vdup_n_u8((uint8_t)((~h >> 2) & 2)), vdup_n_u8((uint8_t)((~h >> 6) & 2)));
+        vst1q_u8(u + 8 * j, vaddq_u8(vshlq_n_u8(v, 3), delta));
     }
 #else
     for (int j = 0; j < 32; j++) {

@@ -110,6 +110,11 @@ static inline void qk_unpack_iq2_xxs(const uint8_t *blk, uint8_t *u, qk_panel256
         qk_store_signed32(u + 32 * ib,
                           qk_grid4x8(qk_iq2xxs_grid[q[0]], qk_iq2xxs_grid[q[1]], qk_iq2xxs_grid[q[2]], qk_iq2xxs_grid[q[3]]),
                           qk_ksigns4(aux), 43);
+#elif QK_TILES_NEON
+        const uint32_t signs = qk_ksigns4(aux);
+        qk_store_signed16_neon(u + 32 * ib, qk_grid2x8_neon(qk_iq2xxs_grid[q[0]], qk_iq2xxs_grid[q[1]]), signs, 43);
+        qk_store_signed16_neon(u + 32 * ib + 16, qk_grid2x8_neon(qk_iq2xxs_grid[q[2]], qk_iq2xxs_grid[q[3]]),
+                               signs >> 16, 43);
 #else
         for (int l = 0; l < 4; l++)
             qk_store_u64(u + 32 * ib + 8 * l,
@@ -135,6 +140,12 @@ static inline void qk_unpack_iq2_xs(const uint8_t *blk, uint8_t *u, qk_panel256 
                                      qk_iq2xs_grid[q3 & 511]),
                           signs, 43);
     }
+#elif QK_TILES_NEON
+    for (int j = 0; j < 32; j += 2) {
+        const uint16_t q0 = qk_load_u16(x->qs + 2 * j), q1 = qk_load_u16(x->qs + 2 * j + 2);
+        qk_store_signed16_neon(u + 8 * j, qk_grid2x8_neon(qk_iq2xs_grid[q0 & 511], qk_iq2xs_grid[q1 & 511]),
+                               (uint32_t)qk_ksigns[q0 >> 9] | (uint32_t)qk_ksigns[q1 >> 9] << 8, 43);
+    }
 #else
     for (int j = 0; j < 32; j++) {
         const uint16_t q = qk_load_u16(x->qs + 2 * j);
@@ -154,6 +165,17 @@ static inline void qk_unpack_iq2_s(const uint8_t *blk, uint8_t *u, qk_panel256 *
                           qk_grid4x8(qk_iq2s_grid[x->qs[j] | (qh & 3) << 8], qk_iq2s_grid[x->qs[j + 1] | (qh & 12) << 6],
                                      qk_iq2s_grid[x->qs[j + 2] | (qh & 48) << 4], qk_iq2s_grid[x->qs[j + 3] | (qh & 192) << 2]),
                           qk_load_u32(x->signs + j), 43);
+    }
+#elif QK_TILES_NEON
+    for (int j = 0; j < 32; j += 4) {
+        const uint32_t qh = x->qh[j / 4];
+        qk_store_signed16_neon(u + 8 * j,
+                               qk_grid2x8_neon(qk_iq2s_grid[x->qs[j] | (qh & 3) << 8], qk_iq2s_grid[x->qs[j + 1] | (qh & 12) << 6]),
+                               qk_load_u16(x->signs + j), 43);
+        qk_store_signed16_neon(u + 8 * j + 16,
+                               qk_grid2x8_neon(qk_iq2s_grid[x->qs[j + 2] | (qh & 48) << 4],
+                                               qk_iq2s_grid[x->qs[j + 3] | (qh & 192) << 2]),
+                               qk_load_u16(x->signs + j + 2), 43);
     }
 #else
     for (int j = 0; j < 32; j++)

@@ -82,6 +82,12 @@ static inline void qk_unpack_iq3_xxs(const uint8_t *blk, uint8_t *u, qk_panel256
                           _mm256_set_epi32((int)g[q[7]], (int)g[q[6]], (int)g[q[5]], (int)g[q[4]], (int)g[q[3]],
                                            (int)g[q[2]], (int)g[q[1]], (int)g[q[0]]),
                           qk_ksigns4(aux), 62);
+#elif QK_TILES_NEON
+        const uint32_t *g = qk_iq3xxs_grid, signs = qk_ksigns4(aux);
+        qk_store_signed16_neon(u + 32 * ib, qk_grid2x8_neon(qk_iq3_pair(g, q[0], q[1]), qk_iq3_pair(g, q[2], q[3])),
+                               signs, 62);
+        qk_store_signed16_neon(u + 32 * ib + 16, qk_grid2x8_neon(qk_iq3_pair(g, q[4], q[5]), qk_iq3_pair(g, q[6], q[7])),
+                               signs >> 16, 62);
 #else
         for (int l = 0; l < 4; l++)
             qk_store_u64(u + 32 * ib + 8 * l,
@@ -111,6 +117,12 @@ static inline void qk_unpack_iq3_s(const uint8_t *blk, uint8_t *u, qk_panel256 *
                                            (int)g[q[1] | (h & 2) << 7], (int)g[q[0] | (h & 1) << 8]),
                           qk_load_u32(x->signs + 4 * ib), 15);
     }
+#elif QK_TILES_NEON
+    for (int j = 0; j < 64; j += 4)
+        qk_store_signed16_neon(u + 4 * j,
+                               qk_grid2x8_neon(qk_iq3_pair(qk_iq3s_grid, qk_iq3_s_index(x, j), qk_iq3_s_index(x, j + 1)),
+                                               qk_iq3_pair(qk_iq3s_grid, qk_iq3_s_index(x, j + 2), qk_iq3_s_index(x, j + 3))),
+                               qk_load_u16(x->signs + j / 2), 15);
 #else
     for (int j = 0; j < 64; j += 2)
         qk_store_u64(u + 4 * j,

@@ -91,13 +91,45 @@ static inline void qk_lay_panel(const uint8_t *const rows[8], int len, uint8_t (
 }
 #endif
 
-/* One block of eight rows into the panel, through the type's row unpacker. */
+#if QK_TILES_NEON
+/* 16 bits -> 16 bytes, byte k = 0xff where bit k is set. */
+static inline uint8x16_t qk_bits_to_bytes16_neon(uint32_t bits) {
+    const uint8x16_t b = vcombine_u8(vdup_n_u8((uint8_t)bits), vdup_n_u8((uint8_t)(bits >> 8)));
+    return vtstq_u8(b, vreinterpretq_u8_u64(vdupq_n_u64(0x8040201008040201ull)));
+}
+
+/* Two 8-byte grid rows as one vector, in order. */
+static inline uint8x16_t qk_grid2x8_neon(uint64_t g0, uint64_t g1) { return vcombine_u8(vcreate_u8(g0), vcreate_u8(g1)); }
+
+/* 16 bytes off + g_k, or off - g_k where bit k of signs is set, stored at u (the NEON form of
+ * qk_signed_offset8 for two groups at once). */
+static inline void qk_store_signed16_neon(uint8_t *u, uint8x16_t g, uint32_t signs, uint8_t off) {
+    const uint8x16_t m = qk_bits_to_bytes16_neon(signs);
+    vst1q_u8(u, vaddq_u8(vsubq_u8(veorq_u8(g, m), m), vdupq_n_u8(off)));
+}
+
+/* Eight natural-order rows of len bytes (a multiple of 16) into the interleaved q[j][i][4]. */
+static inline void qk_lay_panel_neon(const uint8_t *const rows[8], int len, uint8_t (*q)[QK_PANEL_ROWS][4]) {
+    for (int off = 0; off < len; off += 16) {
+        uint8x16_t g[4], h[4];
+        qk_groups4_neon(rows, (size_t)off, g, h);
+        for (int k = 0; k < 4; k++) qk_store_q_neon(q[off / 4 + k], g[k], h[k]);
+    }
+}
+#endif
+
+/* One block of eight rows into the panel, through the type's row unpacker: SIMD builds unpack
+ * the eight rows side by side, then transpose them into the panel 16 bytes at a time. */
 QK_TILE_INLINE void qk_pack256_unpacked(const uint8_t *const rp[8], size_t o, qk_panel256 *p, qk_row256_fn unpack) {
-#if QK_TILES_X86
+#if QK_TILES_X86 || QK_TILES_NEON
     uint8_t tmp[8][256];
     const uint8_t *const rows[8] = {tmp[0], tmp[1], tmp[2], tmp[3], tmp[4], tmp[5], tmp[6], tmp[7]};
     for (int i = 0; i < 8; i++) unpack(rp[i] + o, tmp[i], p, i);
+#if QK_TILES_X86
     qk_lay_panel(rows, 256, p->q);
+#else
+    qk_lay_panel_neon(rows, 256, p->q);
+#endif
 #else
     qk_pack256_rows(rp, o, p, unpack);
 #endif

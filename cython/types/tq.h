@@ -162,6 +162,70 @@ static inline void qk_pack_tq2_0(const uint8_t *const rp[8], size_t o, qk_panel2
     qk_tq_panel_scales_x86(rp, o + 64, p);
 }
 
+#elif QK_TILES_NEON
+/* The NEON forms of the x86 code above: the same byte-wise work on transposed groups, the low
+ * half of each panel quad (rows 0-3) in one register, the high half (rows 4-7) in another. */
+static inline uint8x16_t qk_trit_of_neon(uint8x16_t t) {
+    return vsubq_u8(vsubq_u8(vdupq_n_u8(0), vcgeq_u8(t, vdupq_n_u8(86))), vcgeq_u8(t, vdupq_n_u8(171)));
+}
+
+static inline uint8x16_t qk_times3_u8(uint8x16_t t) { return vaddq_u8(vaddq_u8(t, t), t); }
+
+static inline void qk_tq_panel_scales_rows(const uint8_t *const rp[8], size_t d_off, qk_panel256 *p) {
+    for (int s = 0; s < 8; s++) {
+        vst1q_s32(p->sc[s], vdupq_n_s32(1));
+        vst1q_s32(p->sc[s] + 4, vdupq_n_s32(1));
+        vst1q_s32(p->mn[s], vdupq_n_s32(qk_pair16(1, 1)));
+        vst1q_s32(p->mn[s] + 4, vdupq_n_s32(qk_pair16(1, 1)));
+    }
+    for (int i = 0; i < 8; i++) {
+        p->d[i] = qk_fp16_to_fp32(qk_load_u16(rp[i] + d_off));
+        p->nd[i] = -p->d[i];
+    }
+}
+
+static inline void qk_pack_tq1_0(const uint8_t *const rp[8], size_t o, qk_panel256 *p) {
+    uint8x16_t x[8], y[8];
+    qk_groups8_neon(rp, o, x, y); /* bytes 4k..4k+3: elements 32 n + 4k.. for trit n */
+    for (int n = 0; n < 5; n++)
+        for (int k = 0; k < 8; k++) {
+            qk_store_q_neon(p->q[8 * n + k], qk_trit_of_neon(x[k]), qk_trit_of_neon(y[k]));
+            x[k] = qk_times3_u8(x[k]);
+            y[k] = qk_times3_u8(y[k]);
+        }
+    qk_groups4_neon(rp, o + 32, x, y); /* bytes 32 + 4k..: elements 160 + 16 n + 4k.. */
+    for (int n = 0; n < 5; n++)
+        for (int k = 0; k < 4; k++) {
+            qk_store_q_neon(p->q[40 + 4 * n + k], qk_trit_of_neon(x[k]), qk_trit_of_neon(y[k]));
+            x[k] = qk_times3_u8(x[k]);
+            y[k] = qk_times3_u8(y[k]);
+        }
+    uint32_t qh[8]; /* qh: elements 240 + 4 n + m */
+    for (int i = 0; i < 8; i++) qh[i] = qk_load_u32(rp[i] + o + 48);
+    uint8x16_t lo = vreinterpretq_u8_u32(vld1q_u32(qh)), hi = vreinterpretq_u8_u32(vld1q_u32(qh + 4));
+    for (int n = 0; n < 4; n++) {
+        qk_store_q_neon(p->q[60 + n], qk_trit_of_neon(lo), qk_trit_of_neon(hi));
+        lo = qk_times3_u8(lo);
+        hi = qk_times3_u8(hi);
+    }
+    qk_tq_panel_scales_rows(rp, o + 52, p);
+}
+
+static inline void qk_pack_tq2_0(const uint8_t *const rp[8], size_t o, qk_panel256 *p) {
+    const uint8x16_t m3 = vdupq_n_u8(3);
+    for (int half = 0; half < 2; half++) {
+        uint8x16_t x[8], y[8];
+        qk_groups8_neon(rp, o + 32 * half, x, y);
+        for (int l = 0; l < 4; l++)
+            for (int k = 0; k < 8; k++)
+                qk_store_q_neon(p->q[32 * half + 8 * l + k], vandq_u8(qk_shr_u8(x[k], 2 * l), m3),
+                                vandq_u8(qk_shr_u8(y[k], 2 * l), m3));
+    }
+    qk_tq_panel_scales_rows(rp, o + 64, p);
+}
+#endif
+
+#if QK_TILES_X86 || QK_TILES_NEON
 QK_UNPACKED_DOT256(tq1_0, qk_unpack_tq1_0, 54, 32)
 QK_UNPACKED_DOT256(tq2_0, qk_unpack_tq2_0, 66, 32)
 #else
