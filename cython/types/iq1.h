@@ -87,17 +87,79 @@ QK_NO_CONTRACT static void qk_dequant_iq1_m(const void *restrict src, float *res
     }
 }
 
+/* 3-bit scales of the 16 sub-blocks of an IQ1_M block, as 2 ls + 1. */
+static inline void qk_iq1_m_scales(const qk_block_iq1_m *x, int sc[16]) {
+    const uint64_t sc4 = qk_load_u16(x->scales) | (uint64_t)qk_load_u16(x->scales + 2) << 16 |
+                         (uint64_t)qk_load_u16(x->scales + 4) << 32 | (uint64_t)qk_load_u16(x->scales + 6) << 48;
+    for (int s = 0; s < 16; s++) sc[s] = 2 * (int)((sc4 >> (16 * (s / 4) + 3 * (s % 4))) & 7) + 1;
+}
+
+#if QK_TILES_X86
+/* The panel bytes u of chunk ib of IQ1_S (its 4 grid index bytes q and qh word h), of chunk c
+ * (elements 32 c..) of IQ1_M. */
+static inline __m256i qk_iq1_s_u32(const uint8_t *q, uint32_t h) {
+    const uint64_t *g = qk_iq1s_grid_p1;
+    const __m256i v = qk_grid4x8(g[q[0] | (h & 7) << 8], g[q[1] | (h & 0x38) << 5], g[q[2] | (h & 0x1c0) << 2],
+                                 g[q[3] | (h & 0xe00) >> 1]);
+    return _mm256_add_epi8(_mm256_slli_epi16(v, 3), _mm256_set1_epi8((char)((~h >> 14) & 2)));
+}
+
+static inline __m256i qk_iq1_m_u32(const qk_block_iq1_m *x, int c) {
+    const uint64_t *g = qk_iq1s_grid_p1;
+    const uint64_t two = 0x0202020202020202ull;
+    const uint8_t *qs = x->qs + 4 * c;
+    const uint32_t h0 = x->qh[2 * c], h1 = x->qh[2 * c + 1]; /* nibbles of groups 4c..4c+3 */
+    const __m256i v = qk_grid4x8(g[qs[0] | (h0 & 7) << 8], g[qs[1] | (h0 & 0x70) << 4], g[qs[2] | (h1 & 7) << 8],
+                                 g[qs[3] | (h1 & 0x70) << 4]);
+    const __m256i delta = qk_grid4x8((~h0 >> 3 & 1) * two, (~h0 >> 7 & 1) * two, (~h1 >> 3 & 1) * two,
+                                     (~h1 >> 7 & 1) * two); /* branch-free: the bits are random */
+    return _mm256_add_epi8(_mm256_slli_epi16(v, 3), delta);
+}
+
+/* Decode (panel_unpack.h). */
+static inline float qk_fused_iq1_s(const uint8_t *blk, const qk_act_q8_256 *a, int32_t *tot, int32_t *mins) {
+    const qk_block_iq1_s *x = (const qk_block_iq1_s *)blk;
+    __m256i acc = _mm256_setzero_si256();
+    int32_t m = 0;
+    for (int ib = 0; ib < 8; ib++) {
+        const uint32_t h = qk_load_u16(x->qh + 2 * ib);
+        const int sc = 2 * (int)((h >> 12) & 7) + 1;
+        acc = _mm256_add_epi32(acc, qk_u_dot32(qk_iq1_s_u32(x->qs + 4 * ib, h), a->qs + 32 * ib, sc, sc));
+        m += sc * (a->bsums[2 * ib] + a->bsums[2 * ib + 1]);
+    }
+    *tot = qk_hsum_epi32(acc);
+    *mins = 9 * m;
+    return qk_fp16_to_fp32(qk_load_u16(x->d)) * 0.125f;
+}
+
+static inline float qk_fused_iq1_m(const uint8_t *blk, const qk_act_q8_256 *a, int32_t *tot, int32_t *mins) {
+    const qk_block_iq1_m *x = (const qk_block_iq1_m *)blk;
+    int sc[16];
+    qk_iq1_m_scales(x, sc);
+    __m256i acc = _mm256_setzero_si256();
+    int32_t m = 0;
+    for (int c = 0; c < 8; c++) {
+        acc = _mm256_add_epi32(acc, qk_u_dot32(qk_iq1_m_u32(x, c), a->qs + 32 * c, sc[2 * c], sc[2 * c + 1]));
+        m += sc[2 * c] * a->bsums[2 * c] + sc[2 * c + 1] * a->bsums[2 * c + 1];
+    }
+    *tot = qk_hsum_epi32(acc);
+    *mins = 9 * m;
+    return qk_iq1_m_d(x) * 0.125f;
+}
+
+QK_DECODE256(iq1_s, qk_fused_iq1_s, 50)
+QK_DECODE256(iq1_m, qk_fused_iq1_m, 56)
+#define QK_HAS_DECODE_iq1_s 1
+#define QK_HAS_DECODE_iq1_m 1
+#endif
+
 static inline void qk_unpack_iq1_s(const uint8_t *blk, uint8_t *u, qk_panel256 *p, int i) {
     const qk_block_iq1_s *x = (const qk_block_iq1_s *)blk;
     for (int ib = 0; ib < 8; ib++) {
         const uint16_t h = qk_load_u16(x->qh + 2 * ib);
         const uint8_t *q = x->qs + 4 * ib;
 #if QK_TILES_X86
-        const uint64_t *g = qk_iq1s_grid_p1;
-        const __m256i v = qk_grid4x8(g[q[0] | (h & 7) << 8], g[q[1] | (h & 0x38) << 5], g[q[2] | (h & 0x1c0) << 2],
-                                     g[q[3] | (h & 0xe00) >> 1]);
-        _mm256_storeu_si256((__m256i *)(u + 32 * ib),
-                            _mm256_add_epi8(_mm256_slli_epi16(v, 3), _mm256_set1_epi8((char)((~h >> 14) & 2))));
+        _mm256_storeu_si256((__m256i *)(u + 32 * ib), qk_iq1_s_u32(q, h));
 #elif QK_TILES_NEON
         const uint64_t *g = qk_iq1s_grid_p1;
         const uint8x16_t delta = vdupq_n_u8((uint8_t)((~h >> 14) & 2));
@@ -120,16 +182,7 @@ static inline void qk_unpack_iq1_s(const uint8_t *blk, uint8_t *u, qk_panel256 *
 static inline void qk_unpack_iq1_m(const uint8_t *blk, uint8_t *u, qk_panel256 *p, int i) {
     const qk_block_iq1_m *x = (const qk_block_iq1_m *)blk;
 #if QK_TILES_X86
-    const uint64_t *g = qk_iq1s_grid_p1;
-    const uint64_t two = 0x0202020202020202ull;
-    for (int j = 0; j < 32; j += 4) {
-        const uint32_t h0 = x->qh[j / 2], h1 = x->qh[j / 2 + 1]; /* nibbles of groups j..j+3 */
-        const __m256i v = qk_grid4x8(g[x->qs[j] | (h0 & 7) << 8], g[x->qs[j + 1] | (h0 & 0x70) << 4],
-                                     g[x->qs[j + 2] | (h1 & 7) << 8], g[x->qs[j + 3] | (h1 & 0x70) << 4]);
-        const __m256i delta = qk_grid4x8((~h0 >> 3 & 1) * two, (~h0 >> 7 & 1) * two, (~h1 >> 3 & 1) * two,
-                                         (~h1 >> 7 & 1) * two); /* branch-free: the bits are random */
-        _mm256_storeu_si256((__m256i *)(u + 8 * j), _mm256_add_epi8(_mm256_slli_epi16(v, 3), delta));
-    }
+    for (int c = 0; c < 8; c++) _mm256_storeu_si256((__m256i *)(u + 32 * c), qk_iq1_m_u32(x, c));
 #elif QK_TILES_NEON
     const uint64_t *g = qk_iq1s_grid_p1;
     for (int j = 0; j < 32; j += 2) {
@@ -144,9 +197,9 @@ static inline void qk_unpack_iq1_m(const uint8_t *blk, uint8_t *u, qk_panel256 *
         qk_store_u64(u + 8 * j, qk_iq1_u8(x->qs[j] | ((nib & 7) << 8), nib & 8));
     }
 #endif
-    const uint64_t sc4 = qk_load_u16(x->scales) | (uint64_t)qk_load_u16(x->scales + 2) << 16 |
-                         (uint64_t)qk_load_u16(x->scales + 4) << 32 | (uint64_t)qk_load_u16(x->scales + 6) << 48;
-    for (int s = 0; s < 16; s++) p->sc[s][i] = 2 * (int)((sc4 >> (16 * (s / 4) + 3 * (s % 4))) & 7) + 1;
+    int sc[16];
+    qk_iq1_m_scales(x, sc);
+    for (int s = 0; s < 16; s++) p->sc[s][i] = sc[s];
     for (int q = 0; q < 8; q++) p->mn[q][i] = qk_pair16(9 * p->sc[2 * q][i], 9 * p->sc[2 * q + 1][i]);
     const float d = qk_iq1_m_d(x) * 0.125f;
     p->d[i] = d;

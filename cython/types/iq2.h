@@ -101,15 +101,81 @@ static inline void qk_iq2_d(const uint8_t *d16, qk_panel256 *p, int i) {
     p->nd[i] = -d;
 }
 
+#if QK_TILES_X86
+/* The panel bytes u of 32 elements: chunk ib of IQ2_XXS (its 4 grid indices q, its aux word),
+ * chunk c (elements 32 c..) of IQ2_XS and IQ2_S. */
+static inline __m256i qk_iq2_xxs_u32(const uint8_t *q, uint32_t aux) {
+    return qk_signed32(qk_grid4x8(qk_iq2xxs_grid[q[0]], qk_iq2xxs_grid[q[1]], qk_iq2xxs_grid[q[2]], qk_iq2xxs_grid[q[3]]),
+                       qk_ksigns4(aux), 43);
+}
+
+static inline __m256i qk_iq2_xs_u32(const qk_block_iq2_xs *x, int c) {
+    uint64_t q; /* the four u16 at once: 16-bit pieces make gcc spill them and stall on reloads */
+    memcpy(&q, x->qs + 8 * c, 8);
+    const uint32_t signs = (uint32_t)qk_ksigns[(q >> 9) & 127] | (uint32_t)qk_ksigns[(q >> 25) & 127] << 8 |
+                           (uint32_t)qk_ksigns[(q >> 41) & 127] << 16 | (uint32_t)qk_ksigns[q >> 57] << 24;
+    return qk_signed32(qk_grid4x8(qk_iq2xs_grid[q & 511], qk_iq2xs_grid[(q >> 16) & 511], qk_iq2xs_grid[(q >> 32) & 511],
+                                  qk_iq2xs_grid[(q >> 48) & 511]),
+                       signs, 43);
+}
+
+static inline __m256i qk_iq2_s_u32(const qk_block_iq2_s *x, int c) {
+    const uint8_t *qs = x->qs + 4 * c;
+    const uint32_t qh = x->qh[c]; /* the 2 high bits of groups 4c..4c+3 */
+    return qk_signed32(qk_grid4x8(qk_iq2s_grid[qs[0] | (qh & 3) << 8], qk_iq2s_grid[qs[1] | (qh & 12) << 6],
+                                  qk_iq2s_grid[qs[2] | (qh & 48) << 4], qk_iq2s_grid[qs[3] | (qh & 192) << 2]),
+                       qk_load_u32(x->signs + 4 * c), 43);
+}
+
+/* Decode (panel_unpack.h): per 32 elements the u of the panel times the token. */
+static inline float qk_fused_iq2_xxs(const uint8_t *blk, const qk_act_q8_256 *a, int32_t *tot, int32_t *mins) {
+    const qk_block_iq2_xxs *x = (const qk_block_iq2_xxs *)blk;
+    __m256i acc = _mm256_setzero_si256();
+    int32_t m = 0;
+    for (int ib = 0; ib < 8; ib++) {
+        const uint32_t aux = qk_load_u32(x->qs + 8 * ib + 4);
+        const int sc = 2 * (int)(aux >> 28) + 1;
+        acc = _mm256_add_epi32(acc, qk_u_dot32(qk_iq2_xxs_u32(x->qs + 8 * ib, aux), a->qs + 32 * ib, sc, sc));
+        m += sc * (a->bsums[2 * ib] + a->bsums[2 * ib + 1]);
+    }
+    *tot = qk_hsum_epi32(acc);
+    *mins = 43 * m;
+    return qk_fp16_to_fp32(qk_load_u16(x->d)) * 0.125f;
+}
+
+/* IQ2_XS and IQ2_S: the 4-bit scales of the 16-element sub-blocks, at the same place. */
+#define QK_IQ2_FUSED16(name, type, UNPACK)                                                            \
+    static inline float qk_fused_##name(const uint8_t *blk, const qk_act_q8_256 *a, int32_t *tot, int32_t *mins) { \
+        const type *x = (const type *)blk;                                                            \
+        __m256i acc = _mm256_setzero_si256();                                                         \
+        int32_t m = 0;                                                                                \
+        for (int c = 0; c < 8; c++) {                                                                 \
+            const int sc0 = 2 * (x->scales[c] & 0xf) + 1, sc1 = 2 * (x->scales[c] >> 4) + 1;          \
+            acc = _mm256_add_epi32(acc, qk_u_dot32(UNPACK(x, c), a->qs + 32 * c, sc0, sc1));          \
+            m += sc0 * a->bsums[2 * c] + sc1 * a->bsums[2 * c + 1];                                   \
+        }                                                                                             \
+        *tot = qk_hsum_epi32(acc);                                                                    \
+        *mins = 43 * m;                                                                               \
+        return qk_fp16_to_fp32(qk_load_u16(x->d)) * 0.125f;                                           \
+    }
+QK_IQ2_FUSED16(iq2_xs, qk_block_iq2_xs, qk_iq2_xs_u32)
+QK_IQ2_FUSED16(iq2_s, qk_block_iq2_s, qk_iq2_s_u32)
+
+QK_DECODE256(iq2_xxs, qk_fused_iq2_xxs, 66)
+QK_DECODE256(iq2_xs, qk_fused_iq2_xs, 74)
+QK_DECODE256(iq2_s, qk_fused_iq2_s, 82)
+#define QK_HAS_DECODE_iq2_xxs 1
+#define QK_HAS_DECODE_iq2_xs 1
+#define QK_HAS_DECODE_iq2_s 1
+#endif
+
 static inline void qk_unpack_iq2_xxs(const uint8_t *blk, uint8_t *u, qk_panel256 *p, int i) {
     const qk_block_iq2_xxs *x = (const qk_block_iq2_xxs *)blk;
     for (int ib = 0; ib < 8; ib++) {
         const uint8_t *q = x->qs + 8 * ib;
         const uint32_t aux = qk_load_u32(q + 4);
 #if QK_TILES_X86
-        qk_store_signed32(u + 32 * ib,
-                          qk_grid4x8(qk_iq2xxs_grid[q[0]], qk_iq2xxs_grid[q[1]], qk_iq2xxs_grid[q[2]], qk_iq2xxs_grid[q[3]]),
-                          qk_ksigns4(aux), 43);
+        _mm256_storeu_si256((__m256i *)(u + 32 * ib), qk_iq2_xxs_u32(q, aux));
 #elif QK_TILES_NEON
         const uint32_t signs = qk_ksigns4(aux);
         qk_store_signed16_neon(u + 32 * ib, qk_grid2x8_neon(qk_iq2xxs_grid[q[0]], qk_iq2xxs_grid[q[1]]), signs, 43);
@@ -130,16 +196,7 @@ static inline void qk_unpack_iq2_xxs(const uint8_t *blk, uint8_t *u, qk_panel256
 static inline void qk_unpack_iq2_xs(const uint8_t *blk, uint8_t *u, qk_panel256 *p, int i) {
     const qk_block_iq2_xs *x = (const qk_block_iq2_xs *)blk;
 #if QK_TILES_X86
-    for (int j = 0; j < 32; j += 4) {
-        const uint16_t q0 = qk_load_u16(x->qs + 2 * j), q1 = qk_load_u16(x->qs + 2 * j + 2);
-        const uint16_t q2 = qk_load_u16(x->qs + 2 * j + 4), q3 = qk_load_u16(x->qs + 2 * j + 6);
-        const uint32_t signs = (uint32_t)qk_ksigns[q0 >> 9] | (uint32_t)qk_ksigns[q1 >> 9] << 8 |
-                               (uint32_t)qk_ksigns[q2 >> 9] << 16 | (uint32_t)qk_ksigns[q3 >> 9] << 24;
-        qk_store_signed32(u + 8 * j,
-                          qk_grid4x8(qk_iq2xs_grid[q0 & 511], qk_iq2xs_grid[q1 & 511], qk_iq2xs_grid[q2 & 511],
-                                     qk_iq2xs_grid[q3 & 511]),
-                          signs, 43);
-    }
+    for (int c = 0; c < 8; c++) _mm256_storeu_si256((__m256i *)(u + 32 * c), qk_iq2_xs_u32(x, c));
 #elif QK_TILES_NEON
     for (int j = 0; j < 32; j += 2) {
         const uint16_t q0 = qk_load_u16(x->qs + 2 * j), q1 = qk_load_u16(x->qs + 2 * j + 2);
@@ -159,13 +216,7 @@ static inline void qk_unpack_iq2_xs(const uint8_t *blk, uint8_t *u, qk_panel256 
 static inline void qk_unpack_iq2_s(const uint8_t *blk, uint8_t *u, qk_panel256 *p, int i) {
     const qk_block_iq2_s *x = (const qk_block_iq2_s *)blk;
 #if QK_TILES_X86
-    for (int j = 0; j < 32; j += 4) {
-        const uint32_t qh = x->qh[j / 4]; /* the 2 high bits of groups j..j+3 */
-        qk_store_signed32(u + 8 * j,
-                          qk_grid4x8(qk_iq2s_grid[x->qs[j] | (qh & 3) << 8], qk_iq2s_grid[x->qs[j + 1] | (qh & 12) << 6],
-                                     qk_iq2s_grid[x->qs[j + 2] | (qh & 48) << 4], qk_iq2s_grid[x->qs[j + 3] | (qh & 192) << 2]),
-                          qk_load_u32(x->signs + j), 43);
-    }
+    for (int c = 0; c < 8; c++) _mm256_storeu_si256((__m256i *)(u + 32 * c), qk_iq2_s_u32(x, c));
 #elif QK_TILES_NEON
     for (int j = 0; j < 32; j += 4) {
         const uint32_t qh = x->qh[j / 4];

@@ -71,17 +71,69 @@ QK_NO_CONTRACT static void qk_dequant_iq3_s(const void *restrict src, float *res
     }
 }
 
+#if QK_TILES_X86
+/* The panel bytes u of chunk ib (32 elements): IQ3_XXS from its 8 grid indices q and aux word. */
+static inline __m256i qk_iq3_xxs_u32(const uint8_t *q, uint32_t aux) {
+    const uint32_t *g = qk_iq3xxs_grid;
+    return qk_signed32(_mm256_set_epi32((int)g[q[7]], (int)g[q[6]], (int)g[q[5]], (int)g[q[4]], (int)g[q[3]],
+                                        (int)g[q[2]], (int)g[q[1]], (int)g[q[0]]),
+                       qk_ksigns4(aux), 62);
+}
+
+static inline __m256i qk_iq3_s_u32(const qk_block_iq3_s *x, int ib) {
+    const uint32_t *g = qk_iq3s_grid;
+    const uint8_t *q = x->qs + 8 * ib;
+    const uint32_t h = x->qh[ib]; /* bit k: bit 8 of group 8 ib + k's index */
+    return qk_signed32(_mm256_set_epi32((int)g[q[7] | (h & 128) << 1], (int)g[q[6] | (h & 64) << 2],
+                                        (int)g[q[5] | (h & 32) << 3], (int)g[q[4] | (h & 16) << 4],
+                                        (int)g[q[3] | (h & 8) << 5], (int)g[q[2] | (h & 4) << 6],
+                                        (int)g[q[1] | (h & 2) << 7], (int)g[q[0] | (h & 1) << 8]),
+                       qk_load_u32(x->signs + 4 * ib), 15);
+}
+
+/* Decode (panel_unpack.h). */
+static inline float qk_fused_iq3_xxs(const uint8_t *blk, const qk_act_q8_256 *a, int32_t *tot, int32_t *mins) {
+    const qk_block_iq3_xxs *x = (const qk_block_iq3_xxs *)blk;
+    __m256i acc = _mm256_setzero_si256();
+    int32_t m = 0;
+    for (int ib = 0; ib < 8; ib++) {
+        const uint32_t aux = qk_load_u32(x->sas + 4 * ib);
+        const int sc = 2 * (int)(aux >> 28) + 1;
+        acc = _mm256_add_epi32(acc, qk_u_dot32(qk_iq3_xxs_u32(x->qs + 8 * ib, aux), a->qs + 32 * ib, sc, sc));
+        m += sc * (a->bsums[2 * ib] + a->bsums[2 * ib + 1]);
+    }
+    *tot = qk_hsum_epi32(acc);
+    *mins = 62 * m;
+    return qk_fp16_to_fp32(qk_load_u16(x->d)) * 0.25f;
+}
+
+static inline float qk_fused_iq3_s(const uint8_t *blk, const qk_act_q8_256 *a, int32_t *tot, int32_t *mins) {
+    const qk_block_iq3_s *x = (const qk_block_iq3_s *)blk;
+    __m256i acc = _mm256_setzero_si256();
+    int32_t m = 0;
+    for (int ib = 0; ib < 8; ib++) {
+        const int sc = 2 * ((x->scales[ib / 2] >> (4 * (ib % 2))) & 0xf) + 1;
+        acc = _mm256_add_epi32(acc, qk_u_dot32(qk_iq3_s_u32(x, ib), a->qs + 32 * ib, sc, sc));
+        m += sc * (a->bsums[2 * ib] + a->bsums[2 * ib + 1]);
+    }
+    *tot = qk_hsum_epi32(acc);
+    *mins = 15 * m;
+    return qk_fp16_to_fp32(qk_load_u16(x->d));
+}
+
+QK_DECODE256(iq3_xxs, qk_fused_iq3_xxs, 98)
+QK_DECODE256(iq3_s, qk_fused_iq3_s, 110)
+#define QK_HAS_DECODE_iq3_xxs 1
+#define QK_HAS_DECODE_iq3_s 1
+#endif
+
 static inline void qk_unpack_iq3_xxs(const uint8_t *blk, uint8_t *u, qk_panel256 *p, int i) {
     const qk_block_iq3_xxs *x = (const qk_block_iq3_xxs *)blk;
     for (int ib = 0; ib < 8; ib++) {
         const uint32_t aux = qk_load_u32(x->sas + 4 * ib);
         const uint8_t *q = x->qs + 8 * ib;
 #if QK_TILES_X86
-        const uint32_t *g = qk_iq3xxs_grid;
-        qk_store_signed32(u + 32 * ib,
-                          _mm256_set_epi32((int)g[q[7]], (int)g[q[6]], (int)g[q[5]], (int)g[q[4]], (int)g[q[3]],
-                                           (int)g[q[2]], (int)g[q[1]], (int)g[q[0]]),
-                          qk_ksigns4(aux), 62);
+        _mm256_storeu_si256((__m256i *)(u + 32 * ib), qk_iq3_xxs_u32(q, aux));
 #elif QK_TILES_NEON
         const uint32_t *g = qk_iq3xxs_grid, signs = qk_ksigns4(aux);
         qk_store_signed16_neon(u + 32 * ib, qk_grid2x8_neon(qk_iq3_pair(g, q[0], q[1]), qk_iq3_pair(g, q[2], q[3])),
@@ -106,17 +158,7 @@ static inline void qk_unpack_iq3_xxs(const uint8_t *blk, uint8_t *u, qk_panel256
 static inline void qk_unpack_iq3_s(const uint8_t *blk, uint8_t *u, qk_panel256 *p, int i) {
     const qk_block_iq3_s *x = (const qk_block_iq3_s *)blk;
 #if QK_TILES_X86
-    const uint32_t *g = qk_iq3s_grid;
-    for (int ib = 0; ib < 8; ib++) {
-        const uint8_t *q = x->qs + 8 * ib;
-        const uint32_t h = x->qh[ib]; /* bit k: bit 8 of group 8 ib + k's index */
-        qk_store_signed32(u + 32 * ib,
-                          _mm256_set_epi32((int)g[q[7] | (h & 128) << 1], (int)g[q[6] | (h & 64) << 2],
-                                           (int)g[q[5] | (h & 32) << 3], (int)g[q[4] | (h & 16) << 4],
-                                           (int)g[q[3] | (h & 8) << 5], (int)g[q[2] | (h & 4) << 6],
-                                           (int)g[q[1] | (h & 2) << 7], (int)g[q[0] | (h & 1) << 8]),
-                          qk_load_u32(x->signs + 4 * ib), 15);
-    }
+    for (int ib = 0; ib < 8; ib++) _mm256_storeu_si256((__m256i *)(u + 32 * ib), qk_iq3_s_u32(x, ib));
 #elif QK_TILES_NEON
     for (int j = 0; j < 64; j += 4)
         qk_store_signed16_neon(u + 4 * j,

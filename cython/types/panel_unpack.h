@@ -68,12 +68,15 @@ static inline __m256i qk_bits_to_bytes32(uint32_t bits) {
 #endif
 }
 
-/* 32 bytes off + g_k, or off - g_k where bit k of signs is set, stored at u (the x86 form of
+/* 32 bytes off + g_k, or off - g_k where bit k of signs is set (the x86 form of
  * qk_signed_offset8 for four groups at once). */
-static inline void qk_store_signed32(uint8_t *u, __m256i g, uint32_t signs, char off) {
+static inline __m256i qk_signed32(__m256i g, uint32_t signs, char off) {
     const __m256i m = qk_bits_to_bytes32(signs);
-    const __m256i v = _mm256_sub_epi8(_mm256_xor_si256(g, m), m);
-    _mm256_storeu_si256((__m256i *)u, _mm256_add_epi8(v, _mm256_set1_epi8(off)));
+    return _mm256_add_epi8(_mm256_sub_epi8(_mm256_xor_si256(g, m), m), _mm256_set1_epi8(off));
+}
+
+static inline void qk_store_signed32(uint8_t *u, __m256i g, uint32_t signs, char off) {
+    _mm256_storeu_si256((__m256i *)u, qk_signed32(g, signs, off));
 }
 
 /* Four 8-byte grid rows as one vector, in order. */
@@ -116,6 +119,57 @@ static inline void qk_lay_panel_neon(const uint8_t *const rows[8], int len, uint
         for (int k = 0; k < 4; k++) qk_store_q_neon(q[off / 4 + k], g[k], h[k]);
     }
 }
+#endif
+
+#if QK_TILES_X86
+/* ---------------------------------------------------------------- x86 decode without a panel
+ *
+ * Decode (one token) meets each panel once, so building it costs more than it saves: there the
+ * types below skip it. A type's block product qk_fused_<name>(blk, a, &tot, &mins) returns the
+ * panel's d of its row and the two exact integers the panel path computes for that block,
+ *     tot = sum_s sc_s * (u_s . a_s),   mins = sum_q mn_q . bsums
+ * (u the panel bytes, made the same way as for the panel, in registers), and qk_decode256 does
+ * the tile's two fma per block (tiles.h): a (row, token) result is the same bits in decode as in
+ * any batch (tests/test_quants_iq.py holds them to it). */
+typedef float (*qk_fused256_fn)(const uint8_t *blk, const qk_act_q8_256 *a, int32_t *tot, int32_t *mins);
+
+/* u . a over 32 elements as 8 int32 lanes, elements 0-15 times sc0 and 16-31 times sc1 (u < 128
+ * and |a| <= 127: maddubs' pair sums stay below 32768). */
+static inline __m256i qk_u_dot32(__m256i u, const int8_t *a, int sc0, int sc1) {
+    const __m256i p = _mm256_maddubs_epi16(u, _mm256_loadu_si256((const __m256i *)a));
+    return _mm256_madd_epi16(p, _mm256_set_m128i(_mm_set1_epi16((short)sc1), _mm_set1_epi16((short)sc0)));
+}
+
+static inline int32_t qk_hsum_epi32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}
+
+/* out[r] = W[r] . a for r < nr, one block product per super-block, the tile's arithmetic. */
+QK_TILE_INLINE void qk_decode256(qk_fused256_fn fused, int bytes, int64_t n, const uint8_t *w, size_t row_bytes,
+                                 int64_t nr, const qk_act_q8_256 *a, float *out) {
+    for (int64_t r = 0; r < nr; r++) {
+        const uint8_t *x = w + (size_t)r * row_bytes;
+        float acc = 0.0f;
+        for (int64_t b = 0; b < n / 256; b++) {
+            int32_t tot, mins;
+            const float d = fused(x + b * bytes, a + b, &tot, &mins), nd = -d;
+            acc = fmaf(d * a[b].d, (float)tot, acc);
+            acc = fmaf(nd * a[b].d, (float)mins, acc);
+        }
+        out[r] = acc;
+    }
+}
+
+/* The decode entry tiles.h's gemm calls for one token; the type's file also defines
+ * QK_HAS_DECODE_<name> as 1. */
+#define QK_DECODE256(name, fused, BYTES)                                                              \
+    static void qk_decode_##name(int64_t n, const uint8_t *w, size_t row_bytes, int64_t nr, const uint8_t *act, \
+                                 float *out) {                                                        \
+        qk_decode256(fused, BYTES, n, w, row_bytes, nr, (const qk_act_q8_256 *)act, out);           \
+    }
 #endif
 
 /* One block of eight rows into the panel, through the type's row unpacker: SIMD builds unpack
