@@ -104,31 +104,33 @@ static inline __m256i qk_iq1_s_u32(const uint8_t *q, uint32_t h) {
     return _mm256_add_epi8(_mm256_slli_epi16(v, 3), _mm256_set1_epi8((char)((~h >> 14) & 2)));
 }
 
+/* Row i: 2 in the 8 bytes of group k where bit k of i is set (the positive deltas of 4 groups). */
+#define QK_IQ1M_D(i, k) (((i) >> (k) & 1) ? 0x0202020202020202ull : 0ull)
+#define QK_IQ1M_ROW(i) {QK_IQ1M_D(i, 0), QK_IQ1M_D(i, 1), QK_IQ1M_D(i, 2), QK_IQ1M_D(i, 3)}
+static const uint64_t qk_iq1_m_delta[16][4] = {
+    QK_IQ1M_ROW(0),  QK_IQ1M_ROW(1),  QK_IQ1M_ROW(2),  QK_IQ1M_ROW(3),  QK_IQ1M_ROW(4),  QK_IQ1M_ROW(5),
+    QK_IQ1M_ROW(6),  QK_IQ1M_ROW(7),  QK_IQ1M_ROW(8),  QK_IQ1M_ROW(9),  QK_IQ1M_ROW(10), QK_IQ1M_ROW(11),
+    QK_IQ1M_ROW(12), QK_IQ1M_ROW(13), QK_IQ1M_ROW(14), QK_IQ1M_ROW(15)};
+
 static inline __m256i qk_iq1_m_u32(const qk_block_iq1_m *x, int c) {
     const uint64_t *g = qk_iq1s_grid_p1;
-    const uint64_t two = 0x0202020202020202ull;
     const uint8_t *qs = x->qs + 4 * c;
     const uint32_t h0 = x->qh[2 * c], h1 = x->qh[2 * c + 1]; /* nibbles of groups 4c..4c+3 */
     const __m256i v = qk_grid4x8(g[qs[0] | (h0 & 7) << 8], g[qs[1] | (h0 & 0x70) << 4], g[qs[2] | (h1 & 7) << 8],
                                  g[qs[3] | (h1 & 0x70) << 4]);
-    const __m256i delta = qk_grid4x8((~h0 >> 3 & 1) * two, (~h0 >> 7 & 1) * two, (~h1 >> 3 & 1) * two,
-                                     (~h1 >> 7 & 1) * two); /* branch-free: the bits are random */
-    return _mm256_add_epi8(_mm256_slli_epi16(v, 3), delta);
+    const uint32_t pos = ~((h0 >> 3 & 1) | (h0 >> 6 & 2) | (h1 >> 1 & 4) | (h1 >> 4 & 8)) & 15; /* delta sign bits 3, 7 */
+    return _mm256_add_epi8(_mm256_slli_epi16(v, 3), _mm256_loadu_si256((const __m256i *)qk_iq1_m_delta[pos]));
 }
 
 /* Decode (panel_unpack.h). */
 static inline float qk_fused_iq1_s(const uint8_t *blk, const qk_act_q8_256 *a, int32_t *tot, int32_t *mins) {
     const qk_block_iq1_s *x = (const qk_block_iq1_s *)blk;
-    __m256i acc = _mm256_setzero_si256();
-    int32_t m = 0;
+    qk_fused_sums s = {_mm256_setzero_si256(), {0}};
     for (int ib = 0; ib < 8; ib++) {
         const uint32_t h = qk_load_u16(x->qh + 2 * ib);
-        const int sc = 2 * (int)((h >> 12) & 7) + 1;
-        acc = _mm256_add_epi32(acc, qk_u_dot32(qk_iq1_s_u32(x->qs + 4 * ib, h), a->qs + 32 * ib, sc, sc));
-        m += sc * (a->bsums[2 * ib] + a->bsums[2 * ib + 1]);
+        qk_fused_add32(&s, ib, qk_iq1_s_u32(x->qs + 4 * ib, h), a, 2 * (int)((h >> 12) & 7) + 1);
     }
-    *tot = qk_hsum_epi32(acc);
-    *mins = 9 * m;
+    qk_fused_end(&s, a, 9, tot, mins);
     return qk_fp16_to_fp32(qk_load_u16(x->d)) * 0.125f;
 }
 
@@ -136,14 +138,9 @@ static inline float qk_fused_iq1_m(const uint8_t *blk, const qk_act_q8_256 *a, i
     const qk_block_iq1_m *x = (const qk_block_iq1_m *)blk;
     int sc[16];
     qk_iq1_m_scales(x, sc);
-    __m256i acc = _mm256_setzero_si256();
-    int32_t m = 0;
-    for (int c = 0; c < 8; c++) {
-        acc = _mm256_add_epi32(acc, qk_u_dot32(qk_iq1_m_u32(x, c), a->qs + 32 * c, sc[2 * c], sc[2 * c + 1]));
-        m += sc[2 * c] * a->bsums[2 * c] + sc[2 * c + 1] * a->bsums[2 * c + 1];
-    }
-    *tot = qk_hsum_epi32(acc);
-    *mins = 9 * m;
+    qk_fused_sums s = {_mm256_setzero_si256(), {0}};
+    for (int c = 0; c < 8; c++) qk_fused_add16(&s, c, qk_iq1_m_u32(x, c), a, sc[2 * c], sc[2 * c + 1]);
+    qk_fused_end(&s, a, 9, tot, mins);
     return qk_iq1_m_d(x) * 0.125f;
 }
 

@@ -105,18 +105,19 @@ static inline void qk_iq2_d(const uint8_t *d16, qk_panel256 *p, int i) {
 /* The panel bytes u of 32 elements: chunk ib of IQ2_XXS (its 4 grid indices q, its aux word),
  * chunk c (elements 32 c..) of IQ2_XS and IQ2_S. */
 static inline __m256i qk_iq2_xxs_u32(const uint8_t *q, uint32_t aux) {
-    return qk_signed32(qk_grid4x8(qk_iq2xxs_grid[q[0]], qk_iq2xxs_grid[q[1]], qk_iq2xxs_grid[q[2]], qk_iq2xxs_grid[q[3]]),
-                       qk_ksigns4(aux), 43);
+    return qk_signed32_mask(
+        qk_grid4x8(qk_iq2xxs_grid[q[0]], qk_iq2xxs_grid[q[1]], qk_iq2xxs_grid[q[2]], qk_iq2xxs_grid[q[3]]),
+        qk_ksigns_mask4(aux), 43);
 }
 
 static inline __m256i qk_iq2_xs_u32(const qk_block_iq2_xs *x, int c) {
     uint64_t q; /* the four u16 at once: 16-bit pieces make gcc spill them and stall on reloads */
     memcpy(&q, x->qs + 8 * c, 8);
-    const uint32_t signs = (uint32_t)qk_ksigns[(q >> 9) & 127] | (uint32_t)qk_ksigns[(q >> 25) & 127] << 8 |
-                           (uint32_t)qk_ksigns[(q >> 41) & 127] << 16 | (uint32_t)qk_ksigns[q >> 57] << 24;
-    return qk_signed32(qk_grid4x8(qk_iq2xs_grid[q & 511], qk_iq2xs_grid[(q >> 16) & 511], qk_iq2xs_grid[(q >> 32) & 511],
-                                  qk_iq2xs_grid[(q >> 48) & 511]),
-                       signs, 43);
+    const __m256i m = qk_grid4x8(qk_ksigns_mask[(q >> 9) & 127], qk_ksigns_mask[(q >> 25) & 127],
+                                 qk_ksigns_mask[(q >> 41) & 127], qk_ksigns_mask[q >> 57]);
+    return qk_signed32_mask(qk_grid4x8(qk_iq2xs_grid[q & 511], qk_iq2xs_grid[(q >> 16) & 511],
+                                       qk_iq2xs_grid[(q >> 32) & 511], qk_iq2xs_grid[(q >> 48) & 511]),
+                            m, 43);
 }
 
 static inline __m256i qk_iq2_s_u32(const qk_block_iq2_s *x, int c) {
@@ -130,16 +131,12 @@ static inline __m256i qk_iq2_s_u32(const qk_block_iq2_s *x, int c) {
 /* Decode (panel_unpack.h): per 32 elements the u of the panel times the token. */
 static inline float qk_fused_iq2_xxs(const uint8_t *blk, const qk_act_q8_256 *a, int32_t *tot, int32_t *mins) {
     const qk_block_iq2_xxs *x = (const qk_block_iq2_xxs *)blk;
-    __m256i acc = _mm256_setzero_si256();
-    int32_t m = 0;
+    qk_fused_sums s = {_mm256_setzero_si256(), {0}};
     for (int ib = 0; ib < 8; ib++) {
         const uint32_t aux = qk_load_u32(x->qs + 8 * ib + 4);
-        const int sc = 2 * (int)(aux >> 28) + 1;
-        acc = _mm256_add_epi32(acc, qk_u_dot32(qk_iq2_xxs_u32(x->qs + 8 * ib, aux), a->qs + 32 * ib, sc, sc));
-        m += sc * (a->bsums[2 * ib] + a->bsums[2 * ib + 1]);
+        qk_fused_add32(&s, ib, qk_iq2_xxs_u32(x->qs + 8 * ib, aux), a, 2 * (int)(aux >> 28) + 1);
     }
-    *tot = qk_hsum_epi32(acc);
-    *mins = 43 * m;
+    qk_fused_end(&s, a, 43, tot, mins);
     return qk_fp16_to_fp32(qk_load_u16(x->d)) * 0.125f;
 }
 
@@ -147,15 +144,10 @@ static inline float qk_fused_iq2_xxs(const uint8_t *blk, const qk_act_q8_256 *a,
 #define QK_IQ2_FUSED16(name, type, UNPACK)                                                            \
     static inline float qk_fused_##name(const uint8_t *blk, const qk_act_q8_256 *a, int32_t *tot, int32_t *mins) { \
         const type *x = (const type *)blk;                                                            \
-        __m256i acc = _mm256_setzero_si256();                                                         \
-        int32_t m = 0;                                                                                \
-        for (int c = 0; c < 8; c++) {                                                                 \
-            const int sc0 = 2 * (x->scales[c] & 0xf) + 1, sc1 = 2 * (x->scales[c] >> 4) + 1;          \
-            acc = _mm256_add_epi32(acc, qk_u_dot32(UNPACK(x, c), a->qs + 32 * c, sc0, sc1));          \
-            m += sc0 * a->bsums[2 * c] + sc1 * a->bsums[2 * c + 1];                                   \
-        }                                                                                             \
-        *tot = qk_hsum_epi32(acc);                                                                    \
-        *mins = 43 * m;                                                                               \
+        qk_fused_sums s = {_mm256_setzero_si256(), {0}};                                              \
+        for (int c = 0; c < 8; c++)                                                                   \
+            qk_fused_add16(&s, c, UNPACK(x, c), a, 2 * (x->scales[c] & 0xf) + 1, 2 * (x->scales[c] >> 4) + 1); \
+        qk_fused_end(&s, a, 43, tot, mins);                                                           \
         return qk_fp16_to_fp32(qk_load_u16(x->d)) * 0.125f;                                           \
     }
 QK_IQ2_FUSED16(iq2_xs, qk_block_iq2_xs, qk_iq2_xs_u32)

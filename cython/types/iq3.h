@@ -75,9 +75,9 @@ QK_NO_CONTRACT static void qk_dequant_iq3_s(const void *restrict src, float *res
 /* The panel bytes u of chunk ib (32 elements): IQ3_XXS from its 8 grid indices q and aux word. */
 static inline __m256i qk_iq3_xxs_u32(const uint8_t *q, uint32_t aux) {
     const uint32_t *g = qk_iq3xxs_grid;
-    return qk_signed32(_mm256_set_epi32((int)g[q[7]], (int)g[q[6]], (int)g[q[5]], (int)g[q[4]], (int)g[q[3]],
+    return qk_signed32_mask(_mm256_set_epi32((int)g[q[7]], (int)g[q[6]], (int)g[q[5]], (int)g[q[4]], (int)g[q[3]],
                                         (int)g[q[2]], (int)g[q[1]], (int)g[q[0]]),
-                       qk_ksigns4(aux), 62);
+                            qk_ksigns_mask4(aux), 62);
 }
 
 static inline __m256i qk_iq3_s_u32(const qk_block_iq3_s *x, int ib) {
@@ -94,30 +94,21 @@ static inline __m256i qk_iq3_s_u32(const qk_block_iq3_s *x, int ib) {
 /* Decode (panel_unpack.h). */
 static inline float qk_fused_iq3_xxs(const uint8_t *blk, const qk_act_q8_256 *a, int32_t *tot, int32_t *mins) {
     const qk_block_iq3_xxs *x = (const qk_block_iq3_xxs *)blk;
-    __m256i acc = _mm256_setzero_si256();
-    int32_t m = 0;
+    qk_fused_sums s = {_mm256_setzero_si256(), {0}};
     for (int ib = 0; ib < 8; ib++) {
         const uint32_t aux = qk_load_u32(x->sas + 4 * ib);
-        const int sc = 2 * (int)(aux >> 28) + 1;
-        acc = _mm256_add_epi32(acc, qk_u_dot32(qk_iq3_xxs_u32(x->qs + 8 * ib, aux), a->qs + 32 * ib, sc, sc));
-        m += sc * (a->bsums[2 * ib] + a->bsums[2 * ib + 1]);
+        qk_fused_add32(&s, ib, qk_iq3_xxs_u32(x->qs + 8 * ib, aux), a, 2 * (int)(aux >> 28) + 1);
     }
-    *tot = qk_hsum_epi32(acc);
-    *mins = 62 * m;
+    qk_fused_end(&s, a, 62, tot, mins);
     return qk_fp16_to_fp32(qk_load_u16(x->d)) * 0.25f;
 }
 
 static inline float qk_fused_iq3_s(const uint8_t *blk, const qk_act_q8_256 *a, int32_t *tot, int32_t *mins) {
     const qk_block_iq3_s *x = (const qk_block_iq3_s *)blk;
-    __m256i acc = _mm256_setzero_si256();
-    int32_t m = 0;
-    for (int ib = 0; ib < 8; ib++) {
-        const int sc = 2 * ((x->scales[ib / 2] >> (4 * (ib % 2))) & 0xf) + 1;
-        acc = _mm256_add_epi32(acc, qk_u_dot32(qk_iq3_s_u32(x, ib), a->qs + 32 * ib, sc, sc));
-        m += sc * (a->bsums[2 * ib] + a->bsums[2 * ib + 1]);
-    }
-    *tot = qk_hsum_epi32(acc);
-    *mins = 15 * m;
+    qk_fused_sums s = {_mm256_setzero_si256(), {0}};
+    for (int ib = 0; ib < 8; ib++)
+        qk_fused_add32(&s, ib, qk_iq3_s_u32(x, ib), a, 2 * ((x->scales[ib / 2] >> (4 * (ib % 2))) & 0xf) + 1);
+    qk_fused_end(&s, a, 15, tot, mins);
     return qk_fp16_to_fp32(qk_load_u16(x->d));
 }
 
