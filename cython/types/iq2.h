@@ -140,18 +140,55 @@ static inline float qk_fused_iq2_xxs(const uint8_t *blk, const qk_act_q8_256 *a,
     return qk_fp16_to_fp32(qk_load_u16(x->d)) * 0.125f;
 }
 
-/* IQ2_XS and IQ2_S: the 4-bit scales of the 16-element sub-blocks, at the same place. */
-#define QK_IQ2_FUSED16(name, type, UNPACK)                                                            \
-    static inline float qk_fused_##name(const uint8_t *blk, const qk_act_q8_256 *a, int32_t *tot, int32_t *mins) { \
-        const type *x = (const type *)blk;                                                            \
-        qk_fused_sums s = {_mm256_setzero_si256(), {0}};                                              \
-        for (int c = 0; c < 8; c++)                                                                   \
-            qk_fused_add16(&s, c, UNPACK(x, c), a, 2 * (x->scales[c] & 0xf) + 1, 2 * (x->scales[c] >> 4) + 1); \
-        qk_fused_end(&s, a, 43, tot, mins);                                                           \
-        return qk_fp16_to_fp32(qk_load_u16(x->d)) * 0.125f;                                           \
+/* IQ2_XS and IQ2_S: the grid indices (and IQ2_XS's sign bytes) of all 32 groups first, in
+ * vectors, then chunk by chunk; the 4-bit scales of the 16-element sub-blocks at the same place. */
+static inline void qk_iq2_fused_chunks(const uint64_t *grid, const uint16_t gi[32], const uint32_t signs[8],
+                                       const uint8_t *scales, const qk_act_q8_256 *a, qk_fused_sums *s) {
+    for (int c = 0; c < 8; c++) {
+        const uint16_t *i = gi + 4 * c;
+        const __m256i g = qk_grid4x8(grid[i[0]], grid[i[1]], grid[i[2]], grid[i[3]]);
+        qk_fused_add16(s, c, qk_signed32(g, signs[c], 43), a, 2 * (scales[c] & 0xf) + 1, 2 * (scales[c] >> 4) + 1);
     }
-QK_IQ2_FUSED16(iq2_xs, qk_block_iq2_xs, qk_iq2_xs_u32)
-QK_IQ2_FUSED16(iq2_s, qk_block_iq2_s, qk_iq2_s_u32)
+}
+
+static inline float qk_fused_iq2_xs(const uint8_t *blk, const qk_act_q8_256 *a, int32_t *tot, int32_t *mins) {
+    const qk_block_iq2_xs *x = (const qk_block_iq2_xs *)blk;
+    const __m256i q0 = _mm256_loadu_si256((const __m256i *)x->qs), q1 = _mm256_loadu_si256((const __m256i *)(x->qs + 32));
+    uint16_t gi[32];
+    uint32_t signs[8];
+    _mm256_storeu_si256((__m256i *)gi, _mm256_and_si256(q0, _mm256_set1_epi16(511)));
+    _mm256_storeu_si256((__m256i *)(gi + 16), _mm256_and_si256(q1, _mm256_set1_epi16(511)));
+    /* the 7-bit ksigns indices as bytes in group order (packus works per 128-bit lane) */
+    const __m256i s7 = _mm256_permute4x64_epi64(_mm256_packus_epi16(_mm256_srli_epi16(q0, 9), _mm256_srli_epi16(q1, 9)),
+                                                _MM_SHUFFLE(3, 1, 2, 0));
+    _mm256_storeu_si256((__m256i *)signs, _mm256_or_si256(s7, qk_parity7_bytes(s7)));
+    qk_fused_sums s = {_mm256_setzero_si256(), {0}};
+    qk_iq2_fused_chunks(qk_iq2xs_grid, gi, signs, x->scales, a, &s);
+    qk_fused_end(&s, a, 43, tot, mins);
+    return qk_fp16_to_fp32(qk_load_u16(x->d)) * 0.125f;
+}
+
+static inline float qk_fused_iq2_s(const uint8_t *blk, const qk_act_q8_256 *a, int32_t *tot, int32_t *mins) {
+    const qk_block_iq2_s *x = (const qk_block_iq2_s *)blk;
+    /* index of group j = qs[j] | bits 2 (j % 4).. of qh[j / 4] << 8: the qh byte spread to its
+     * groups, shifted by a multiply, masked */
+    const __m128i qh = _mm_loadl_epi64((const __m128i *)x->qh);
+    const __m256i shift = _mm256_setr_epi16(256, 64, 16, 4, 256, 64, 16, 4, 256, 64, 16, 4, 256, 64, 16, 4);
+    uint16_t gi[32];
+    for (int h = 0; h < 2; h++) {
+        const __m128i spread = _mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+        const __m256i hi = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(qh, _mm_add_epi8(spread, _mm_set1_epi8((char)(4 * h)))));
+        const __m256i lo = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(x->qs + 16 * h)));
+        const __m256i idx = _mm256_or_si256(lo, _mm256_and_si256(_mm256_mullo_epi16(hi, shift), _mm256_set1_epi16(0x300)));
+        _mm256_storeu_si256((__m256i *)(gi + 16 * h), idx);
+    }
+    uint32_t signs[8];
+    memcpy(signs, x->signs, 32);
+    qk_fused_sums s = {_mm256_setzero_si256(), {0}};
+    qk_iq2_fused_chunks(qk_iq2s_grid, gi, signs, x->scales, a, &s);
+    qk_fused_end(&s, a, 43, tot, mins);
+    return qk_fp16_to_fp32(qk_load_u16(x->d)) * 0.125f;
+}
 
 QK_DECODE256(iq2_xxs, qk_fused_iq2_xxs, 66)
 QK_DECODE256(iq2_xs, qk_fused_iq2_xs, 74)

@@ -66,6 +66,15 @@ QK_NO_CONTRACT static inline void qk_iq_grid8_to_f32(float db, uint64_t g, uint3
 }
 
 #if QK_TILES_X86
+/* 0x80 in each byte of x (values < 128) with an odd number of bits set, else 0. */
+static inline __m256i qk_parity7_bytes(__m256i x) {
+    const __m256i odd = _mm256_setr_epi8(0, -128, -128, 0, -128, 0, 0, -128, -128, 0, 0, -128, 0, -128, -128, 0,
+                                         0, -128, -128, 0, -128, 0, 0, -128, -128, 0, 0, -128, 0, -128, -128, 0);
+    const __m256i lo4 = _mm256_set1_epi8(0x0f);
+    return _mm256_xor_si256(_mm256_shuffle_epi8(odd, _mm256_and_si256(x, lo4)),
+                            _mm256_shuffle_epi8(odd, _mm256_and_si256(_mm256_srli_epi16(x, 4), lo4)));
+}
+
 /* 32 bits -> 32 bytes, byte j = 0xff where bit j is set. */
 static inline __m256i qk_bits_to_bytes32(uint32_t bits) {
 #if defined(__AVX512BW__) && defined(__AVX512VL__)
