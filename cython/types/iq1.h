@@ -125,10 +125,29 @@ static inline __m256i qk_iq1_m_u32(const qk_block_iq1_m *x, int c) {
 /* Decode (panel_unpack.h). */
 static inline float qk_fused_iq1_s(const uint8_t *blk, const qk_act_q8_256 *a, int32_t *tot, int32_t *mins) {
     const qk_block_iq1_s *x = (const qk_block_iq1_s *)blk;
+    /* the 32 grid indices first, 16 at a time: qs[j] | bits 3 (j % 4).. of qh word j / 4 << 8
+     * (the qh word spread to its four groups, shifted by a multiply or, for the fourth, right) */
+    const __m256i qh = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)x->qh));
+    const __m256i mul = _mm256_setr_epi16(256, 32, 4, 0, 256, 32, 4, 0, 256, 32, 4, 0, 256, 32, 4, 0);
+    const __m256i fourth = _mm256_setr_epi16(0, 0, 0, -1, 0, 0, 0, -1, 0, 0, 0, -1, 0, 0, 0, -1);
+    uint16_t gi[32];
+    for (int h = 0; h < 2; h++) {
+        const __m256i spread = _mm256_add_epi8(_mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3,
+                                                                4, 5, 4, 5, 4, 5, 4, 5, 6, 7, 6, 7, 6, 7, 6, 7),
+                                               _mm256_set1_epi8((char)(8 * h)));
+        const __m256i w = _mm256_shuffle_epi8(qh, spread);
+        const __m256i hi = _mm256_or_si256(_mm256_mullo_epi16(w, mul), _mm256_and_si256(_mm256_srli_epi16(w, 1), fourth));
+        const __m256i lo = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(x->qs + 16 * h)));
+        _mm256_storeu_si256((__m256i *)(gi + 16 * h), _mm256_or_si256(lo, _mm256_and_si256(hi, _mm256_set1_epi16(0x700))));
+    }
+    const uint64_t *g = qk_iq1s_grid_p1;
     qk_fused_sums s = {_mm256_setzero_si256(), {0}};
     for (int ib = 0; ib < 8; ib++) {
         const uint32_t h = qk_load_u16(x->qh + 2 * ib);
-        qk_fused_add32(&s, ib, qk_iq1_s_u32(x->qs + 4 * ib, h), a, 2 * (int)((h >> 12) & 7) + 1);
+        const uint16_t *i = gi + 4 * ib;
+        const __m256i u = _mm256_add_epi8(_mm256_slli_epi16(qk_grid4x8(g[i[0]], g[i[1]], g[i[2]], g[i[3]]), 3),
+                                          _mm256_set1_epi8((char)((~h >> 14) & 2)));
+        qk_fused_add32(&s, ib, u, a, 2 * (int)((h >> 12) & 7) + 1);
     }
     qk_fused_end(&s, a, 9, tot, mins);
     return qk_fp16_to_fp32(qk_load_u16(x->d)) * 0.125f;
@@ -138,8 +157,28 @@ static inline float qk_fused_iq1_m(const uint8_t *blk, const qk_act_q8_256 *a, i
     const qk_block_iq1_m *x = (const qk_block_iq1_m *)blk;
     int sc[16];
     qk_iq1_m_scales(x, sc);
+    /* the 32 grid indices first, 16 at a time: qs[j] | the low 3 bits of group j's qh nibble << 8
+     * (the qh byte spread to its two groups, shifted by a multiply, masked) */
+    const __m128i qh = _mm_loadu_si128((const __m128i *)x->qh);
+    const __m256i mul = _mm256_setr_epi16(256, 16, 256, 16, 256, 16, 256, 16, 256, 16, 256, 16, 256, 16, 256, 16);
+    uint16_t gi[32];
+    for (int h = 0; h < 2; h++) {
+        const __m128i spread = _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+        const __m256i hi = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(qh, _mm_add_epi8(spread, _mm_set1_epi8((char)(8 * h)))));
+        const __m256i lo = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(x->qs + 16 * h)));
+        _mm256_storeu_si256((__m256i *)(gi + 16 * h),
+                            _mm256_or_si256(lo, _mm256_and_si256(_mm256_mullo_epi16(hi, mul), _mm256_set1_epi16(0x700))));
+    }
+    const uint64_t *g = qk_iq1s_grid_p1;
     qk_fused_sums s = {_mm256_setzero_si256(), {0}};
-    for (int c = 0; c < 8; c++) qk_fused_add16(&s, c, qk_iq1_m_u32(x, c), a, sc[2 * c], sc[2 * c + 1]);
+    for (int c = 0; c < 8; c++) {
+        const uint16_t *i = gi + 4 * c;
+        const uint32_t h0 = x->qh[2 * c], h1 = x->qh[2 * c + 1];
+        const uint32_t pos = ~((h0 >> 3 & 1) | (h0 >> 6 & 2) | (h1 >> 1 & 4) | (h1 >> 4 & 8)) & 15;
+        const __m256i u = _mm256_add_epi8(_mm256_slli_epi16(qk_grid4x8(g[i[0]], g[i[1]], g[i[2]], g[i[3]]), 3),
+                                          _mm256_loadu_si256((const __m256i *)qk_iq1_m_delta[pos]));
+        qk_fused_add16(&s, c, u, a, sc[2 * c], sc[2 * c + 1]);
+    }
     qk_fused_end(&s, a, 9, tot, mins);
     return qk_iq1_m_d(x) * 0.125f;
 }

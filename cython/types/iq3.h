@@ -105,9 +105,27 @@ static inline float qk_fused_iq3_xxs(const uint8_t *blk, const qk_act_q8_256 *a,
 
 static inline float qk_fused_iq3_s(const uint8_t *blk, const qk_act_q8_256 *a, int32_t *tot, int32_t *mins) {
     const qk_block_iq3_s *x = (const qk_block_iq3_s *)blk;
+    /* the 64 grid indices first, 16 at a time: qs[j] | bit j % 8 of qh[j / 8] << 8 (the qh byte
+     * spread to its groups, shifted by a multiply, masked) */
+    const __m128i qh = _mm_loadl_epi64((const __m128i *)x->qh);
+    const __m256i mul = _mm256_setr_epi16(256, 128, 64, 32, 16, 8, 4, 2, 256, 128, 64, 32, 16, 8, 4, 2);
+    uint16_t gi[64];
+    for (int h = 0; h < 4; h++) {
+        const __m128i spread = _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+        const __m256i hi = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(qh, _mm_add_epi8(spread, _mm_set1_epi8((char)(2 * h)))));
+        const __m256i lo = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(x->qs + 16 * h)));
+        _mm256_storeu_si256((__m256i *)(gi + 16 * h),
+                            _mm256_or_si256(lo, _mm256_and_si256(_mm256_mullo_epi16(hi, mul), _mm256_set1_epi16(0x100))));
+    }
+    const uint32_t *g = qk_iq3s_grid;
     qk_fused_sums s = {_mm256_setzero_si256(), {0}};
-    for (int ib = 0; ib < 8; ib++)
-        qk_fused_add32(&s, ib, qk_iq3_s_u32(x, ib), a, 2 * ((x->scales[ib / 2] >> (4 * (ib % 2))) & 0xf) + 1);
+    for (int ib = 0; ib < 8; ib++) {
+        const uint16_t *i = gi + 8 * ib;
+        const __m256i v = _mm256_set_epi32((int)g[i[7]], (int)g[i[6]], (int)g[i[5]], (int)g[i[4]], (int)g[i[3]],
+                                           (int)g[i[2]], (int)g[i[1]], (int)g[i[0]]);
+        qk_fused_add32(&s, ib, qk_signed32(v, qk_load_u32(x->signs + 4 * ib), 15), a,
+                       2 * ((x->scales[ib / 2] >> (4 * (ib % 2))) & 0xf) + 1);
+    }
     qk_fused_end(&s, a, 15, tot, mins);
     return qk_fp16_to_fp32(qk_load_u16(x->d));
 }
