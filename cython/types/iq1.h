@@ -112,6 +112,13 @@ static const uint64_t qk_iq1_m_delta[16][4] = {
     QK_IQ1M_ROW(6),  QK_IQ1M_ROW(7),  QK_IQ1M_ROW(8),  QK_IQ1M_ROW(9),  QK_IQ1M_ROW(10), QK_IQ1M_ROW(11),
     QK_IQ1M_ROW(12), QK_IQ1M_ROW(13), QK_IQ1M_ROW(14), QK_IQ1M_ROW(15)};
 
+/* Bits 3 and 7 of a qh byte (the delta signs of its two groups) as bits 0 and 1. */
+#define QK_DS(b) (((b) >> 3 & 1) | ((b) >> 6 & 2))
+#define QK_DS4(b) QK_DS(b), QK_DS((b) + 1), QK_DS((b) + 2), QK_DS((b) + 3)
+#define QK_DS16(b) QK_DS4(b), QK_DS4((b) + 4), QK_DS4((b) + 8), QK_DS4((b) + 12)
+#define QK_DS64(b) QK_DS16(b), QK_DS16((b) + 16), QK_DS16((b) + 32), QK_DS16((b) + 48)
+static const uint8_t qk_iq1_m_dsign[256] = {QK_DS64(0), QK_DS64(64), QK_DS64(128), QK_DS64(192)};
+
 static inline __m256i qk_iq1_m_u32(const qk_block_iq1_m *x, int c) {
     const uint64_t *g = qk_iq1s_grid_p1;
     const uint8_t *qs = x->qs + 4 * c;
@@ -155,8 +162,14 @@ static inline float qk_fused_iq1_s(const uint8_t *blk, const qk_act_q8_256 *a, i
 
 static inline float qk_fused_iq1_m(const uint8_t *blk, const qk_act_q8_256 *a, int32_t *tot, int32_t *mins) {
     const qk_block_iq1_m *x = (const qk_block_iq1_m *)blk;
-    int sc[16];
-    qk_iq1_m_scales(x, sc);
+    /* the 16 scales 2 ls + 1: field k of scale word w moved to bits 9..11 by a multiply */
+    int16_t sc[16];
+    const __m256i w = _mm256_broadcastq_epi64(_mm_loadl_epi64((const __m128i *)x->scales));
+    const __m256i w4 = _mm256_shuffle_epi8(w, _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3, 4, 5, 4,
+                                                                5, 4, 5, 4, 5, 6, 7, 6, 7, 6, 7, 6, 7)); /* word s / 4 */
+    const __m256i ls = _mm256_and_si256(_mm256_srli_epi16(_mm256_mullo_epi16(w4, _mm256_setr_epi16(512, 64, 8, 1, 512, 64, 8, 1, 512, 64, 8, 1, 512, 64, 8, 1)), 9),
+                                        _mm256_set1_epi16(7));
+    _mm256_storeu_si256((__m256i *)sc, _mm256_add_epi16(_mm256_add_epi16(ls, ls), _mm256_set1_epi16(1)));
     /* the 32 grid indices first, 16 at a time: qs[j] | the low 3 bits of group j's qh nibble << 8
      * (the qh byte spread to its two groups, shifted by a multiply, masked) */
     const __m128i qh = _mm_loadu_si128((const __m128i *)x->qh);
@@ -173,8 +186,7 @@ static inline float qk_fused_iq1_m(const uint8_t *blk, const qk_act_q8_256 *a, i
     qk_fused_sums s = {_mm256_setzero_si256(), {0}};
     for (int c = 0; c < 8; c++) {
         const uint16_t *i = gi + 4 * c;
-        const uint32_t h0 = x->qh[2 * c], h1 = x->qh[2 * c + 1];
-        const uint32_t pos = ~((h0 >> 3 & 1) | (h0 >> 6 & 2) | (h1 >> 1 & 4) | (h1 >> 4 & 8)) & 15;
+        const uint32_t pos = ~(qk_iq1_m_dsign[x->qh[2 * c]] | qk_iq1_m_dsign[x->qh[2 * c + 1]] << 2) & 15;
         const __m256i u = _mm256_add_epi8(_mm256_slli_epi16(qk_grid4x8(g[i[0]], g[i[1]], g[i[2]], g[i[3]]), 3),
                                           _mm256_loadu_si256((const __m256i *)qk_iq1_m_delta[pos]));
         qk_fused_add16(&s, c, u, a, sc[2 * c], sc[2 * c + 1]);
