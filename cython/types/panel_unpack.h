@@ -6,10 +6,11 @@
  *     256-element types:  x = d * sc_s * u + nd * (coefficient of the sub-block's bsums)
  *     32-element types:   x = d * u + m
  * All their u stay below 128 (narrow types: unsigned for vpdpbusd and maddubs, and valid as the
- * signed bytes NEON's sdot reads). The x86 pack unpacks eight rows into a buffer and lays it
- * into the interleaved panel with the 4x4 transposes of panel.h; the other builds write the
- * rows through qk_pack256_rows / qk_pack32_rows. The per-row dot (the traits' reference) runs
- * the tile's arithmetic on one unpacked row.
+ * signed bytes NEON's sdot reads). The x86 and NEON packs unpack eight rows into a buffer (the
+ * row unpackers' SIMD branches) and lay it into the interleaved panel with the 4x4 transposes of
+ * panel.h; the portable build writes the rows through qk_pack256_rows / qk_pack32_rows. The
+ * per-row dot (the traits' reference) runs the tile's arithmetic on one unpacked row. On x86,
+ * one token (decode) skips the panel (qk_decode256 below).
  */
 #ifndef QPACK_TYPES_PANEL_UNPACK_H
 #define QPACK_TYPES_PANEL_UNPACK_H
