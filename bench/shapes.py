@@ -13,7 +13,7 @@ the values, and an 8B file takes about a minute. The vocabulary is SmolLM2's byt
 (tokens and merges) grown to the real size with generated tokens, each the concatenation of two
 existing ones with its merge, so both qpack and llama.cpp load it and tokenize with it.
 
-Files are cached in --dir (default ~/.cache/qpack/shapes/), written to NAME.gguf.part and
+Files are cached in --dir (default ~/.cache/qpack/shapes/), written to NAME.gguf.PID.part and
 renamed when complete. bench/compare.py takes the names (`1b-q4_k_m`) in place of paths.
 """
 
@@ -270,7 +270,7 @@ def model_path(name: str, directory: Path = DEFAULT_DIR, rebuild: bool = False) 
     path = directory / f"{name}.gguf"
     if rebuild or not path.exists():
         directory.mkdir(parents=True, exist_ok=True)
-        part = path.with_suffix(".gguf.part")
+        part = path.with_suffix(f".gguf.{os.getpid()}.part")  # several writers may race
         write_model(part, name)
         os.replace(part, path)
     return path
