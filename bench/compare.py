@@ -1,6 +1,9 @@
 """qpack against llama.cpp on the same GGUF, same threads, same context, in one run.
 
-    python bench/compare.py MODEL.gguf [MODEL.gguf ...] [-t 2] [-c 4096] [--rounds 3]
+    python bench/compare.py MODEL.gguf|SHAPE [...] [-t 2] [-c 4096] [--rounds 3]
+
+A SHAPE is a name of bench/shapes.py (`1b-q4_k_m`, `3b-q4_k_m`, ...: a synthetic GGUF of a real
+model's shape, written once into its cache).
 
 For each model, alternating rounds of fresh processes (so peak RSS is each engine's own):
   - llama.cpp through llama-cpp-python, run by the Python of a separate environment
@@ -12,7 +15,8 @@ from position 0, logits every step), several repetitions after a warm-up; plus, 
 through the engine (greedy sampling and detokenization included, what `qpack run` does).
 Printed: tokens/s (median over all repetitions), peak RSS, the qpack/llama.cpp ratios, the
 CPU's flags, the load average before, and how many cores other processes used during the run
-(from /proc/stat minus our own CPU time). Other engineers share the machine: measure with
+(from /proc/stat minus our own CPU time), and the machine's read bandwidth with the same threads
+(bench/membw.py) with each model's decode as a percentage of the limit it sets. Other engineers share the machine: measure with
 --wait-idle when `uptime` says the load is low.
 """
 
@@ -27,6 +31,9 @@ import statistics
 import subprocess
 import sys
 import time
+
+import membw
+import shapes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TESTS = (("pp64", 64), ("pp512", 512), ("tg128", 128))
@@ -225,6 +232,24 @@ def table(model: str, rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def model_file(arg: str) -> str:
+    """A GGUF path as given, or the cached file of a bench/shapes.py name."""
+    if os.path.exists(arg) or arg not in shapes.MODELS:
+        return arg
+    return str(shapes.model_path(arg))
+
+
+def limit_line(model: str, rows: dict[str, dict], bandwidth: float, threads: int) -> str:
+    limit, per_token = membw.decode_limit(model, bandwidth)
+    shares = [
+        f"{label} {r['tg128'] / limit:.0%}" for label, r in rows.items() if label != "qpack generic"
+    ]
+    return (
+        f"decode limit {limit:.1f} tok/s ({bandwidth:.1f} GB/s read by {threads} threads / "
+        f"{per_token / 1e9:.3f} GB per token); tg128 as % of it: {', '.join(shares)}"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("models", nargs="+")
@@ -250,8 +275,10 @@ def main() -> None:
         from qpack.runtime.model import physical_cores
 
         a.threads = physical_cores()
+    a.models = [model_file(m) for m in a.models]
     if a.wait_idle:
         wait_idle(a.wait_idle)
+    bandwidth = membw.measure_in_subprocess(a.threads)
     name, flags = cpu_facts()
     load_before = os.getloadavg()
     busy0, ours0, t0 = busy_cpu_seconds(), our_cpu_seconds(), time.time()
@@ -277,14 +304,17 @@ def main() -> None:
     print(f"threads {a.threads}, context {a.ctx}, {a.rounds} rounds x {a.reps} repetitions (median); "
           f"load average before {load_before[0]:.2f} / {load_before[1]:.2f} (1 / 5 min); "
           f"other processes used {others if others is not None else float('nan'):.2f} cores on average "
-          f"during the {elapsed:.0f} s run\n")  # fmt: skip
+          f"during the {elapsed:.0f} s run")  # fmt: skip
+    print("read bandwidth (bench/membw.py, before the run): "
+          + ", ".join(f"{bw:.1f} GB/s with {n} thread{'s' * (n > 1)}" for n, bw in bandwidth.items()) + "\n")  # fmt: skip
     for model, rows in results.items():
         print(table(model, rows) + "\n")
+        print(limit_line(model, rows, bandwidth[a.threads], a.threads) + "\n")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"cpu": name, "flags": flags, "threads": a.threads, "ctx": a.ctx,
                        "load_before": load_before, "load_after": load_after, "other_cores": others,
-                       "seconds": elapsed, "results": results}, f, indent=1)  # fmt: skip
+                       "seconds": elapsed, "bandwidth_gbs": bandwidth, "results": results}, f, indent=1)  # fmt: skip
 
 
 if __name__ == "__main__":
