@@ -34,10 +34,11 @@
 
 /* qk_gemm_fn (quants.h): out[t * ldo + r] = W[r] . act[t] for r < nr, t < nt. */
 
+/* Two panels side by side (the AVX-512 build multiplies 16 rows at once, see qk_tile*_2x4). */
 static size_t qk_gemm_scratch_bytes(int64_t n) {
     const size_t a = (size_t)(n / 32 + 1) * sizeof(qk_panel32);
     const size_t b = (size_t)(n / 256 + 1) * sizeof(qk_panel256);
-    return a > b ? a : b;
+    return 2 * (a > b ? a : b);
 }
 
 /* Row pointers of a panel; rows past nr repeat the last one (their lanes are computed and
@@ -194,6 +195,103 @@ QK_TILE_INLINE void qk_tile256_x86(const qk_panel256 *p, int64_t nb, int sub, co
         }
     }
 }
+
+#if QK_TILES_X86 == 2
+/* Prefill's register tile: two panels (16 rows) times four tokens. Each panel quad loaded once
+ * meets the four tokens' broadcast groups, each broadcast meets both panels: 6 loads for 8
+ * vpdpbusd where the 8-row loop needs 2 per vpdpbusd (loads, not the multiplier, bound that
+ * loop on Zen 4), and 8 independent sums in flight to cover vpdpbusd's latency. The integer
+ * sums are exact and the float steps per (row, token) are qk_tile*_x86's: results stay
+ * bit-identical to the 1-token path. Sums and accumulators: [t] rows of p0, [4 + t] of p1. */
+
+/* r[t] += quads j < nq of panel q0 times token t's groups, r[4 + t] the same for q1. Named
+ * sums, not an array indexed in the loop: the compiler then keeps them in place. */
+QK_TILE_INLINE void qk_quads_2x4(const uint8_t (*q0)[QK_PANEL_ROWS][4], const uint8_t (*q1)[QK_PANEL_ROWS][4],
+                                 const int8_t *const x[4], int nq, __m256i r[8]) {
+    __m256i s0 = r[0], s1 = r[1], s2 = r[2], s3 = r[3], s4 = r[4], s5 = r[5], s6 = r[6], s7 = r[7];
+    for (int j = 0; j < nq; j++) {
+        const __m256i w0 = _mm256_load_si256((const __m256i *)q0[j]);
+        const __m256i w1 = _mm256_load_si256((const __m256i *)q1[j]);
+        __m256i g = _mm256_set1_epi32((int)qk_load_u32((const uint8_t *)x[0] + 4 * j));
+        s0 = _mm256_dpbusd_epi32(s0, w0, g);
+        s4 = _mm256_dpbusd_epi32(s4, w1, g);
+        g = _mm256_set1_epi32((int)qk_load_u32((const uint8_t *)x[1] + 4 * j));
+        s1 = _mm256_dpbusd_epi32(s1, w0, g);
+        s5 = _mm256_dpbusd_epi32(s5, w1, g);
+        g = _mm256_set1_epi32((int)qk_load_u32((const uint8_t *)x[2] + 4 * j));
+        s2 = _mm256_dpbusd_epi32(s2, w0, g);
+        s6 = _mm256_dpbusd_epi32(s6, w1, g);
+        g = _mm256_set1_epi32((int)qk_load_u32((const uint8_t *)x[3] + 4 * j));
+        s3 = _mm256_dpbusd_epi32(s3, w0, g);
+        s7 = _mm256_dpbusd_epi32(s7, w1, g);
+    }
+    r[0] = s0, r[1] = s1, r[2] = s2, r[3] = s3, r[4] = s4, r[5] = s5, r[6] = s6, r[7] = s7;
+}
+
+QK_TILE_INLINE void qk_tile32_2x4(const qk_panel32 *p0, const qk_panel32 *p1, int64_t nb,
+                                  const uint8_t *const *a, __m256 *acc) {
+    for (int64_t b = 0; b < nb; b++) {
+        const qk_act_q8_32 *x[4];
+        const int8_t *xq[4];
+        __m256i s[8];
+        for (int t = 0; t < 4; t++) x[t] = (const qk_act_q8_32 *)a[t] + b, xq[t] = x[t]->qs;
+        for (int k = 0; k < 8; k++) s[k] = _mm256_setzero_si256();
+        qk_quads_2x4(p0[b].q, p1[b].q, xq, 8, s);
+        for (int h = 0; h < 2; h++) {
+            const qk_panel32 *p = h ? &p1[b] : &p0[b];
+            const __m256 d = _mm256_load_ps(p->d), m = _mm256_load_ps(p->m);
+            for (int t = 0; t < 4; t++) {
+                __m256 *o = &acc[4 * h + t];
+                *o = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(x[t]->d)), _mm256_cvtepi32_ps(s[4 * h + t]), *o);
+                *o = _mm256_fmadd_ps(m, _mm256_set1_ps(x[t]->s), *o);
+            }
+        }
+    }
+}
+
+QK_TILE_INLINE void qk_tile256_2x4(const qk_panel256 *p0, const qk_panel256 *p1, int64_t nb, int sub,
+                                   const uint8_t *const *a, __m256 *acc) {
+    const int quads = sub / 4, nsub = 256 / sub;
+    for (int64_t b = 0; b < nb; b++) {
+        const qk_act_q8_256 *x[4];
+        __m256i tot[8], mins[8];
+        for (int t = 0; t < 4; t++) x[t] = (const qk_act_q8_256 *)a[t] + b;
+        for (int k = 0; k < 8; k++) tot[k] = mins[k] = _mm256_setzero_si256();
+        for (int s = 0; s < nsub; s++) {
+            __m256i is[8];
+            const int8_t *xq[4];
+            for (int t = 0; t < 4; t++) xq[t] = x[t]->qs + 4 * s * quads;
+            for (int k = 0; k < 8; k++) is[k] = _mm256_setzero_si256();
+            qk_quads_2x4(p0[b].q + s * quads, p1[b].q + s * quads, xq, quads, is);
+            const __m256i sc0 = _mm256_load_si256((const __m256i *)p0[b].sc[s]);
+            const __m256i sc1 = _mm256_load_si256((const __m256i *)p1[b].sc[s]);
+            for (int t = 0; t < 4; t++) {
+                tot[t] = _mm256_add_epi32(tot[t], _mm256_mullo_epi32(is[t], sc0));
+                tot[4 + t] = _mm256_add_epi32(tot[4 + t], _mm256_mullo_epi32(is[4 + t], sc1));
+            }
+        }
+        for (int q = 0; q < 8; q++) {
+            const __m256i mn0 = _mm256_load_si256((const __m256i *)p0[b].mn[q]);
+            const __m256i mn1 = _mm256_load_si256((const __m256i *)p1[b].mn[q]);
+            for (int t = 0; t < 4; t++) {
+                const __m256i g = _mm256_set1_epi32((int)qk_load_u32((const uint8_t *)&x[t]->bsums[2 * q]));
+                mins[t] = _mm256_dpwssd_epi32(mins[t], mn0, g); /* = add(madd(mn, g)): exact */
+                mins[4 + t] = _mm256_dpwssd_epi32(mins[4 + t], mn1, g);
+            }
+        }
+        for (int h = 0; h < 2; h++) {
+            const qk_panel256 *p = h ? &p1[b] : &p0[b];
+            const __m256 d = _mm256_load_ps(p->d), nd = _mm256_load_ps(p->nd);
+            for (int t = 0; t < 4; t++) {
+                const __m256 da = _mm256_set1_ps(x[t]->d);
+                __m256 *o = &acc[4 * h + t];
+                *o = _mm256_fmadd_ps(_mm256_mul_ps(d, da), _mm256_cvtepi32_ps(tot[4 * h + t]), *o);
+                *o = _mm256_fmadd_ps(_mm256_mul_ps(nd, da), _mm256_cvtepi32_ps(mins[4 * h + t]), *o);
+            }
+        }
+    }
+}
+#endif
 #endif
 
 /* ================================================================ products: NEON */
@@ -386,7 +484,58 @@ QK_TILE_INLINE void qk_panel_mul(const void *panel, int fam, int sub, int group,
 #endif
 }
 
+#if QK_TILES_X86 == 2
+/* Rows r..r+15 of two panels (p1 holds rows 8..8+nr1-1, nr1 >= 1) times nt tokens: four at a
+ * time through the 2x4 tile, the rest one by one through each panel's 1-token loop. */
+QK_TILE_INLINE void qk_panel_mul2(const void *p0, const void *p1, int fam, int sub, int64_t nb, int nr1,
+                                  const uint8_t *act, size_t act_stride, int64_t nt, float *out, int64_t ldo) {
+    int64_t t = 0;
+    for (; t + 4 <= nt; t += 4) {
+        const uint8_t *a[4];
+        __m256 acc[8];
+        for (int k = 0; k < 4; k++) a[k] = act + (size_t)(t + k) * act_stride;
+        for (int k = 0; k < 8; k++) acc[k] = _mm256_setzero_ps();
+        if (fam == 32)
+            qk_tile32_2x4((const qk_panel32 *)p0, (const qk_panel32 *)p1, nb, a, acc);
+        else
+            qk_tile256_2x4((const qk_panel256 *)p0, (const qk_panel256 *)p1, nb, sub, a, acc);
+        for (int k = 0; k < 4; k++) {
+            _mm256_storeu_ps(out + (t + k) * ldo, acc[k]);
+            if (nr1 == 8) {
+                _mm256_storeu_ps(out + (t + k) * ldo + 8, acc[4 + k]);
+            } else {
+                float v[8];
+                _mm256_storeu_ps(v, acc[4 + k]);
+                qk_tile_store(out + 8, ldo, t + k, nr1, v);
+            }
+        }
+    }
+    if (t < nt) {
+        qk_panel_mul(p0, fam, sub, 0, nb, 8, act + (size_t)t * act_stride, act_stride, nt - t, out + t * ldo, ldo);
+        qk_panel_mul(p1, fam, sub, 0, nb, nr1, act + (size_t)t * act_stride, act_stride, nt - t, out + t * ldo + 8, ldo);
+    }
+}
+#define QK_PANEL_PAIRS 1
+#else
+#define QK_PANEL_PAIRS 0
+#endif
+
 /* ================================================================ one gemm per type */
+
+/* One panel (rows <= 8) or two (8 < rows <= 16, QK_PANEL_PAIRS builds) times the tokens. */
+#if QK_PANEL_PAIRS
+#define QK_PANEL_MUL(p0, p1, fam, sub, group, nb, rows, act, stride, nt, out, ldo)                    \
+    do {                                                                                              \
+        if ((rows) > QK_PANEL_ROWS)                                                                   \
+            qk_panel_mul2(p0, p1, fam, sub, nb, (rows) - QK_PANEL_ROWS, act, stride, nt, out, ldo);   \
+        else                                                                                          \
+            qk_panel_mul(p0, fam, sub, group, nb, rows, act, stride, nt, out, ldo);                   \
+    } while (0)
+#else
+#define QK_PANEL_MUL(p0, p1, fam, sub, group, nb, rows, act, stride, nt, out, ldo)                    \
+    qk_panel_mul(p0, fam, sub, group, nb, rows, act, stride, nt, out, ldo)
+#endif
+
 
 /* Panels of 8 rows, each unpacked once by the type's qk_pack_<name> and met by every token. */
 #define QK_GEMM_32(name, BYTES, sub, group)                                                           \
@@ -394,15 +543,21 @@ QK_TILE_INLINE void qk_panel_mul(const void *panel, int fam, int sub, int group,
                                size_t act_stride, int64_t nt, float *out, int64_t ldo, void *scratch) {      \
         qk_panel32 *p = (qk_panel32 *)scratch;                                                        \
         const int64_t nb = n / 32;                                                                    \
-        for (int64_t r = 0; r < nr; r += QK_PANEL_ROWS) {                                             \
-            const int rows = nr - r < QK_PANEL_ROWS ? (int)(nr - r) : QK_PANEL_ROWS;                 \
-            const uint8_t *rp[8];                                                                     \
-            qk_panel_rows(w + (size_t)r * row_bytes, row_bytes, rows, rp);                           \
-            for (int64_t b = 0; b < nb; b++) {                                                        \
-                qk_prefetch_next_panel(rp, row_bytes, (size_t)b * (BYTES));                           \
-                qk_pack_##name(rp, (size_t)b * (BYTES), &p[b]);                                       \
+        const int pairs = QK_PANEL_PAIRS && nt >= 4; /* prefill: 16 rows at a time */                 \
+        for (int64_t r = 0; r < nr;) {                                                                \
+            int done = 0;                                                                             \
+            for (int h = 0; h <= pairs && r + done < nr; h++) {                                       \
+                const int rows = nr - r - done < QK_PANEL_ROWS ? (int)(nr - r - done) : QK_PANEL_ROWS; \
+                const uint8_t *rp[8];                                                                 \
+                qk_panel_rows(w + (size_t)(r + done) * row_bytes, row_bytes, rows, rp);              \
+                for (int64_t b = 0; b < nb; b++) {                                                    \
+                    qk_prefetch_next_panel(rp, row_bytes, (size_t)b * (BYTES));                       \
+                    qk_pack_##name(rp, (size_t)b * (BYTES), &p[h * (nb + 1) + b]);                     \
+                }                                                                                     \
+                done += rows;                                                                         \
             }                                                                                         \
-            qk_panel_mul(p, 32, sub, group, nb, rows, act, act_stride, nt, out + r, ldo);            \
+            QK_PANEL_MUL(p, p + nb + 1, 32, sub, group, nb, done, act, act_stride, nt, out + r, ldo); \
+            r += done;                                                                                \
         }                                                                                             \
     }
 
@@ -411,16 +566,22 @@ QK_TILE_INLINE void qk_panel_mul(const void *panel, int fam, int sub, int group,
                                size_t act_stride, int64_t nt, float *out, int64_t ldo, void *scratch) {      \
         qk_panel256 *p = (qk_panel256 *)scratch;                                                      \
         const int64_t nb = n / 256;                                                                   \
-        for (int64_t r = 0; r < nr; r += QK_PANEL_ROWS) {                                             \
-            const int rows = nr - r < QK_PANEL_ROWS ? (int)(nr - r) : QK_PANEL_ROWS;                 \
-            const uint8_t *rp[8];                                                                     \
-            qk_panel_rows(w + (size_t)r * row_bytes, row_bytes, rows, rp);                           \
-            for (int64_t b = 0; b < nb; b++) {                                                        \
-                for (size_t k = 0; k < (size_t)(BYTES); k += 64)                                      \
-                    qk_prefetch_next_panel(rp, row_bytes, (size_t)b * (BYTES) + k);                   \
-                qk_pack_##name(rp, (size_t)b * (BYTES), &p[b]);                                       \
+        const int pairs = QK_PANEL_PAIRS && nt >= 4; /* prefill: 16 rows at a time */                 \
+        for (int64_t r = 0; r < nr;) {                                                                \
+            int done = 0;                                                                             \
+            for (int h = 0; h <= pairs && r + done < nr; h++) {                                       \
+                const int rows = nr - r - done < QK_PANEL_ROWS ? (int)(nr - r - done) : QK_PANEL_ROWS; \
+                const uint8_t *rp[8];                                                                 \
+                qk_panel_rows(w + (size_t)(r + done) * row_bytes, row_bytes, rows, rp);              \
+                for (int64_t b = 0; b < nb; b++) {                                                    \
+                    for (size_t k = 0; k < (size_t)(BYTES); k += 64)                                  \
+                        qk_prefetch_next_panel(rp, row_bytes, (size_t)b * (BYTES) + k);               \
+                    qk_pack_##name(rp, (size_t)b * (BYTES), &p[h * (nb + 1) + b]);                     \
+                }                                                                                     \
+                done += rows;                                                                         \
             }                                                                                         \
-            qk_panel_mul(p, 256, sub, group, nb, rows, act, act_stride, nt, out + r, ldo);           \
+            QK_PANEL_MUL(p, p + nb + 1, 256, sub, group, nb, done, act, act_stride, nt, out + r, ldo); \
+            r += done;                                                                                \
         }                                                                                             \
     }
 
