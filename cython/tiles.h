@@ -30,6 +30,7 @@
 #ifndef QPACK_TILES_H
 #define QPACK_TILES_H
 
+#include "gemv.h"
 #include "panel.h"
 
 /* qk_gemm_fn (quants.h): out[t * ldo + r] = W[r] . act[t] for r < nr, t < nt. */
@@ -389,7 +390,7 @@ QK_TILE_INLINE void qk_panel_mul(const void *panel, int fam, int sub, int group,
 /* ================================================================ one gemm per type */
 
 /* Panels of 8 rows, each unpacked once by the type's qk_pack_<name> and met by every token. */
-#define QK_GEMM_32(name, BYTES, sub, group)                                                           \
+#define QK_GEMM_32(name, BYTES, sub, group, id)                                                          \
     static void qk_gemm_##name(int64_t n, const uint8_t *w, size_t row_bytes, int64_t nr, const uint8_t *act, \
                                size_t act_stride, int64_t nt, float *out, int64_t ldo, void *scratch) {      \
         qk_panel32 *p = (qk_panel32 *)scratch;                                                        \
@@ -406,9 +407,10 @@ QK_TILE_INLINE void qk_panel_mul(const void *panel, int fam, int sub, int group,
         }                                                                                             \
     }
 
-#define QK_GEMM_256(name, BYTES, sub, group)                                                          \
+#define QK_GEMM_256(name, BYTES, sub, group, id)                                                      \
     static void qk_gemm_##name(int64_t n, const uint8_t *w, size_t row_bytes, int64_t nr, const uint8_t *act, \
                                size_t act_stride, int64_t nt, float *out, int64_t ldo, void *scratch) {      \
+        if (nt == 1 && qk_gemv(id, n, w, row_bytes, nr, act, out, scratch)) return; /* gemv.h */    \
         qk_panel256 *p = (qk_panel256 *)scratch;                                                      \
         const int64_t nb = n / 256;                                                                   \
         for (int64_t r = 0; r < nr; r += QK_PANEL_ROWS) {                                             \
@@ -424,9 +426,9 @@ QK_TILE_INLINE void qk_panel_mul(const void *panel, int fam, int sub, int group,
         }                                                                                             \
     }
 
-#define QK_GEMM_0(name, BYTES, sub, group) /* float weights: no panel, their dot runs */
+#define QK_GEMM_0(name, BYTES, sub, group, id) /* float weights: no panel, their dot runs */
 
-#define QK_TYPE(NAME, name, id, elems, bytes, act, panel, sub, group) QK_GEMM_##panel(name, bytes, sub, group)
+#define QK_TYPE(NAME, name, id, elems, bytes, act, panel, sub, group) QK_GEMM_##panel(name, bytes, sub, group, id)
 #include "quant_types.def"
 #undef QK_TYPE
 
