@@ -30,6 +30,7 @@
 #ifndef QPACK_TILES_H
 #define QPACK_TILES_H
 
+#include "gemv.h"
 #include "panel.h"
 
 /* qk_gemm_fn (quants.h): out[t * ldo + r] = W[r] . act[t] for r < nr, t < nt. */
@@ -538,7 +539,7 @@ QK_TILE_INLINE void qk_panel_mul2(const void *p0, const void *p1, int fam, int s
 
 
 /* Panels of 8 rows, each unpacked once by the type's qk_pack_<name> and met by every token. */
-#define QK_GEMM_32(name, BYTES, sub, group)                                                           \
+#define QK_GEMM_32(name, BYTES, sub, group, id)                                                          \
     static void qk_gemm_##name(int64_t n, const uint8_t *w, size_t row_bytes, int64_t nr, const uint8_t *act, \
                                size_t act_stride, int64_t nt, float *out, int64_t ldo, void *scratch) {      \
         qk_panel32 *p = (qk_panel32 *)scratch;                                                        \
@@ -561,9 +562,10 @@ QK_TILE_INLINE void qk_panel_mul2(const void *p0, const void *p1, int fam, int s
         }                                                                                             \
     }
 
-#define QK_GEMM_256(name, BYTES, sub, group)                                                          \
+#define QK_GEMM_256(name, BYTES, sub, group, id)                                                      \
     static void qk_gemm_##name(int64_t n, const uint8_t *w, size_t row_bytes, int64_t nr, const uint8_t *act, \
                                size_t act_stride, int64_t nt, float *out, int64_t ldo, void *scratch) {      \
+        if (nt == 1 && qk_gemv(id, n, w, row_bytes, nr, act, out, scratch)) return; /* gemv.h */    \
         qk_panel256 *p = (qk_panel256 *)scratch;                                                      \
         const int64_t nb = n / 256;                                                                   \
         const int pairs = QK_PANEL_PAIRS && nt >= 4; /* prefill: 16 rows at a time */                 \
@@ -585,9 +587,9 @@ QK_TILE_INLINE void qk_panel_mul2(const void *p0, const void *p1, int fam, int s
         }                                                                                             \
     }
 
-#define QK_GEMM_0(name, BYTES, sub, group) /* float weights: no panel, their dot runs */
+#define QK_GEMM_0(name, BYTES, sub, group, id) /* float weights: no panel, their dot runs */
 
-#define QK_TYPE(NAME, name, id, elems, bytes, act, panel, sub, group) QK_GEMM_##panel(name, bytes, sub, group)
+#define QK_TYPE(NAME, name, id, elems, bytes, act, panel, sub, group) QK_GEMM_##panel(name, bytes, sub, group, id)
 #include "quant_types.def"
 #undef QK_TYPE
 
