@@ -205,29 +205,41 @@ QK_TILE_INLINE void qk_tile256_x86(const qk_panel256 *p, int64_t nb, int sub, co
  * sums are exact and the float steps per (row, token) are qk_tile*_x86's: results stay
  * bit-identical to the 1-token path. Sums and accumulators: [t] rows of p0, [4 + t] of p1. */
 
-/* r[t] += quads j < nq of panel q0 times token t's groups, r[4 + t] the same for q1. Named
- * sums, not an array indexed in the loop: the compiler then keeps them in place. */
+/* r[t] += quads j < nq (even) of panel q0 times token t's groups, r[4 + t] the same for q1.
+ * Named sums, not an array indexed in the loop: the compiler then keeps them in registers;
+ * even and odd quads in separate sums: 16 chains in flight, where 8 leave vpdpbusd's
+ * latency (~5 cycles at 2 per cycle) exposed. Integer sums: their order changes nothing. */
+#define QK_DP2(e, j)                                                                               \
+    do {                                                                                              \
+        const __m256i w0 = _mm256_load_si256((const __m256i *)q0[j]);                                 \
+        const __m256i w1 = _mm256_load_si256((const __m256i *)q1[j]);                                 \
+        __m256i g = _mm256_set1_epi32((int)qk_load_u32((const uint8_t *)x[0] + 4 * (j)));             \
+        e##0 = _mm256_dpbusd_epi32(e##0, w0, g);                                                      \
+        e##4 = _mm256_dpbusd_epi32(e##4, w1, g);                                                      \
+        g = _mm256_set1_epi32((int)qk_load_u32((const uint8_t *)x[1] + 4 * (j)));                     \
+        e##1 = _mm256_dpbusd_epi32(e##1, w0, g);                                                      \
+        e##5 = _mm256_dpbusd_epi32(e##5, w1, g);                                                      \
+        g = _mm256_set1_epi32((int)qk_load_u32((const uint8_t *)x[2] + 4 * (j)));                     \
+        e##2 = _mm256_dpbusd_epi32(e##2, w0, g);                                                      \
+        e##6 = _mm256_dpbusd_epi32(e##6, w1, g);                                                      \
+        g = _mm256_set1_epi32((int)qk_load_u32((const uint8_t *)x[3] + 4 * (j)));                     \
+        e##3 = _mm256_dpbusd_epi32(e##3, w0, g);                                                      \
+        e##7 = _mm256_dpbusd_epi32(e##7, w1, g);                                                      \
+    } while (0)
 QK_TILE_INLINE void qk_quads_2x4(const uint8_t (*q0)[QK_PANEL_ROWS][4], const uint8_t (*q1)[QK_PANEL_ROWS][4],
                                  const int8_t *const x[4], int nq, __m256i r[8]) {
     __m256i s0 = r[0], s1 = r[1], s2 = r[2], s3 = r[3], s4 = r[4], s5 = r[5], s6 = r[6], s7 = r[7];
-    for (int j = 0; j < nq; j++) {
-        const __m256i w0 = _mm256_load_si256((const __m256i *)q0[j]);
-        const __m256i w1 = _mm256_load_si256((const __m256i *)q1[j]);
-        __m256i g = _mm256_set1_epi32((int)qk_load_u32((const uint8_t *)x[0] + 4 * j));
-        s0 = _mm256_dpbusd_epi32(s0, w0, g);
-        s4 = _mm256_dpbusd_epi32(s4, w1, g);
-        g = _mm256_set1_epi32((int)qk_load_u32((const uint8_t *)x[1] + 4 * j));
-        s1 = _mm256_dpbusd_epi32(s1, w0, g);
-        s5 = _mm256_dpbusd_epi32(s5, w1, g);
-        g = _mm256_set1_epi32((int)qk_load_u32((const uint8_t *)x[2] + 4 * j));
-        s2 = _mm256_dpbusd_epi32(s2, w0, g);
-        s6 = _mm256_dpbusd_epi32(s6, w1, g);
-        g = _mm256_set1_epi32((int)qk_load_u32((const uint8_t *)x[3] + 4 * j));
-        s3 = _mm256_dpbusd_epi32(s3, w0, g);
-        s7 = _mm256_dpbusd_epi32(s7, w1, g);
+    __m256i u0 = _mm256_setzero_si256(), u1 = u0, u2 = u0, u3 = u0, u4 = u0, u5 = u0, u6 = u0, u7 = u0;
+    for (int j = 0; j < nq; j += 2) {
+        QK_DP2(s, j);
+        QK_DP2(u, j + 1);
     }
-    r[0] = s0, r[1] = s1, r[2] = s2, r[3] = s3, r[4] = s4, r[5] = s5, r[6] = s6, r[7] = s7;
+    r[0] = _mm256_add_epi32(s0, u0), r[1] = _mm256_add_epi32(s1, u1);
+    r[2] = _mm256_add_epi32(s2, u2), r[3] = _mm256_add_epi32(s3, u3);
+    r[4] = _mm256_add_epi32(s4, u4), r[5] = _mm256_add_epi32(s5, u5);
+    r[6] = _mm256_add_epi32(s6, u6), r[7] = _mm256_add_epi32(s7, u7);
 }
+#undef QK_DP2
 
 QK_TILE_INLINE void qk_tile32_2x4(const qk_panel32 *p0, const qk_panel32 *p1, int64_t nb,
                                   const uint8_t *const *a, __m256 *acc) {
@@ -487,33 +499,51 @@ QK_TILE_INLINE void qk_panel_mul(const void *panel, int fam, int sub, int group,
 
 #if QK_TILES_X86 == 2
 /* Rows r..r+15 of two panels (p1 holds rows 8..8+nr1-1, nr1 >= 1) times nt tokens: four at a
- * time through the 2x4 tile, the rest one by one through each panel's 1-token loop. */
+ * time through the 2x4 tile, the rest one by one through each panel's 1-token loop. With 16
+ * full rows the blocks go in spans whose two panels stay in L1 (a panel of an 8192-wide Q4_K
+ * matrix is 92 KB) while every group of four tokens meets them; the sums are parked in out
+ * between spans (exact: the float steps per (row, token) keep their order). */
+#ifndef QK_L1_PANELS
+#define QK_L1_PANELS (20 << 10)
+#endif
 QK_TILE_INLINE void qk_panel_mul2(const void *p0, const void *p1, int fam, int sub, int64_t nb, int nr1,
                                   const uint8_t *act, size_t act_stride, int64_t nt, float *out, int64_t ldo) {
-    int64_t t = 0;
-    for (; t + 4 <= nt; t += 4) {
-        const uint8_t *a[4];
-        __m256 acc[8];
-        for (int k = 0; k < 4; k++) a[k] = act + (size_t)(t + k) * act_stride;
-        for (int k = 0; k < 8; k++) acc[k] = _mm256_setzero_ps();
-        if (fam == 32)
-            qk_tile32_2x4((const qk_panel32 *)p0, (const qk_panel32 *)p1, nb, a, acc);
-        else
-            qk_tile256_2x4((const qk_panel256 *)p0, (const qk_panel256 *)p1, nb, sub, a, acc);
-        for (int k = 0; k < 4; k++) {
-            _mm256_storeu_ps(out + (t + k) * ldo, acc[k]);
-            if (nr1 == 8) {
-                _mm256_storeu_ps(out + (t + k) * ldo + 8, acc[4 + k]);
-            } else {
-                float v[8];
-                _mm256_storeu_ps(v, acc[4 + k]);
-                qk_tile_store(out + 8, ldo, t + k, nr1, v);
+    const size_t pb = fam == 32 ? sizeof(qk_panel32) : sizeof(qk_panel256);
+    const size_t ab = fam == 32 ? sizeof(qk_act_q8_32) : sizeof(qk_act_q8_256);
+    int64_t span = nr1 == 8 ? (int64_t)(QK_L1_PANELS / (2 * pb)) : nb;
+    span = span < 1 ? 1 : span;
+    const int64_t nt4 = nt / 4 * 4;
+    for (int64_t b0 = 0; b0 < nb; b0 += span) {
+        const int64_t n = nb - b0 < span ? nb - b0 : span;
+        const void *q0 = (const uint8_t *)p0 + (size_t)b0 * pb, *q1 = (const uint8_t *)p1 + (size_t)b0 * pb;
+        for (int64_t t = 0; t < nt4; t += 4) {
+            const uint8_t *a[4];
+            __m256 acc[8];
+            for (int k = 0; k < 4; k++) {
+                a[k] = act + (size_t)(t + k) * act_stride + (size_t)b0 * ab;
+                acc[k] = b0 ? _mm256_loadu_ps(out + (t + k) * ldo) : _mm256_setzero_ps();
+                acc[4 + k] = b0 ? _mm256_loadu_ps(out + (t + k) * ldo + 8) : _mm256_setzero_ps();
+            }
+            if (fam == 32)
+                qk_tile32_2x4((const qk_panel32 *)q0, (const qk_panel32 *)q1, n, a, acc);
+            else
+                qk_tile256_2x4((const qk_panel256 *)q0, (const qk_panel256 *)q1, n, sub, a, acc);
+            for (int k = 0; k < 4; k++) {
+                _mm256_storeu_ps(out + (t + k) * ldo, acc[k]);
+                if (nr1 == 8) {
+                    _mm256_storeu_ps(out + (t + k) * ldo + 8, acc[4 + k]);
+                } else {
+                    float v[8];
+                    _mm256_storeu_ps(v, acc[4 + k]);
+                    qk_tile_store(out + 8, ldo, t + k, nr1, v);
+                }
             }
         }
     }
-    if (t < nt) {
-        qk_panel_mul(p0, fam, sub, 0, nb, 8, act + (size_t)t * act_stride, act_stride, nt - t, out + t * ldo, ldo);
-        qk_panel_mul(p1, fam, sub, 0, nb, nr1, act + (size_t)t * act_stride, act_stride, nt - t, out + t * ldo + 8, ldo);
+    if (nt4 < nt) {
+        const uint8_t *a = act + (size_t)nt4 * act_stride;
+        qk_panel_mul(p0, fam, sub, 0, nb, 8, a, act_stride, nt - nt4, out + nt4 * ldo, ldo);
+        qk_panel_mul(p1, fam, sub, 0, nb, nr1, a, act_stride, nt - nt4, out + nt4 * ldo + 8, ldo);
     }
 }
 #define QK_PANEL_PAIRS 1
