@@ -612,6 +612,26 @@ def quantize_iq4_xs(x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndar
     return np.concatenate(parts, axis=1).reshape(n_rows, -1)
 
 
+GRID_TYPES = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M")
+
+
+def _grid_quantizer(type_name: str) -> Callable[[np.ndarray, np.ndarray | None], np.ndarray]:
+    """The IQ1/IQ2/IQ3 grid searches are too branchy for numpy: compiled C (qpack.builder._quantize)."""
+
+    def quantize(x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
+        try:
+            from qpack.builder import _quantize
+        except ImportError as e:  # a source checkout without `setup.py build_ext`
+            raise QpackError(f"{type_name} needs the compiled quantizer module ({e})") from None
+        try:
+            return _quantize.quantize_rows(type_name, x, imatrix)
+        except ValueError as e:
+            raise QpackError(str(e)) from None
+
+    quantize.__name__ = f"quantize_{type_name.lower()}"
+    return quantize
+
+
 QUANTIZERS: dict[str, Callable[[np.ndarray, np.ndarray | None], np.ndarray]] = {
     "Q4_0": quantize_q4_0,
     "Q4_1": quantize_q4_1,
@@ -625,6 +645,7 @@ QUANTIZERS: dict[str, Callable[[np.ndarray, np.ndarray | None], np.ndarray]] = {
     "Q6_K": quantize_q6_k,
     "IQ4_NL": quantize_iq4_nl,
     "IQ4_XS": quantize_iq4_xs,
+    **{t: _grid_quantizer(t) for t in GRID_TYPES},
 }
 
 
