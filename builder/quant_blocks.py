@@ -632,17 +632,37 @@ def _grid_quantizer(type_name: str) -> Callable[[np.ndarray, np.ndarray | None],
     return quantize
 
 
+def _compiled_when_plain(
+    type_name: str, numpy_version: Callable[[np.ndarray, np.ndarray | None], np.ndarray]
+) -> Callable[[np.ndarray, np.ndarray | None], np.ndarray]:
+    """ggml's reference quantizer compiled (qpack.builder._quantize: bit-identical to
+    llama.cpp's, and faster) when there is no importance matrix (Q8_0 ignores it); the numpy
+    version otherwise, or when the module is not built."""
+
+    def quantize(x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
+        if imatrix is None or type_name == "Q8_0":
+            try:
+                from qpack.builder import _quantize
+            except ImportError:
+                return numpy_version(x, imatrix)
+            return _quantize.quantize_k_rows(type_name, x)
+        return numpy_version(x, imatrix)
+
+    quantize.__name__ = numpy_version.__name__
+    return quantize
+
+
 QUANTIZERS: dict[str, Callable[[np.ndarray, np.ndarray | None], np.ndarray]] = {
     "Q4_0": quantize_q4_0,
     "Q4_1": quantize_q4_1,
     "Q5_0": quantize_q5_0,
     "Q5_1": quantize_q5_1,
-    "Q8_0": quantize_q8_0,
+    "Q8_0": _compiled_when_plain("Q8_0", quantize_q8_0),
     "Q2_K": quantize_q2_k,
     "Q3_K": quantize_q3_k,
-    "Q4_K": quantize_q4_k,
+    "Q4_K": _compiled_when_plain("Q4_K", quantize_q4_k),
     "Q5_K": quantize_q5_k,
-    "Q6_K": quantize_q6_k,
+    "Q6_K": _compiled_when_plain("Q6_K", quantize_q6_k),
     "IQ4_NL": quantize_iq4_nl,
     "IQ4_XS": quantize_iq4_xs,
     **{t: _grid_quantizer(t) for t in GRID_TYPES},

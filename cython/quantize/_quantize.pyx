@@ -1,6 +1,7 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 """Compiled quantizers for the builder (`qpack quantize`): the IQ1/IQ2/IQ3 grid searches
-(iq_quantize.h). Built once with generic flags by setup.py as qpack.builder._quantize."""
+(iq_quantize.h) and Q8_0/Q4_K/Q6_K without an importance matrix (k_quantize.h). Built once
+with generic flags by setup.py as qpack.builder._quantize."""
 
 import numpy as np
 
@@ -14,6 +15,13 @@ cdef extern from "quantize/iq_quantize.h":
     int qq_prepare(int type)
     int qq_quantize_rows(int type, const float *x, uint8_t *y, int64_t nrows, int64_t n_per_row,
                          const float *qw) nogil
+
+cdef extern from "quantize/k_quantize.h":
+    int QQ_Q8_0, QQ_Q4_K, QQ_Q6_K
+    void qq_quantize_k_rows(int type, const float *x, uint8_t *y, int64_t nrows,
+                            int64_t n_per_row) nogil
+
+K_TYPES = {"Q8_0": (QQ_Q8_0, 32, 34), "Q4_K": (QQ_Q4_K, 256, 144), "Q6_K": (QQ_Q6_K, 256, 210)}
 
 TYPES = {
     "IQ2_XXS": (QQ_IQ2_XXS, 66), "IQ2_XS": (QQ_IQ2_XS, 74), "IQ2_S": (QQ_IQ2_S, 82),
@@ -50,4 +58,20 @@ def quantize_rows(str type_name, x, imatrix=None):
             rc = qq_quantize_rows(t, &xa[0, 0], &oa[0, 0], nrows, n, qw)
     if rc:
         raise ValueError(f"{type_name} needs an importance matrix")
+    return out
+
+
+def quantize_k_rows(str type_name, x):
+    """float32 rows (n_rows, n_per_row) -> uint8 blocks of Q8_0, Q4_K or Q6_K (no imatrix)."""
+    cdef int t, elems, block
+    t, elems, block = K_TYPES[type_name]
+    cdef cnp.ndarray[cnp.float32_t, ndim=2, mode="c"] xa = np.ascontiguousarray(x, dtype=np.float32)
+    cdef int64_t nrows = xa.shape[0], n = xa.shape[1]
+    if n % elems:
+        raise ValueError(f"{type_name} needs rows that are a multiple of {elems} (got {n})")
+    out = np.empty((nrows, n // elems * block), dtype=np.uint8)
+    cdef cnp.ndarray[cnp.uint8_t, ndim=2, mode="c"] oa = out
+    if nrows:
+        with nogil:
+            qq_quantize_k_rows(t, &xa[0, 0], &oa[0, 0], nrows, n)
     return out
