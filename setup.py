@@ -141,7 +141,7 @@ def extensions() -> list[Extension]:
                 depends=sorted(
                     str(p.relative_to(HERE))
                     for p in CYTHON_DIR.rglob("*")
-                    if p.suffix in (".h", ".pxi", ".def")
+                    if p.suffix in (".h", ".pxi", ".def") and "quantize" not in p.parts
                 ),
             )
         )

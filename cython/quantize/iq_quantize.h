@@ -732,21 +732,33 @@ static void qq_iq1_m_row(const float *x, uint8_t *y, int64_t n, const float *qw)
             shifts[ib] = 0;
             if (max < 1e-7f) continue;
             qq_sort_by_value(16, xb, idx);
-            /* k = 0..3: the delta sign of the first and second group of 8 (+,+ +,- -,+ -,-) */
+            /* k = 0..3: the delta sign of the first and second group of 8 (+,+ +,- -,+ -,-).
+             * Each element's terms per level are formed once, in ggml's product order
+             * (w * v * x), and summed in the sorted order per k, so the sums are ggml's bit for
+             * bit; the four k are added as one vector. */
+            float tx[16][3][4], t2[16][3][4]; /* element j at level lev: its term for each k */
+            for (int j = 0; j < 16; j++) {
+                const int i = idx[j];
+                for (int lev = 0; lev < 3; lev++) {
+                    const float a = weight[i] * x_p[lev] * xb[i], b = weight[i] * x_m[lev] * xb[i];
+                    const float c = weight[i] * x_p[lev] * x_p[lev], d = weight[i] * x_m[lev] * x_m[lev];
+                    for (int k = 0; k < 4; k++) {
+                        const int minus = i < 8 ? k >= 2 : k % 2; /* first group: k >= 2; second: odd k */
+                        tx[j][lev][k] = minus ? b : a;
+                        t2[j][lev][k] = minus ? d : c;
+                    }
+                }
+            }
             float best = -FLT_MAX, scale = max;
             int b1 = -1, b2 = -1, best_k = -1;
             for (int i1 = 0; i1 <= 16; i1++) {
                 for (int i2 = i1; i2 <= 16; i2++) {
                     float sqx[4] = {0}, sq2[4] = {0};
                     for (int j = 0; j < 16; j++) {
-                        const int i = idx[j], lev = j < i1 ? 0 : j < i2 ? 1 : 2;
-                        const float wx = weight[i] * xb[i], p = x_p[lev], m = x_m[lev];
-                        const int second = i >= 8;
-                        for (int k = 0; k < 4; k++) {
-                            const int minus = second ? k % 2 : k >= 2;
-                            const float v = minus ? m : p;
-                            sqx[k] += wx * v;
-                            sq2[k] += weight[i] * v * v;
+                        const int lev = (j >= i1) + (j >= i2);
+                        for (int k = 0; k < 4; k++) { /* one vector add each */
+                            sqx[k] += tx[j][lev][k];
+                            sq2[k] += t2[j][lev][k];
                         }
                     }
                     for (int k = 0; k < 4; k++) {
