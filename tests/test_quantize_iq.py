@@ -33,7 +33,7 @@ GRID_TYPES = quant_blocks.GRID_TYPES
 # is not stable) and F16 weights have ties: an occasional row (1 in 512 seen) picks another of
 # equally good splits, so for them the digests are not compared (their error is: see above).
 BYTE_EXACT = tuple(t for t in GRID_TYPES if not t.startswith("IQ1"))
-# one mix per family in the fast set; the rest run with the slow tests
+# one mix per family on one model in the fast set; the rest run with the slow tests
 FAST_IQ_MIXES = ("IQ1_S", "IQ2_XXS", "IQ3_XXS")
 
 
@@ -88,10 +88,15 @@ def test_iq_tensor_types_match_llama_cpp(tiny_iq_inputs, model, ftype):
     assert types == {n: v[0] for n, v in REFS["models"][model][ftype]["tensors"].items()}
 
 
-@pytest.mark.parametrize("model", TINY)
 @pytest.mark.parametrize(
-    "ftype",
-    [f if f in FAST_IQ_MIXES else pytest.param(f, marks=pytest.mark.slow) for f in IQ_MIXES],
+    ("model", "ftype"),
+    [
+        (m, f)
+        if m == "tiny256" and f in FAST_IQ_MIXES
+        else pytest.param(m, f, marks=pytest.mark.slow)
+        for m in TINY
+        for f in IQ_MIXES
+    ],
 )
 def test_tiny_iq_mixes_match_llama_cpp(tiny_iq_inputs, tmp_path, model, ftype):
     """Same size as llama.cpp's file; the IQ grid tensors byte-identical to its quantizer's."""
