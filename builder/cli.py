@@ -441,7 +441,10 @@ def serve_command(model, **kw) -> None:
     help="Also compare MODEL's distributions with this base model's (e.g. the F16): KL "
     "divergence, Δp and top-token agreement, as llama-perplexity --kl-divergence reports them.",
 )
-def perplexity_command(model, text_file, ctx_size, threads, cpu_choice, kld_base) -> None:
+@runtime_main.cache_type_options
+def perplexity_command(
+    model, text_file, ctx_size, threads, cpu_choice, kld_base, cache_type_k, cache_type_v
+) -> None:
     """Perplexity of MODEL on a text, as llama-perplexity computes it: how much did
     quantization cost? Prints running estimates, then PPL ± its standard error."""
     from qpack.runtime.model import Model
@@ -450,7 +453,8 @@ def perplexity_command(model, text_file, ctx_size, threads, cpu_choice, kld_base
 
     gf = _open_model(model)
     kernels = qpack_cpu.load(cpu_choice)
-    m = Model(gf, n_ctx=ctx_size, n_batch=ctx_size, threads=threads, kernels=kernels)
+    m = Model(gf, n_ctx=ctx_size, n_batch=ctx_size, threads=threads, kernels=kernels,
+              cache_type_k=cache_type_k, cache_type_v=cache_type_v)  # fmt: skip
     tok = Tokenizer.from_gguf(gf)
     try:
         text = text_file.read_text(encoding="utf-8")

@@ -58,6 +58,19 @@ enum { QK_N_ACT_FORMATS = 3 };     /* QK_ACT_F32, QK_ACT_Q8_32, QK_ACT_Q8_256 */
 enum { QK_MAX_ROPE_BASES = 4 };    /* distinct rope bases with precomputed tables */
 #define QK_ATT_KT 64               /* keys per attention tile (absolute positions) */
 #define QK_ATT_ROWS 64             /* query rows (tokens x heads of a group) per attention chunk */
+/* Keys per span (a multiple of QK_ATT_KT, absolute positions). Every query's attention is the
+ * online softmax of each span from an empty state, the spans' states then folded in order with
+ * the log-sum-exp rule: so a pass may hand the spans of one long sequence to different threads
+ * (flash-decoding) and still give the same bits as one thread walking them. */
+#define QK_ATT_SPAN 256
+#define QK_SPLIT_TOKENS 4          /* tokens whose spans the split buffer holds (decode-sized) */
+
+/* KV cache element types, numbered as ggml's */
+enum { QK_CACHE_F16 = 1, QK_CACHE_Q8_0 = 8 };
+typedef struct {
+    uint16_t d; /* f16 scale */
+    int8_t qs[32];
+} qk_cache_q8_0; /* ggml's block_q8_0: 34 bytes */
 
 typedef struct {
     const uint8_t *data; /* rows x row_bytes, in the mapping */
@@ -110,8 +123,11 @@ typedef struct {
     qk_layer *layers;
     /* sizes of the state below */
     int n_ctx, n_seq, n_batch, n_threads;
-    /* KV cache, [layer][seq][kv head][pos][head_dim(_v)]: a head's keys are contiguous */
-    qk_f16 *k_cache, *v_cache;
+    /* KV cache, [layer][seq][kv head][pos][row]: a head's keys are contiguous rows of
+     * k_row bytes (head_dim values of k_type: QK_CACHE_F16 or QK_CACHE_Q8_0 blocks) */
+    uint8_t *k_cache, *v_cache;
+    int k_type, v_type;
+    size_t k_row, v_row;
     /* scratch for up to n_batch tokens */
     float *x, *xn, *q, *k, *v, *attn_out, *tmp, *ff_a, *ff_b;
     qk_runtime *rt; /* threads and the scratch below: qk_model_init / qk_model_free */
@@ -123,6 +139,8 @@ typedef struct {
     const int32_t *tokens, *pos, *seq, *out_idx;
     float *logits, *hidden;
     int n_blocks; /* attention query blocks, below */
+    int split;    /* attention spans of a block go to different chunks, then a merge op */
+    int64_t n_span_chunks; /* with split: (block, kv head, span) chunks */
 } qk_pass;
 
 struct qk_runtime {
@@ -133,6 +151,10 @@ struct qk_runtime {
     void **gemm_scratch;              /* per thread */
     float **att_scratch;              /* per thread */
     int32_t *blocks;                  /* attention query blocks: [start, end) batch rows */
+    int64_t *span_chunk0;             /* with split: block b's first span chunk [n_batch + 1] */
+    int64_t *part_at;                 /* with split: block b's first float in parts [n_batch + 1] */
+    float *parts;                     /* with split: per (block, kv head, span) states */
+    size_t parts_cap;                 /* floats in parts */
     int n_bases;
     float rope_bases[QK_MAX_ROPE_BASES];
     float *rope_freq;                 /* [base][n_rot / 2] */
@@ -143,12 +165,20 @@ struct qk_runtime {
 };
 
 /* Where position pos of sequence s, layer l, KV head h lives in the cache. */
-static inline qk_f16 *qk_k_at(const qk_model *m, int l, int s, int h, int pos) {
-    return m->k_cache + ((((int64_t)l * m->n_seq + s) * m->n_head_kv + h) * m->n_ctx + pos) * m->head_dim;
+static inline uint8_t *qk_k_at(const qk_model *m, int l, int s, int h, int pos) {
+    return m->k_cache + ((((int64_t)l * m->n_seq + s) * m->n_head_kv + h) * m->n_ctx + pos) * (int64_t)m->k_row;
 }
 
-static inline qk_f16 *qk_v_at(const qk_model *m, int l, int s, int h, int pos) {
-    return m->v_cache + ((((int64_t)l * m->n_seq + s) * m->n_head_kv + h) * m->n_ctx + pos) * m->head_dim_v;
+static inline uint8_t *qk_v_at(const qk_model *m, int l, int s, int h, int pos) {
+    return m->v_cache + ((((int64_t)l * m->n_seq + s) * m->n_head_kv + h) * m->n_ctx + pos) * (int64_t)m->v_row;
+}
+
+/* Bytes of one cached row of n values of a cache type (0: not a cache type, or n not whole
+ * blocks). */
+static inline size_t qk_cache_row_bytes(int type, int n) {
+    if (type == QK_CACHE_F16) return (size_t)n * sizeof(qk_f16);
+    if (type == QK_CACHE_Q8_0 && n % 32 == 0) return (size_t)(n / 32) * sizeof(qk_cache_q8_0);
+    return 0;
 }
 
 /* ---------------------------------------------------------------- small math (vectorizable) */
@@ -247,8 +277,11 @@ static void qk_prepare_act(qk_model *m, const qk_matrix *const *ws, int nw, cons
 
 /* ---------------------------------------------------------------- products (an op) */
 
-/* Tokens per chunk: a block of activations stays in L2 while a panel of rows meets it. */
-#define QK_MM_TOKENS 64
+/* Tokens per chunk: a block of activations stays in L2 while a panel of rows meets it, and
+ * the more tokens meet a panel, the less its unpacking costs per token (64 -> 128: +3 %
+ * prefill at 1B; an activation-size-based 64-256 measured no better). Experts: 64. */
+#define QK_MM_TOKENS 128
+#define QK_MOE_TOKENS 64
 
 /* out_k[t][r] = W_k[r] . x[t] for the nw matrices (same input, same cols), t < n. With glu,
  * W_0 = gate and W_1 = up (same rows): out_0 = act_fn(out_0) * out_1, tile by tile. */
@@ -256,7 +289,7 @@ static int qk_matmul(qk_ctx *c, qk_model *m, const qk_matrix *const *ws, float *
                      const float *x, int n, int glu) {
     int64_t rows = 0;
     for (int k = 0; k < (glu ? 1 : nw); k++) rows += ws[k]->rows;
-    const int64_t n_tb = (n + QK_MM_TOKENS - 1) / QK_MM_TOKENS;
+    const int64_t tb = QK_MM_TOKENS, n_tb = (n + tb - 1) / tb;
     /* ~8 chunks per thread, row blocks a multiple of the 8-row panel and of at most ~1 MiB of
      * weights: a chunk start is a cold stream from DRAM, so not thousands of them (a 262144-row
      * head), yet enough for a late thread to share the work (1 to 16 MiB measured the same) */
@@ -275,9 +308,9 @@ static int qk_matmul(qk_ctx *c, qk_model *m, const qk_matrix *const *ws, float *
         int k = 0;
         int64_t rem = ch;
         while (rem >= n_rb[k] * n_tb) rem -= n_rb[k++] * n_tb;
-        const int64_t r0 = (rem / n_tb) * rb, t0 = (rem % n_tb) * QK_MM_TOKENS;
+        const int64_t r0 = (rem / n_tb) * rb, t0 = (rem % n_tb) * tb;
         const int64_t r1 = r0 + rb < ws[k]->rows ? r0 + rb : ws[k]->rows;
-        const int64_t t1 = t0 + QK_MM_TOKENS < n ? t0 + QK_MM_TOKENS : n;
+        const int64_t t1 = t0 + tb < n ? t0 + tb : n;
         for (int g = k; g <= (glu ? 1 : k); g++) {
             const qk_matrix *w = ws[g];
             const size_t stride = qk_act_stride(w);
@@ -328,11 +361,54 @@ static int qk_plan_blocks(qk_model *m, const qk_pass *p, int32_t *blocks) {
     return nb;
 }
 
-static size_t qk_att_scratch_floats(const qk_model *m) {
+/* Floats of one span state of a query row: its running max, its sum, its output. */
+static inline int qk_att_state_floats(const qk_model *m) { return m->head_dim_v + 2; }
+
+/* Query rows of the largest block (a group's heads x tokens). */
+static inline int qk_att_max_rows(const qk_model *m) {
     const int group = m->n_head / m->n_head_kv;
-    const int rows = (QK_ATT_ROWS / group > 0 ? QK_ATT_ROWS / group : 1) * group;
+    return (QK_ATT_ROWS / group > 0 ? QK_ATT_ROWS / group : 1) * group;
+}
+
+static size_t qk_att_scratch_floats(const qk_model *m) {
+    const size_t rows = (size_t)qk_att_max_rows(m);
     return (size_t)m->head_dim * QK_ATT_KT + (size_t)QK_ATT_KT * m->head_dim_v +
-           (size_t)rows * (QK_ATT_KT + m->head_dim_v + 2) + 64;
+           rows * (QK_ATT_KT + m->head_dim_v + 2) + 2 * rows * (size_t)qk_att_state_floats(m) + 64;
+}
+
+/* The split buffer: the span states of QK_SPLIT_TOKENS tokens at the full context. */
+static size_t qk_att_parts_floats(const qk_model *m) {
+    const int64_t spans = ((int64_t)m->n_ctx + QK_ATT_SPAN - 1) / QK_ATT_SPAN;
+    const int64_t tokens = m->n_batch < QK_SPLIT_TOKENS ? m->n_batch : QK_SPLIT_TOKENS;
+    return (size_t)(tokens * m->n_head * spans * qk_att_state_floats(m));
+}
+
+/* Whether this pass splits its blocks' spans across chunks: when the (block, kv head) chunks
+ * are too few to keep the threads busy (a decode step; Gemma 3 270M has one kv head), some
+ * block reaches past one span, and the states fit the buffer. */
+static void qk_plan_split(qk_model *m, qk_pass *p) {
+    qk_runtime *rt = m->rt;
+    const int group = m->n_head / m->n_head_kv;
+    const int64_t n_att = (int64_t)p->n_blocks * m->n_head_kv;
+    int64_t chunks = 0, floats = 0;
+    p->split = 0;
+    if (m->n_threads < 2 || n_att >= 2 * (int64_t)m->n_threads) return;
+    for (int b = 0; b < p->n_blocks; b++) {
+        const int i0 = rt->blocks[2 * b], i1 = rt->blocks[2 * b + 1];
+        int hi = 0;
+        for (int i = i0; i < i1; i++) hi = p->pos[i] > hi ? p->pos[i] : hi;
+        const int64_t n_sp = hi / QK_ATT_SPAN + 1;
+        rt->span_chunk0[b] = chunks;
+        rt->part_at[b] = floats;
+        chunks += m->n_head_kv * n_sp;
+        floats += m->n_head_kv * n_sp * (int64_t)(i1 - i0) * group * qk_att_state_floats(m);
+    }
+    rt->span_chunk0[p->n_blocks] = chunks;
+    rt->part_at[p->n_blocks] = floats;
+    if (chunks > n_att && (size_t)floats <= rt->parts_cap) {
+        p->split = 1;
+        p->n_span_chunks = chunks;
+    }
 }
 
 /* n f16 values to f32 (gcc 12 does not vectorize _Float16 conversions by itself). */
@@ -353,17 +429,73 @@ static inline void qk_f32_to_f16_row(const float *restrict src, qk_f16 *restrict
     for (; j < n; j++) dst[j] = qk_f32_to_f16(src[j]);
 }
 
-/* Keys ta..ta+tn-1 of one head, f16 rows of stride kv_dim, into kt[j][t] (f32, transposed so
- * that the scores vectorize over keys); columns tn up to the next multiple of 16 zero (the
+/* n values (whole blocks) to q8_0 as ggml's reference quantizer: d = max|x| / 127 stored as
+ * f16, q = x * (1 / d) rounded half away from zero (gguf-py's Q8_0 gives the same bytes). */
+static void qk_f32_to_q8_0_row(const float *restrict x, qk_cache_q8_0 *restrict y, int n) {
+    for (int i = 0; i < n / 32; i++, x += 32) {
+        float amax = 0.0f;
+        for (int j = 0; j < 32; j++) amax = fabsf(x[j]) > amax ? fabsf(x[j]) : amax;
+        const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        for (int j = 0; j < 32; j++) y[i].qs[j] = (int8_t)roundf(x[j] * id);
+        y[i].d = qk_fp32_to_fp16(d);
+    }
+}
+
+static void qk_q8_0_to_f32_row(const qk_cache_q8_0 *restrict y, float *restrict dst, int n) {
+    for (int i = 0; i < n / 32; i++, dst += 32) {
+        const float d = qk_fp16_to_fp32(y[i].d);
+        const int8_t *restrict qs = y[i].qs;
+#pragma omp simd
+        for (int j = 0; j < 32; j++) dst[j] = d * (float)qs[j];
+    }
+}
+
+/* One row of n values into the cache, in its type. */
+static inline void qk_cache_put(int type, const float *x, uint8_t *dst, int n) {
+    if (type == QK_CACHE_Q8_0)
+        qk_f32_to_q8_0_row(x, (qk_cache_q8_0 *)dst, n);
+    else
+        qk_f32_to_f16_row(x, (qk_f16 *)dst, n);
+}
+
+/* n consecutive cached values (rows of whole blocks are contiguous) to f32. */
+static inline void qk_cache_get(int type, const uint8_t *src, float *dst, int n) {
+    if (type == QK_CACHE_Q8_0)
+        qk_q8_0_to_f32_row((const qk_cache_q8_0 *)src, dst, n);
+    else
+        qk_f16_to_f32_row((const qk_f16 *)src, dst, n);
+}
+
+static inline float qk_cache_value(int type, const uint8_t *row, int j) {
+    if (type == QK_CACHE_Q8_0) {
+        const qk_cache_q8_0 *b = (const qk_cache_q8_0 *)row + j / 32;
+        return qk_fp16_to_fp32(b->d) * (float)b->qs[j % 32];
+    }
+    return qk_f16_to_f32(((const qk_f16 *)row)[j]);
+}
+
+#if defined(__AVX2__) && defined(__F16C__)
+/* Values j..j+7 of a cached row (j a multiple of 8). */
+static inline __m256 qk_cache_get8(int type, const uint8_t *row, int j) {
+    if (type == QK_CACHE_Q8_0) {
+        const qk_cache_q8_0 *b = (const qk_cache_q8_0 *)row + j / 32;
+        const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(b->qs + j % 32))));
+        return _mm256_mul_ps(_mm256_set1_ps(qk_fp16_to_fp32(b->d)), q);
+    }
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + (size_t)j * sizeof(qk_f16))));
+}
+#endif
+
+/* Keys 0..tn-1 of one head (cached rows of `row` bytes from ks) into kt[j][t] (f32, transposed
+ * so that the scores vectorize over keys); columns tn up to the next multiple of 16 zero (the
  * scores stop there). */
-static void qk_load_keys(float *restrict kt, const qk_f16 *ks, int64_t kv_dim, int hd, int tn) {
+static void qk_load_keys(float *restrict kt, const uint8_t *ks, int type, size_t row, int hd, int tn) {
     int t = 0;
 #if defined(__AVX2__) && defined(__F16C__)
     for (; t + 8 <= tn && hd % 8 == 0; t += 8)
         for (int j = 0; j < hd; j += 8) {
             __m256 r[8];
-            for (int k = 0; k < 8; k++)
-                r[k] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ks + (int64_t)(t + k) * kv_dim + j)));
+            for (int k = 0; k < 8; k++) r[k] = qk_cache_get8(type, ks + (size_t)(t + k) * row, j);
             /* 8x8 transpose: r[k] = key t+k, dims j..j+7  ->  c[d] = dim j+d, keys t..t+7 */
             const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
             const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
@@ -382,7 +514,7 @@ static void qk_load_keys(float *restrict kt, const qk_f16 *ks, int64_t kv_dim, i
         }
 #endif
     for (; t < tn; t++)
-        for (int j = 0; j < hd; j++) kt[j * QK_ATT_KT + t] = qk_f16_to_f32(ks[(int64_t)t * kv_dim + j]);
+        for (int j = 0; j < hd; j++) kt[j * QK_ATT_KT + t] = qk_cache_value(type, ks + (size_t)t * row, j);
     for (int j = 0; j < hd; j++)
         for (int u = tn; u < (tn + 15) / 16 * 16; u++) kt[j * QK_ATT_KT + u] = 0.0f;
 }
@@ -439,39 +571,53 @@ static void qk_att_pv(float *restrict o, const float *restrict p, int nq, const 
     }
 }
 
-/* One chunk: a query block x one KV head. Online softmax over key tiles aligned to absolute
- * positions, so each query sees the same tiles, in the same order, with the same arithmetic,
- * whatever block it is in; keys outside a query's range weigh exactly 0. */
-static void qk_attention_chunk(qk_model *m, int l, const qk_pass *p, int b, int kvh, float *scratch) {
+/* The query rows of block b for kv head kvh (tokens x the group's heads) and the keys [lo, hi]
+ * any of them sees in layer l. Returns the row count. */
+static int qk_att_rows(const qk_model *m, const qk_layer *L, const qk_pass *p, int b, int kvh,
+                       const float **qrow, int *lo, int *hi) {
+    const int hd = m->head_dim, group = m->n_head / m->n_head_kv;
+    const int i0 = m->rt->blocks[2 * b], i1 = m->rt->blocks[2 * b + 1];
+    const int nq = (i1 - i0) * group;
+    for (int r = 0; r < nq; r++) {
+        const int i = i0 + r / group, h = kvh * group + r % group;
+        qrow[r] = m->q + (int64_t)i * m->n_head * hd + (int64_t)h * hd;
+    }
+    *lo = m->n_ctx;
+    *hi = -1;
+    for (int i = i0; i < i1; i++) {
+        const int t0 = L->window && p->pos[i] >= L->window ? p->pos[i] - L->window + 1 : 0;
+        *lo = t0 < *lo ? t0 : *lo;
+        *hi = p->pos[i] > *hi ? p->pos[i] : *hi;
+    }
+    return nq;
+}
+
+/* Span sp of block b's attention to kv head kvh: the online softmax over key tiles aligned to
+ * absolute positions, from an empty state, into st (per row: max, sum, unnormalized output).
+ * Each query sees the same tiles, in the same order, with the same arithmetic, whatever block
+ * it is in; keys outside a query's range weigh exactly 0. */
+static void qk_att_span(qk_model *m, int l, const qk_pass *p, int b, int kvh, const float *const *qrow,
+                        int nq, int lo, int hi, int sp, float *scratch, float *st) {
     const qk_layer *L = &m->layers[l];
     const int hd = m->head_dim, hdv = m->head_dim_v, group = m->n_head / m->n_head_kv;
-    const int i0 = m->rt->blocks[2 * b], i1 = m->rt->blocks[2 * b + 1], s = p->seq[i0];
-    const int nq = (i1 - i0) * group;
-    const qk_f16 *ks = qk_k_at(m, l, s, kvh, 0), *vs = qk_v_at(m, l, s, kvh, 0);
-
+    const int sf = qk_att_state_floats(m), i0 = m->rt->blocks[2 * b], s = p->seq[i0];
+    const uint8_t *ks = qk_k_at(m, l, s, kvh, 0), *vs = qk_v_at(m, l, s, kvh, 0);
     float *kt = scratch;                          /* [hd][KT] keys, transposed */
     float *vt = kt + (size_t)hd * QK_ATT_KT;      /* [KT][hdv] */
     float *sc = vt + (size_t)QK_ATT_KT * hdv;     /* [nq][KT] scores, then weights */
     float *o = sc + (size_t)nq * QK_ATT_KT;       /* [nq][hdv] */
     float *mx = o + (size_t)nq * hdv, *sum = mx + nq;
-    const float *qrow[256]; /* nq <= max(QK_ATT_ROWS, group), group <= 256 */
-    int lo = m->n_ctx, hi = -1;
+    const int first = sp * QK_ATT_SPAN > lo / QK_ATT_KT * QK_ATT_KT ? sp * QK_ATT_SPAN : lo / QK_ATT_KT * QK_ATT_KT;
+    const int last = (sp + 1) * QK_ATT_SPAN - 1 < hi ? (sp + 1) * QK_ATT_SPAN - 1 : hi;
     for (int r = 0; r < nq; r++) {
-        const int i = i0 + r / group, h = kvh * group + r % group;
-        qrow[r] = m->q + (int64_t)i * m->n_head * hd + (int64_t)h * hd;
         mx[r] = -INFINITY;
         sum[r] = 0.0f;
     }
-    for (int i = i0; i < i1; i++) {
-        const int t0 = L->window && p->pos[i] >= L->window ? p->pos[i] - L->window + 1 : 0;
-        lo = t0 < lo ? t0 : lo;
-        hi = p->pos[i] > hi ? p->pos[i] : hi;
-    }
     memset(o, 0, sizeof(float) * (size_t)nq * hdv);
-    for (int ta = lo / QK_ATT_KT * QK_ATT_KT; ta <= hi; ta += QK_ATT_KT) {
-        const int tn = hi + 1 - ta < QK_ATT_KT ? hi + 1 - ta : QK_ATT_KT; /* keys present */
-        qk_load_keys(kt, ks + (int64_t)ta * hd, hd, hd, tn);
-        qk_f16_to_f32_row(vs + (int64_t)ta * hdv, vt, tn * hdv);
+    for (int ta = first; ta <= last; ta += QK_ATT_KT) {
+        const int tn = last + 1 - ta < QK_ATT_KT ? last + 1 - ta : QK_ATT_KT; /* keys present */
+        qk_load_keys(kt, ks + (size_t)ta * m->k_row, m->k_type, m->k_row, hd, tn);
+        qk_cache_get(m->v_type, vs + (size_t)ta * m->v_row, vt, tn * hdv);
         qk_att_scores(sc, qrow, nq, kt, hd, tn);
         for (int r = 0; r < nq; r++) {
             const int pi = p->pos[i0 + r / group];
@@ -509,11 +655,104 @@ static void qk_attention_chunk(qk_model *m, int l, const qk_pass *p, int b, int 
         qk_att_pv(o, sc, nq, vt, hdv, tn);
     }
     for (int r = 0; r < nq; r++) {
-        const int i = i0 + r / group, h = kvh * group + r % group;
-        float *dst = m->attn_out + (int64_t)i * m->n_head * hdv + (int64_t)h * hdv;
-        const float inv = sum[r] > 0.0f ? 1.0f / sum[r] : 0.0f;
-        for (int j = 0; j < hdv; j++) dst[j] = o[(size_t)r * hdv + j] * inv;
+        float *sr = st + (size_t)r * sf;
+        sr[0] = mx[r];
+        sr[1] = sum[r];
+        memcpy(sr + 2, o + (size_t)r * hdv, sizeof(float) * hdv);
     }
+}
+
+static void qk_att_empty(float *acc, int nq, int sf) {
+    for (int r = 0; r < nq; r++) {
+        acc[(size_t)r * sf] = -INFINITY;
+        acc[(size_t)r * sf + 1] = 0.0f;
+    }
+}
+
+/* acc = acc (+) st, row by row: the log-sum-exp merge of two softmax states. An empty state
+ * (max -inf: no key seen) changes nothing, and folding into an empty one copies: one span
+ * folded alone gives exactly its own state. */
+static void qk_att_fold(float *restrict acc, const float *restrict st, int nq, int sf) {
+    for (int r = 0; r < nq; r++) {
+        float *a = acc + (size_t)r * sf;
+        const float *s = st + (size_t)r * sf;
+        if (s[0] == -INFINITY) continue;
+        if (a[0] == -INFINITY) {
+            memcpy(a, s, sizeof(float) * sf);
+            continue;
+        }
+        const float mnew = s[0] > a[0] ? s[0] : a[0];
+        const float ca = qk_exp(a[0] - mnew), cs = qk_exp(s[0] - mnew);
+        a[0] = mnew;
+        a[1] = a[1] * ca + s[1] * cs;
+#pragma omp simd
+        for (int j = 2; j < sf; j++) a[j] = a[j] * ca + s[j] * cs;
+    }
+}
+
+/* The folded states of block b's rows for kv head kvh, normalized into attn_out. */
+static void qk_att_write(qk_model *m, int b, int kvh, const float *acc) {
+    const int hdv = m->head_dim_v, group = m->n_head / m->n_head_kv, sf = qk_att_state_floats(m);
+    const int i0 = m->rt->blocks[2 * b], nq = (m->rt->blocks[2 * b + 1] - i0) * group;
+    for (int r = 0; r < nq; r++) {
+        const int i = i0 + r / group, h = kvh * group + r % group;
+        const float *a = acc + (size_t)r * sf;
+        float *dst = m->attn_out + (int64_t)i * m->n_head * hdv + (int64_t)h * hdv;
+        const float inv = a[1] > 0.0f ? 1.0f / a[1] : 0.0f;
+        for (int j = 0; j < hdv; j++) dst[j] = a[2 + j] * inv;
+    }
+}
+
+/* Where the per-thread scratch keeps the fold (after the tiles and one span's state). */
+static inline float *qk_att_acc(const qk_model *m, float *scratch) {
+    const size_t rows = (size_t)qk_att_max_rows(m);
+    return scratch + (size_t)m->head_dim * QK_ATT_KT + (size_t)QK_ATT_KT * m->head_dim_v +
+           rows * (QK_ATT_KT + m->head_dim_v + 2);
+}
+
+/* One chunk: a query block x one KV head, every span in turn, folded. */
+static void qk_attention_chunk(qk_model *m, int l, const qk_pass *p, int b, int kvh, float *scratch) {
+    const float *qrow[256]; /* nq <= max(QK_ATT_ROWS, group), group <= 256 */
+    int lo, hi;
+    const int nq = qk_att_rows(m, &m->layers[l], p, b, kvh, qrow, &lo, &hi), sf = qk_att_state_floats(m);
+    float *acc = qk_att_acc(m, scratch), *st = acc + (size_t)qk_att_max_rows(m) * sf;
+    qk_att_empty(acc, nq, sf);
+    for (int sp = lo / QK_ATT_SPAN; sp <= hi / QK_ATT_SPAN; sp++) {
+        qk_att_span(m, l, p, b, kvh, qrow, nq, lo, hi, sp, scratch, st);
+        qk_att_fold(acc, st, nq, sf);
+    }
+    qk_att_write(m, b, kvh, acc);
+}
+
+/* Split pass, first op: chunk ch is one (block, kv head, span); its state goes to the parts. */
+static void qk_attention_span_chunk(qk_model *m, int l, const qk_pass *p, int64_t ch, float *scratch) {
+    const qk_runtime *rt = m->rt;
+    int b = 0;
+    while (rt->span_chunk0[b + 1] <= ch) b++;
+    const int64_t n_sp = (rt->span_chunk0[b + 1] - rt->span_chunk0[b]) / m->n_head_kv;
+    const int64_t k = ch - rt->span_chunk0[b];
+    const int kvh = (int)(k / n_sp), sp = (int)(k % n_sp);
+    const float *qrow[256];
+    int lo, hi;
+    const int nq = qk_att_rows(m, &m->layers[l], p, b, kvh, qrow, &lo, &hi), sf = qk_att_state_floats(m);
+    float *st = rt->parts + rt->part_at[b] + (size_t)k * nq * sf;
+    if (sp < lo / QK_ATT_SPAN || sp > hi / QK_ATT_SPAN)
+        qk_att_empty(st, nq, sf); /* a span outside the window: nothing to see */
+    else
+        qk_att_span(m, l, p, b, kvh, qrow, nq, lo, hi, sp, scratch, st);
+}
+
+/* Split pass, second op: block b x kv head kvh folds its spans' states in order. */
+static void qk_attention_merge(qk_model *m, int b, int kvh, float *scratch) {
+    const qk_runtime *rt = m->rt;
+    const int group = m->n_head / m->n_head_kv, sf = qk_att_state_floats(m);
+    const int nq = (rt->blocks[2 * b + 1] - rt->blocks[2 * b]) * group;
+    const int64_t n_sp = (rt->span_chunk0[b + 1] - rt->span_chunk0[b]) / m->n_head_kv;
+    float *acc = qk_att_acc(m, scratch);
+    qk_att_empty(acc, nq, sf);
+    for (int64_t sp = 0; sp < n_sp; sp++)
+        qk_att_fold(acc, rt->parts + rt->part_at[b] + (size_t)(kvh * n_sp + sp) * nq * sf, nq, sf);
+    qk_att_write(m, b, kvh, acc);
 }
 
 /* ---------------------------------------------------------------- mixture of experts (ops) */
@@ -581,7 +820,7 @@ static int qk_moe_matmul(qk_ctx *c, qk_model *m, const qk_matrix *const *ws, flo
     int64_t n_tb = 0;
     for (int a = 0; a < s->n_active; a++) {
         const int e = s->active[a];
-        n_tb += (s->start[e + 1] - s->start[e] + QK_MM_TOKENS - 1) / QK_MM_TOKENS;
+        n_tb += (s->start[e + 1] - s->start[e] + QK_MOE_TOKENS - 1) / QK_MOE_TOKENS;
     }
     /* row blocks as in qk_matmul: ~8 chunks per thread, at most ~1 MiB of weights each */
     int64_t rb = per * n_tb / (8 * (int64_t)m->n_threads);
@@ -598,12 +837,12 @@ static int qk_moe_matmul(qk_ctx *c, qk_model *m, const qk_matrix *const *ws, flo
         int a = 0, e = s->active[0];
         for (;; a++) {
             e = s->active[a];
-            const int64_t nb = (s->start[e + 1] - s->start[e] + QK_MM_TOKENS - 1) / QK_MM_TOKENS;
+            const int64_t nb = (s->start[e + 1] - s->start[e] + QK_MOE_TOKENS - 1) / QK_MOE_TOKENS;
             if (tb < nb) break;
             tb -= nb;
         }
-        const int64_t g0 = s->start[e] + tb * QK_MM_TOKENS;
-        const int64_t g1 = g0 + QK_MM_TOKENS < s->start[e + 1] ? g0 + QK_MM_TOKENS : s->start[e + 1];
+        const int64_t g0 = s->start[e] + tb * QK_MOE_TOKENS;
+        const int64_t g1 = g0 + QK_MOE_TOKENS < s->start[e + 1] ? g0 + QK_MOE_TOKENS : s->start[e + 1];
         for (int k = 0; k < nw; k++) {
             const qk_matrix *w = ws[k];
             const uint8_t *wd = w->data + ((size_t)e * per + r0) * w->row_bytes;
@@ -726,8 +965,8 @@ static void qk_qkv_post(qk_model *m, int l, const qk_pass *p, int i) {
         qk_rope(k + h * hd, m->n_rot, m->rope_neox, cs);
     }
     for (int h = 0; h < m->n_head_kv; h++) {
-        qk_f32_to_f16_row(k + h * hd, qk_k_at(m, l, p->seq[i], h, p->pos[i]), hd);
-        qk_f32_to_f16_row(v + h * hdv, qk_v_at(m, l, p->seq[i], h, p->pos[i]), hdv);
+        qk_cache_put(m->k_type, k + h * hd, qk_k_at(m, l, p->seq[i], h, p->pos[i]), hd);
+        qk_cache_put(m->v_type, v + h * hdv, qk_v_at(m, l, p->seq[i], h, p->pos[i]), hdv);
     }
 }
 
@@ -774,8 +1013,16 @@ static void qk_forward_job(void *arg, int tid, uint32_t gen) {
         QK_CHUNKS(c, i, n) qk_qkv_post(m, l, p, (int)i);
         if (!qk_op_end(c, n)) return;
         const int64_t n_att = (int64_t)p->n_blocks * m->n_head_kv;
-        QK_CHUNKS(c, ch, n_att)
-            qk_attention_chunk(m, l, p, (int)(ch / m->n_head_kv), (int)(ch % m->n_head_kv), m->rt->att_scratch[c->tid]);
+        float *att_scratch = m->rt->att_scratch[c->tid];
+        if (p->split) {
+            QK_CHUNKS(c, ch, p->n_span_chunks) qk_attention_span_chunk(m, l, p, ch, att_scratch);
+            if (!qk_op_end(c, p->n_span_chunks)) return;
+            QK_CHUNKS(c, ch, n_att)
+                qk_attention_merge(m, (int)(ch / m->n_head_kv), (int)(ch % m->n_head_kv), att_scratch);
+        } else {
+            QK_CHUNKS(c, ch, n_att)
+                qk_attention_chunk(m, l, p, (int)(ch / m->n_head_kv), (int)(ch % m->n_head_kv), att_scratch);
+        }
         if (!qk_op_end(c, n_att)) return;
         const qk_matrix *wo[1] = {&L->wo};
         QK_CHUNKS(c, i, n) qk_prepare_act(m, wo, 1, m->attn_out + (int64_t)i * att_dim, (int)i);
@@ -846,12 +1093,13 @@ static void qk_forward(qk_model *m, int n, const int32_t *tokens, const int32_t 
     p->logits = logits;
     p->hidden = hidden;
     p->n_blocks = qk_plan_blocks(m, p, m->rt->blocks);
+    qk_plan_split(m, p);
     qk_pool_run(m->rt->pool, qk_forward_job, m);
 }
 
 /* ---------------------------------------------------------------- set-up */
 
-/* Ops of one pass, at most: per layer 6 for attention, 1 + 3 (dense) or 1 + 8 (experts) for the
+/* Ops of one pass, at most: per layer 7 for attention, 1 + 3 (dense) or 1 + 8 (experts) for the
  * FFN; then the final norm, the head and the soft cap. */
 #define QK_OPS_PER_LAYER 16
 static int qk_ops_per_pass(const qk_model *m) { return m->n_layer * QK_OPS_PER_LAYER + 6; }
@@ -876,6 +1124,9 @@ static void qk_model_free(qk_model *m) {
     free(rt->gemm_scratch);
     free(rt->att_scratch);
     qk_free_aligned(rt->blocks);
+    qk_free_aligned(rt->span_chunk0);
+    qk_free_aligned(rt->part_at);
+    qk_free_aligned(rt->parts);
     qk_free_aligned(rt->rope_freq);
     qk_free_aligned(rt->rope_cs);
     free(rt->layer_base);
@@ -994,7 +1245,8 @@ static int qk_check_weights(const qk_model *m, int *where) {
         if (!(isfinite(L->rope_base) && L->rope_base > 0.0f)) return QK_BAD_SCALAR;
     }
     *where = -1;
-    if (!m->k_cache || !m->v_cache || !m->x || !m->xn || !m->q || !m->k || !m->v || !m->attn_out ||
+    if (!m->k_cache || !m->v_cache || m->k_row != qk_cache_row_bytes(m->k_type, m->head_dim) ||
+        m->v_row != qk_cache_row_bytes(m->v_type, m->head_dim_v) || !m->k_row || !m->v_row || !m->x || !m->xn || !m->q || !m->k || !m->v || !m->attn_out ||
         !m->tmp || !m->ff_a || !m->ff_b)
         return QK_BAD_STATE;
     return QK_OK;
@@ -1076,6 +1328,11 @@ static int qk_model_init(qk_model *m) {
             return -1;
     }
     if (!(rt->blocks = (int32_t *)qk_alloc_aligned(sizeof(int32_t) * 2 * B, &total))) return -1;
+    rt->parts_cap = qk_att_parts_floats(m);
+    if (!(rt->span_chunk0 = (int64_t *)qk_alloc_aligned(sizeof(int64_t) * (B + 1), &total)) ||
+        !(rt->part_at = (int64_t *)qk_alloc_aligned(sizeof(int64_t) * (B + 1), &total)) ||
+        !(rt->parts = (float *)qk_alloc_aligned(sizeof(float) * rt->parts_cap, &total)))
+        return -1;
     /* rope tables for the distinct bases */
     const int half = m->n_rot / 2;
     if (!(rt->layer_base = (int *)calloc((size_t)m->n_layer, sizeof(int)))) return -1;
@@ -1101,12 +1358,15 @@ static int qk_model_init(qk_model *m) {
 
 static size_t qk_model_runtime_bytes(const qk_model *m) { return m->rt ? m->rt->bytes : 0; }
 
+/* Whether the last pass split its attention by spans (for tests). */
+static int qk_last_pass_split(const qk_model *m) { return m->rt ? m->rt->pass.split : 0; }
+
 /* Copies the first n_pos cached positions of sequence src to dst (a shared prompt prefix). */
 static void qk_copy_seq(qk_model *m, int src, int dst, int n_pos) {
     for (int l = 0; l < m->n_layer; l++)
         for (int h = 0; h < m->n_head_kv; h++) {
-            memcpy(qk_k_at(m, l, dst, h, 0), qk_k_at(m, l, src, h, 0), sizeof(qk_f16) * n_pos * m->head_dim);
-            memcpy(qk_v_at(m, l, dst, h, 0), qk_v_at(m, l, src, h, 0), sizeof(qk_f16) * n_pos * m->head_dim_v);
+            memcpy(qk_k_at(m, l, dst, h, 0), qk_k_at(m, l, src, h, 0), m->k_row * (size_t)n_pos);
+            memcpy(qk_v_at(m, l, dst, h, 0), qk_v_at(m, l, src, h, 0), m->v_row * (size_t)n_pos);
         }
 }
 

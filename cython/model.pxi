@@ -14,7 +14,6 @@ MAX_STATE_BYTES = 1 << 46  # one allocation of the model state; beyond it, refus
 
 
 cdef extern from "forward.h":
-    ctypedef unsigned short qk_f16  # only its size is used here
     ctypedef struct qk_matrix:
         const uint8_t *data
         const qk_traits *tr
@@ -46,8 +45,10 @@ cdef extern from "forward.h":
         const float *rope_factors
         qk_layer *layers
         int n_ctx, n_seq, n_batch, n_threads
-        qk_f16 *k_cache
-        qk_f16 *v_cache
+        uint8_t *k_cache
+        uint8_t *v_cache
+        int k_type, v_type
+        size_t k_row, v_row
         float *x
         float *xn
         float *q
@@ -60,6 +61,9 @@ cdef extern from "forward.h":
     void qk_forward(qk_model *m, int n, const int32_t *tokens, const int32_t *pos,
                     const int32_t *seq, int n_out, const int32_t *out_idx, float *logits,
                     float *hidden) noexcept nogil
+    size_t qk_cache_row_bytes(int type, int n) noexcept nogil
+    void qk_cache_put(int type, const float *x, uint8_t *dst, int n) noexcept nogil
+    void qk_cache_get(int type, const uint8_t *src, float *dst, int n) noexcept nogil
     void qk_copy_seq(qk_model *m, int src, int dst, int n_pos) noexcept nogil
     int qk_model_init(qk_model *m) noexcept nogil
     int qk_check_hparams(const qk_model *m) noexcept nogil
@@ -67,6 +71,7 @@ cdef extern from "forward.h":
     const char *qk_check_message(int code) noexcept nogil
     void qk_model_free(qk_model *m) noexcept nogil
     size_t qk_model_runtime_bytes(const qk_model *m) noexcept nogil
+    int qk_last_pass_split(const qk_model *m) noexcept nogil
 
 
 cdef void *_alloc(object n_items, size_t item_size) except NULL:
@@ -82,6 +87,30 @@ cdef void *_alloc(object n_items, size_t item_size) except NULL:
     return p
 
 
+def cache_encode(int cache_type, values) -> bytes:
+    """One cache row as the forward pass writes it: values (float32) in a cache type."""
+    cdef const float[::1] x = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
+    cdef int n = x.shape[0]
+    cdef size_t nbytes = qk_cache_row_bytes(cache_type, n)
+    if n == 0 or nbytes == 0:
+        raise QpackError(f"no cache row of type {cache_type} holds {n} values")
+    out = np.empty(nbytes, dtype=np.uint8)
+    cdef uint8_t[::1] o = out
+    qk_cache_put(cache_type, &x[0], &o[0], n)
+    return out.tobytes()
+
+
+def cache_decode(int cache_type, data, int n):
+    """n float32 values of a cache row, as attention reads them back."""
+    cdef const uint8_t[::1] src = np.frombuffer(bytes(data), dtype=np.uint8)
+    if n <= 0 or qk_cache_row_bytes(cache_type, n) != src.shape[0]:
+        raise QpackError(f"{src.shape[0]} bytes are not a cache row of {n} values")
+    out = np.empty(n, dtype=np.float32)
+    cdef float[::1] o = out
+    qk_cache_get(cache_type, &src[0], &o[0], n)
+    return out
+
+
 cdef int _c_int(object value, str what, int low=1) except? -1:
     """A size for an int field of the C struct, refused (not wrapped) outside low..INT32_MAX."""
     if not isinstance(value, int) or not low <= value <= INT32_MAX:
@@ -91,7 +120,8 @@ cdef int _c_int(object value, str what, int low=1) except? -1:
 
 cdef class NativeModel:
     """The compiled model: weights as views of the mapping, KV cache for n_seq sequences of
-    n_ctx positions (f16), scratch for batches of up to n_batch tokens."""
+    n_ctx positions (keys and values each f16 or q8_0: ggml type ids k_type, v_type), scratch
+    for batches of up to n_batch tokens."""
 
     cdef qk_model m
     cdef list _keep
@@ -101,7 +131,8 @@ cdef class NativeModel:
     def __cinit__(self):
         memset(&self.m, 0, sizeof(qk_model))
 
-    def __init__(self, dict hp, dict globals_, list layers, n_ctx, n_seq, n_batch, n_threads):
+    def __init__(self, dict hp, dict globals_, list layers, n_ctx, n_seq, n_batch, n_threads,
+                 int k_type=1, int v_type=1):
         cdef qk_model *m = &self.m
         cdef qk_layer *L
         cdef int code, where
@@ -174,10 +205,17 @@ cdef class NativeModel:
             L.window = _c_int(spec["window"], p + "sliding window", 0)
             L.rope_base = spec["rope_base"]
 
-        cache_items = int(m.n_layer) * n_seq * n_ctx
-        m.k_cache = <qk_f16 *>_alloc(cache_items * kv_dim, sizeof(qk_f16))
-        m.v_cache = <qk_f16 *>_alloc(cache_items * kv_dim_v, sizeof(qk_f16))
-        self.kv_bytes = cache_items * (kv_dim + kv_dim_v) * sizeof(qk_f16)
+        m.k_type, m.v_type = k_type, v_type
+        m.k_row = qk_cache_row_bytes(k_type, m.head_dim)
+        m.v_row = qk_cache_row_bytes(v_type, m.head_dim_v)
+        if not m.k_row or not m.v_row:
+            raise UnsupportedModel(
+                f"no KV cache of ggml types {k_type}/{v_type} for head sizes "
+                f"{m.head_dim}/{m.head_dim_v}")
+        cache_rows = int(m.n_layer) * n_seq * n_ctx * n_head_kv
+        m.k_cache = <uint8_t *>_alloc(cache_rows, m.k_row)
+        m.v_cache = <uint8_t *>_alloc(cache_rows, m.v_row)
+        self.kv_bytes = cache_rows * (m.k_row + m.v_row)
         B = int(n_batch)
         m.x = self._floats(B * E)
         m.xn = self._floats(B * E)
@@ -281,6 +319,11 @@ cdef class NativeModel:
             qk_forward(&self.m, cn, &tv[0], &pv[0], &sv[0], cn_out, &ov[0],
                        NULL if hidden else &outv[0, 0], &outv[0, 0] if hidden else NULL)
         return out
+
+    @property
+    def last_pass_split(self) -> bool:
+        """Whether the last pass handed the spans of its attention to separate chunks."""
+        return bool(qk_last_pass_split(&self.m))
 
     def copy_sequence(self, int src, int dst, int n_pos):
         """Copy the first n_pos cached positions of slot src into slot dst (prefix reuse)."""

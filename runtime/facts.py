@@ -22,6 +22,7 @@ import numpy as np
 
 from .arch import ACT_GELU_TANH, Architecture, get_architecture
 from .errors import UnsupportedModel
+from .kv_cache import cache_row_bytes
 from .quants import SUPPORTED_WEIGHT_TYPES
 
 INT32_MAX = 2**31 - 1
@@ -250,10 +251,14 @@ class ModelFacts:
     def default_ctx(self) -> int:
         return min(self.hp.n_ctx_train, DEFAULT_CTX)
 
-    def kv_bytes(self, n_ctx: int, n_seq: int = 1) -> int:
-        """f16 K and V for every layer, sequence and position (model.pxi's allocation)."""
+    def kv_bytes(self, n_ctx: int, n_seq: int = 1, type_k: str = "f16", type_v: str = "f16") -> int:
+        """K and V of the given cache types for every layer, sequence and position
+        (model.pxi's allocation)."""
         hp = self.hp
-        return hp.n_layer * n_seq * n_ctx * (hp.kv_dim + hp.kv_dim_v) * F16_BYTES
+        rows = hp.n_layer * n_seq * n_ctx * hp.n_head_kv
+        return rows * (
+            cache_row_bytes(type_k, hp.head_dim) + cache_row_bytes(type_v, hp.head_dim_v)
+        )
 
     def buffer_bytes(self, n_batch: int) -> int:
         """The f32 activations model.pxi allocates for batches of n_batch tokens: residual,
@@ -263,14 +268,24 @@ class ModelFacts:
         per_token = 3 * hp.n_embd + hp.q_dim + hp.kv_dim + hp.kv_dim_v + hp.att_dim + 2 * dense_ff
         return n_batch * per_token * F32_BYTES
 
-    def runtime_bytes_estimate(self, n_batch: int, n_threads: int) -> int:
+    def runtime_bytes_estimate(self, n_batch: int, n_threads: int, n_ctx: int) -> int:
         """An upper estimate of forward.h's own scratch (qk_model_init): quantized activation
-        rows (at most f32-sized) and, per thread, a tile panel and attention scratch."""
+        rows (at most f32-sized), per thread a tile panel and attention scratch, and the
+        states of attention split across threads."""
         hp = self.hp
         widest = max(hp.n_embd, hp.n_ff, hp.att_dim)
         group = hp.n_head // hp.n_head_kv
         rows = max(64 // group, 1) * group
-        att = hp.head_dim * 64 + 64 * hp.head_dim_v + rows * (64 + hp.head_dim_v + 2) + 64
+        att = (
+            hp.head_dim * 64
+            + 64 * hp.head_dim_v
+            + rows * (64 + hp.head_dim_v + 2)
+            + 2 * rows * (hp.head_dim_v + 2)
+            + 64
+        )
+        # the states of attention split across threads (forward.h's qk_att_parts_floats)
+        spans = -(-n_ctx // 256)
+        parts = min(n_batch, 4) * hp.n_head * spans * (hp.head_dim_v + 2) + 4 * (n_batch + 1)
         rope = 4 * n_batch * max(hp.n_rot, 1)
         # mixture of experts (qk_moe_init): router outputs, routes, gate/up/down rows per route,
         # and grouped quantized inputs (at most f32-sized, in at most 3 formats)
@@ -281,7 +296,7 @@ class ModelFacts:
             + 3 * hp.n_expert
             + 1
         )
-        return F32_BYTES * (n_batch * widest + n_threads * (att + 8 * widest) + rope + moe)
+        return F32_BYTES * (n_batch * widest + n_threads * (att + 8 * widest) + rope + moe + parts)
 
     def c_hparams(self) -> dict[str, Any]:
         """The hyperparameters as the C model struct takes them."""

@@ -163,7 +163,7 @@ def ram_estimate(facts: ModelFacts | None, ctx: int) -> dict[str, Any]:
 
     kv = facts.kv_bytes(ctx)
     batch = min(DEFAULT_BATCH, ctx)  # as Model sizes it
-    scratch = facts.buffer_bytes(batch) + facts.runtime_bytes_estimate(batch, physical_cores())
+    scratch = facts.buffer_bytes(batch) + facts.runtime_bytes_estimate(batch, physical_cores(), ctx)
     return {
         "ctx": ctx,
         "weights": facts.weight_bytes,

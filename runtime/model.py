@@ -22,6 +22,7 @@ from .facts import (
     ModelFacts,
     read_model_facts,
 )
+from .kv_cache import CACHE_TYPES, cache_row_bytes
 
 
 def physical_cores() -> int:
@@ -52,13 +53,16 @@ class LoadReport:
     weights_bytes: int
     kv_bytes: int
     scratch_bytes: int
+    cache_type_k: str = "f16"
+    cache_type_v: str = "f16"
 
     def describe(self) -> str:
         mib = 1 << 20
         return (
             f"kernels {self.variant}, {self.threads} threads, context {self.n_ctx} x {self.n_seq} "
             f"seq: weights {self.weights_bytes / mib:.0f} MiB (mapped), KV cache "
-            f"{self.kv_bytes / mib:.1f} MiB, scratch {self.scratch_bytes / mib:.1f} MiB"
+            f"{self.kv_bytes / mib:.1f} MiB (K {self.cache_type_k}, V {self.cache_type_v}), "
+            f"scratch {self.scratch_bytes / mib:.1f} MiB"
         )
 
 
@@ -73,6 +77,8 @@ class Model:
         n_batch: int = DEFAULT_BATCH,
         threads: int | None = None,
         kernels: ModuleType | None = None,
+        cache_type_k: str = "f16",
+        cache_type_v: str = "f16",
     ):
         self.gguf = gguf
         self.facts: ModelFacts = read_model_facts(gguf)
@@ -84,10 +90,12 @@ class Model:
         self.kernels = kernels or cpu.current()
         # a batch never holds more tokens than the sequences' contexts together
         self.n_batch = min(n_batch, self.n_ctx * n_seq)
+        check_cache_types(self.facts, cache_type_k, cache_type_v)
         c_hp, globals_, layers = native_arguments(gguf, self.facts, self.kernels, self.n_ctx)
         self.native = self.kernels.NativeModel(
-            c_hp, globals_, layers, self.n_ctx, n_seq, self.n_batch, self.threads
-        )
+            c_hp, globals_, layers, self.n_ctx, n_seq, self.n_batch, self.threads,
+            CACHE_TYPES[cache_type_k][0], CACHE_TYPES[cache_type_v][0],
+        )  # fmt: skip
         self.n_vocab = self.native.n_vocab
         self.report = LoadReport(
             variant=self.kernels.VARIANT,
@@ -97,6 +105,8 @@ class Model:
             weights_bytes=self.facts.weight_bytes,
             kv_bytes=self.native.kv_bytes,
             scratch_bytes=self.native.scratch_bytes,
+            cache_type_k=cache_type_k,
+            cache_type_v=cache_type_v,
         )
 
     def forward(self, tokens, positions, slots, out_rows, hidden: bool = False) -> np.ndarray:
@@ -115,6 +125,20 @@ class Model:
             out = self.forward(chunk, np.arange(start + b, start + b + n), np.full(n, slot), rows)
             outs.append(out)
         return np.concatenate(outs) if all_rows else outs[-1][0]
+
+
+def check_cache_types(facts: ModelFacts, type_k: str, type_v: str) -> None:
+    """Refuses a KV cache type this model's head sizes cannot hold, naming the flag."""
+    hp = facts.hp
+    for flag, cache_type, n in (("k", type_k, hp.head_dim), ("v", type_v, hp.head_dim_v)):
+        if cache_type not in CACHE_TYPES:
+            raise UnsupportedModel(
+                f"--cache-type-{flag} {cache_type}: not one of {', '.join(CACHE_TYPES)}"
+            )
+        try:
+            cache_row_bytes(cache_type, n)
+        except UnsupportedModel as e:
+            raise UnsupportedModel(f"--cache-type-{flag} {cache_type}: {e}") from None
 
 
 def native_arguments(

@@ -46,6 +46,7 @@ class ServerOptions:
     ctx_size: int | None = None
     threads: int | None = None
     cpu_choice: str = "auto"
+    cache_types: tuple[str, str] = ("f16", "f16")  # keys, values
     open_browser: bool = True
     verbose: bool = False
     defaults: ServerDefaults = field(default_factory=ServerDefaults)
@@ -159,7 +160,7 @@ class Server:
         """Load the model and start the engine thread; model routes answer from then on."""
         o = self.options
         loaded = session.load(gguf, o.ctx_size, o.threads, o.cpu_choice, n_parallel=o.parallel,
-                              verbose=o.verbose)  # fmt: skip
+                              verbose=o.verbose, cache_types=o.cache_types)  # fmt: skip
         api.special_texts(loaded)  # built once now, not on the first request
         self.model_id = _model_id(gguf)
         self.fingerprint = f"qpack-{__version__}-{loaded.model.report.variant}"
@@ -257,5 +258,6 @@ def _model_facts(gguf: Any, loaded: session.Loaded, o: ServerOptions) -> dict[st
         "parallel": report.n_seq,
         "threads": report.threads,
         "kv_cache_bytes": report.kv_bytes,
+        "kv_cache_types": {"k": report.cache_type_k, "v": report.cache_type_v},
         "version": __version__,
     }

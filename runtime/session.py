@@ -41,10 +41,18 @@ def load(
     n_batch: int = 512,
     verbose: bool = False,
     log: TextIO | None = None,
+    cache_types: tuple[str, str] = ("f16", "f16"),
 ) -> Loaded:
     kernels = cpu.load(cpu_choice)
     model = Model(
-        gguf, n_ctx=ctx_size, n_seq=n_parallel, n_batch=n_batch, threads=threads, kernels=kernels
+        gguf,
+        n_ctx=ctx_size,
+        n_seq=n_parallel,
+        n_batch=n_batch,
+        threads=threads,
+        kernels=kernels,
+        cache_type_k=cache_types[0],
+        cache_type_v=cache_types[1],
     )
     tokenizer = Tokenizer.from_gguf(gguf)
     template = ChatTemplate.from_metadata(gguf.metadata, tokenizer)

@@ -3,7 +3,8 @@
 Written from the architectures' papers/reference code, not from cython/forward.h: weights are
 dequantized with the `gguf` package (llama.cpp's reference dequantizers), everything runs in
 float64 with full causal attention over the whole sequence at once (no KV cache, no batching,
-no activation quantization). Supports llama, qwen2, qwen3, qwen3moe, phi3, gemma2 and gemma3,
+no activation quantization; keys and values optionally rounded as an f16 or q8_0 KV cache holds
+them, with numpy's halves and gguf-py's quantizer). Supports llama, qwen2, qwen3, qwen3moe, phi3, gemma2 and gemma3,
 with the semantics of llama.cpp's src/models/*.cpp (the reference for GGUF files).
 """
 
@@ -13,11 +14,12 @@ import math
 
 import gguf
 import numpy as np
-from gguf.quants import dequantize
+from gguf.quants import dequantize, quantize
 
 
 class ReferenceModel:
-    def __init__(self, path: str):
+    def __init__(self, path: str, cache_types: tuple[str | None, str | None] = (None, None)):
+        self.cache_types = cache_types  # keys, values: None exact, else as that cache holds them
         self.r = gguf.GGUFReader(str(path))
         self.t = {t.name: t for t in self.r.tensors}
         f = self.r.fields
@@ -116,6 +118,7 @@ class ReferenceModel:
                 k = self.rms(k, self.w(p + "attn_k_norm.weight"))
             base = self.swa_base if swa else self.rope_base
             q, k = self.rope(q, pos, base), self.rope(k, pos, base)
+            k, v = self.cached(k, self.cache_types[0]), self.cached(v, self.cache_types[1])
             k, v = np.repeat(k, H // KV, axis=1), np.repeat(v, H // KV, axis=1)
             att = np.einsum("ihd,jhd->hij", q, k) / math.sqrt(hd)
             if self.attn_cap:
@@ -155,6 +158,19 @@ class ReferenceModel:
         if self.final_cap:
             logits = self.final_cap * np.tanh(logits / self.final_cap)
         return logits
+
+    @staticmethod
+    def cached(x: np.ndarray, cache_type: str | None) -> np.ndarray:
+        """x [n, kv heads, d] as a KV cache of cache_type gives it back: rounded to halves
+        (f16), or each head's row of d float32 values quantized to q8_0 blocks and dequantized
+        (gguf-py's reference code)."""
+        if cache_type is None:
+            return x
+        if cache_type == "f16":
+            return x.astype(np.float16).astype(np.float64)
+        qtype = {"q8_0": gguf.GGMLQuantizationType.Q8_0}[cache_type]
+        rows = x.astype(np.float32).reshape(-1, x.shape[-1])
+        return dequantize(quantize(rows, qtype), qtype).reshape(x.shape).astype(np.float64)
 
     def act(self, g: np.ndarray) -> np.ndarray:
         if self.gemma:

@@ -5,7 +5,10 @@ or a query's attention is computed the same way whatever chunk, tile or batch ho
 every CPU variant, logits are BIT-identical:
 - whatever the number of threads (including more threads than cores: a thread that is not
   running holds back nobody);
-- whether a prompt goes in one batch, in chunks, or token by token, and whoever shares the batch.
+- whether a prompt goes in one batch, in chunks, or token by token, and whoever shares the batch;
+- whether a long sequence's attention is split by spans of 256 keys across threads (decode
+  steps, small prefill chunks) or walked by one thread: both fold the same span states in the
+  same order.
 (test_model.py holds the same passes to the float64 reference and to llama.cpp.)
 """
 
@@ -16,6 +19,7 @@ import pytest
 from qpack.runtime import cpu
 from qpack.runtime.gguf import open_gguf
 from qpack.runtime.model import Model
+from reference_forward import ReferenceModel
 from tiny_models import tiny_model
 
 VARIANTS = cpu.supported_variants()
@@ -95,3 +99,33 @@ def test_copied_sequence_continues_like_the_original(tmp_path, variant):
     c = m.forward([7], [20], [2], [0])  # slot 2 holds nothing: must differ
     assert np.array_equal(a, b)
     assert not np.allclose(a, c)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_long_context_attention_split_across_threads(tmp_path, variant, arch):
+    """Past one span, a decode step (and a small prefill chunk) hands the spans of its few
+    (block, kv head) pairs to different threads and merges them: the same bits as one thread
+    over one big batch, and the float64 reference's logits. gemma3: one kv head, a window of
+    300 that starts mid-span, and a global layer."""
+    n, n_kv = 600, 1 if arch == "gemma3" else 2
+    path = tiny_model(
+        tmp_path / "m.gguf", arch, "F32", n_layers=7 if arch == "gemma3" else 2,
+        n_kv_heads=n_kv, window=300,
+    )  # fmt: skip
+    toks = prompt(n)
+    one = load(path, variant, n_ctx=640, n_batch=640, threads=1)
+    whole = one.logits(toks, all_rows=True)
+    assert not one.native.last_pass_split
+    ref = ReferenceModel(path).logits(toks)
+    assert np.abs(whole - ref).max() < 2e-3 * max(1.0, np.abs(ref).max())
+    for threads in (2, 3):
+        m = load(path, variant, n_ctx=640, n_batch=640, threads=threads)
+        m.forward(toks[:300], np.arange(300), np.zeros(300), [])
+        for i in range(300, n):
+            step = m.forward([toks[i]], [i], [0], [0])[0]
+            assert m.native.last_pass_split
+            assert np.array_equal(step, whole[i]), (threads, i)
+    chunked = load(path, variant, n_ctx=640, n_batch=3, threads=2)
+    assert np.array_equal(chunked.logits(toks, all_rows=True), whole)
+    assert chunked.native.last_pass_split

@@ -288,7 +288,7 @@ def test_one_source_of_memory_facts(tmp_path, arch):
         assert model.native.kv_bytes == mf.kv_bytes(96, 3)
         assert model.native.buffer_bytes == mf.buffer_bytes(40)
         runtime = model.native.scratch_bytes - model.native.buffer_bytes
-        assert 0 < runtime <= mf.runtime_bytes_estimate(40, 2)
+        assert 0 < runtime <= mf.runtime_bytes_estimate(40, 2, 96)
         report = facts.model_facts(gf, 96)
         assert report["runs"] and report["ram"]["kv_cache"] == mf.kv_bytes(96)
         assert (

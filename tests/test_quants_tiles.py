@@ -132,3 +132,21 @@ def test_gemm_checks_shapes(variant):
     with pytest.raises(ValueError):
         mod.gemm(int(qtype("F32")), np.ones((4, 256), np.uint8), np.ones((2, 64), np.float32))
     assert mod.gemm(int(qtype("Q4_0")), w, np.ones((0, 64), np.float32)).shape == (0, 4)
+
+
+@pytest.mark.parametrize("variant,name", list(cases()))
+def test_one_token_equals_its_row_in_a_batch_over_many_blocks(variant, name):
+    """Decode (one token) may take a direct path without panels (cython/gemv.h on AVX-512):
+    over rows of 1 to 19 blocks (its per-8-block sums and their padding), every row's result
+    for a token alone is bit-identical to the same token's in a batch of 5."""
+    mod = MODULES[variant]
+    rng = np.random.default_rng(23)
+    elems = GGML_QUANT_SIZES[qtype(name)][0]
+    for nb in (1, 7, 8, 9, 19):
+        w = random_rows(name, 11, nb * elems, rng)
+        x = activations(5, nb * elems, rng)
+        whole = mod.gemm(int(qtype(name)), w, x)
+        for t in range(5):
+            alone = mod.gemm(int(qtype(name)), w, np.ascontiguousarray(x[t : t + 1]))
+            assert np.array_equal(alone[0], whole[t]), (nb, t)
+        check_against_exact(mod, name, w, x, whole)

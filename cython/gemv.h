@@ -1,0 +1,224 @@
+/* One-token products (decode) of Q4_K and Q6_K on AVX-512 VNNI, without panels.
+ *
+ * Decode meets each weight panel once, so the tile path's 8-row transposition (tiles.h) is pure
+ * cost there: at one token it ran Q4_K at ~19 GB/s per core in L2, below what a core can
+ * stream from DRAM. Here each row is read straight, block after block (one sequential stream
+ * per thread), its quants unpacked in natural order into 512-bit registers and met by the
+ * token with vpdpbusd.
+ *
+ * The arithmetic is the tile path's, bit for bit, so a token's logits still do not depend on
+ * the batch it is in (tests/test_quants_tiles.py compares 1 token against many): per (row,
+ * super-block) the same exact integers
+ *     tot = sum_s sc_s * isum_s,   mins = the min coefficients . bsums
+ * (integer sums: their order does not matter), then, eight rows in the lanes of one register
+ * as in the tiles, the same two float steps per super-block, in block order:
+ *     acc = fma(d * d_a, (float)tot, acc);   acc = fma(nd * d_a, (float)mins, acc).
+ * A row's per-block integers come out of a lane-sum tree over eight blocks at a time, are
+ * parked in the scratch ([block][8 rows]), and the float steps then run with lanes = rows.
+ */
+#ifndef QPACK_GEMV_H
+#define QPACK_GEMV_H
+
+#include "panel.h"
+
+#if QK_TILES_X86 == 2 && defined(__AVX512BW__)
+#define QK_GEMV 1
+
+/* Eight vectors of 16 int32 -> one of 8: lane i = the sum of v[i]'s lanes. */
+static inline __m256i qk_lane_sums8(const __m512i v[8]) {
+    const __m512i p0 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[0], v[1]), _mm512_unpackhi_epi32(v[0], v[1]));
+    const __m512i p1 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2], v[3]), _mm512_unpackhi_epi32(v[2], v[3]));
+    const __m512i p2 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[4], v[5]), _mm512_unpackhi_epi32(v[4], v[5]));
+    const __m512i p3 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[6], v[7]), _mm512_unpackhi_epi32(v[6], v[7]));
+    /* per 128-bit lane: partial sums of v0..v3 (q0) and v4..v7 (q1) */
+    const __m512i q0 = _mm512_add_epi32(_mm512_unpacklo_epi64(p0, p1), _mm512_unpackhi_epi64(p0, p1));
+    const __m512i q1 = _mm512_add_epi32(_mm512_unpacklo_epi64(p2, p3), _mm512_unpackhi_epi64(p2, p3));
+    const __m512i u = _mm512_add_epi32(_mm512_shuffle_i32x4(q0, q1, 0x88), _mm512_shuffle_i32x4(q0, q1, 0xDD));
+    const __m512i w = _mm512_add_epi32(_mm512_shuffle_i32x4(u, u, 0x08), _mm512_shuffle_i32x4(u, u, 0x0D));
+    return _mm512_castsi512_si256(w);
+}
+
+/* Four dpbusd results R_k -> lane 4j + k = the sum of R_k's 128-bit lane j. */
+static inline __m512i qk_quad_sums(__m512i r0, __m512i r1, __m512i r2, __m512i r3) {
+    const __m512i x = _mm512_add_epi32(_mm512_unpacklo_epi32(r0, r1), _mm512_unpackhi_epi32(r0, r1));
+    const __m512i y = _mm512_add_epi32(_mm512_unpacklo_epi32(r2, r3), _mm512_unpackhi_epi32(r2, r3));
+    return _mm512_add_epi32(_mm512_unpacklo_epi64(x, y), _mm512_unpackhi_epi64(x, y));
+}
+
+/* What a row's block needs of the token, prepared once per call: the activation quants in the
+ * order the row's registers hold the weights, and the bsums side of the min term, as int32 in
+ * the lane order of the type's tot/mins vectors. */
+typedef struct {
+    __m512i a[4];
+    __m512i bs;
+} qk_gemv_act;
+
+/* Per-block integers of one row: tot and mins as 16-lane vectors whose lane sums they are. */
+typedef void (*qk_gemv_block_fn)(const uint8_t *x, const qk_gemv_act *a, __m512i *tot, __m512i *mins);
+
+/* ---------------------------------------------------------------- Q4_K */
+
+/* Registers: R0 = low nibbles of qs[0..63] = sub-blocks 0 and 2 (lanes 0-7, 8-15), R1 = high
+ * nibbles = 1 and 3, R2 = low of qs[64..127] = 4 and 6, R3 = 5 and 7. After qk_quad_sums lane
+ * 4j + k holds R_k's 128-bit lane j: sub-block (k, j < 2 ? first : second). */
+static inline void qk_gemv_act_q4_k(const qk_act_q8_256 *x, qk_gemv_act *g) {
+    static const int sub[4][2] = {{0, 2}, {1, 3}, {4, 6}, {5, 7}};
+    for (int k = 0; k < 4; k++)
+        g->a[k] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(x->qs + 32 * sub[k][0]))),
+                                     _mm256_loadu_si256((const __m256i *)(x->qs + 32 * sub[k][1])), 1);
+    /* mins = sum_s mn_s (bsums[2s] + bsums[2s+1]), lanes s < 8 */
+    const __m512i b = _mm512_cvtepi16_epi32(_mm256_loadu_si256((const __m256i *)x->bsums));
+    const __m512i pairs = _mm512_add_epi32(b, _mm512_srli_epi64(b, 32)); /* even lanes: 2s + 2s+1 */
+    g->bs = _mm512_maskz_compress_epi32(0x5555, pairs);
+}
+
+static inline void qk_gemv_block_q4_k(const uint8_t *x, const qk_gemv_act *a, __m512i *tot, __m512i *mins) {
+    const __m512i m4 = _mm512_set1_epi8(0x0f), zero = _mm512_setzero_si512();
+    const __m512i w0 = _mm512_loadu_si512((const void *)(x + 16)), w1 = _mm512_loadu_si512((const void *)(x + 80));
+    const __m512i r0 = _mm512_dpbusd_epi32(zero, _mm512_and_si512(w0, m4), a->a[0]);
+    const __m512i r1 = _mm512_dpbusd_epi32(zero, _mm512_and_si512(_mm512_srli_epi16(w0, 4), m4), a->a[1]);
+    const __m512i r2 = _mm512_dpbusd_epi32(zero, _mm512_and_si512(w1, m4), a->a[2]);
+    const __m512i r3 = _mm512_dpbusd_epi32(zero, _mm512_and_si512(_mm512_srli_epi16(w1, 4), m4), a->a[3]);
+    /* the 6-bit scales and mins as qk_k4_scales decodes them, in one register: u32 lanes of
+     * the 16 header bytes [d|dmin, a, b, c] -> [sc0-3, sc4-7, mn0-3, mn4-7] =
+     * [a & 3f, c & 0f | (a >> 2) & 30, b & 3f, (c >> 4) & 0f | (b >> 2) & 30] */
+    const __m128i head = _mm_loadu_si128((const __m128i *)x);
+    const __m128i low = _mm_and_si128(_mm_srlv_epi32(_mm_shuffle_epi32(head, _MM_SHUFFLE(3, 2, 3, 1)), _mm_setr_epi32(0, 0, 0, 4)),
+                                      _mm_setr_epi32(0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f));
+    const __m128i top = _mm_and_si128(_mm_srli_epi32(_mm_shuffle_epi32(head, _MM_SHUFFLE(2, 2, 1, 1)), 2),
+                                      _mm_setr_epi32(0, 0x30303030, 0, 0x30303030));
+    const __m128i scmn = _mm_or_si128(low, top);
+    const __m128i order = _mm_setr_epi8(0, 1, 4, 5, 0, 1, 4, 5, 2, 3, 6, 7, 2, 3, 6, 7);
+    const __m512i scv = _mm512_cvtepu8_epi32(_mm_shuffle_epi8(scmn, order));
+    *tot = _mm512_mullo_epi32(qk_quad_sums(r0, r1, r2, r3), scv);
+    *mins = _mm512_mullo_epi32(_mm512_cvtepu8_epi32(_mm_srli_si128(scmn, 8)), a->bs);
+}
+
+/* ---------------------------------------------------------------- Q6_K */
+
+/* Registers in natural order: R_k = elements 64k..64k+63 = sub-blocks 4k..4k+3 (16 elements,
+ * one 128-bit lane each), so lane 4j + k of the quad sums is sub-block 4k + j. */
+static const int8_t qk_q6_k_lane_order[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};
+
+static inline void qk_gemv_act_q6_k(const qk_act_q8_256 *x, qk_gemv_act *g) {
+    for (int k = 0; k < 4; k++) g->a[k] = _mm512_loadu_si512((const void *)(x->qs + 64 * k));
+    /* mins = sum_s 32 sc_s bsums_s (the -32 offset of the quants), in the lane order */
+    const __m512i b = _mm512_cvtepi16_epi32(_mm256_loadu_si256((const __m256i *)x->bsums));
+    const __m512i idx = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)qk_q6_k_lane_order));
+    g->bs = _mm512_slli_epi32(_mm512_permutexvar_epi32(idx, b), 5);
+}
+
+static inline void qk_gemv_block_q6_k(const uint8_t *x, const qk_gemv_act *a, __m512i *tot, __m512i *mins) {
+    const __m512i m4 = _mm512_set1_epi8(0x0f), m30 = _mm512_set1_epi8(0x30), zero = _mm512_setzero_si512();
+    /* the high bits to bits 4-5: qh bits 0-1 (first 32 bytes) / 2-3 (next 32) for the low
+     * nibbles, bits 4-5 / 6-7 for the high ones (16-bit shifts: what crosses bytes is masked) */
+    const __m512i sh_lo = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1);
+    const __m512i sh_hi = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1);
+    __m512i r[4];
+    for (int h = 0; h < 2; h++) {
+        const __m512i ql = _mm512_loadu_si512((const void *)(x + 64 * h));
+        const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(x + 128 + 32 * h)));
+        const __m512i hl = _mm512_and_si512(_mm512_sllv_epi16(qh, sh_lo), m30);
+        const __m512i hh = _mm512_and_si512(_mm512_srlv_epi16(qh, sh_hi), m30);
+        const __m512i lo = _mm512_ternarylogic_epi32(ql, hl, m4, 0xEC);                        /* ql & 15 | hl */
+        const __m512i hi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(ql, 4), hh, m4, 0xEC); /* ql >> 4 | hh */
+        r[2 * h] = _mm512_dpbusd_epi32(zero, lo, a->a[2 * h]);
+        r[2 * h + 1] = _mm512_dpbusd_epi32(zero, hi, a->a[2 * h + 1]);
+    }
+    const __m512i order = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)qk_q6_k_lane_order));
+    const __m512i scv = _mm512_permutexvar_epi32(order, _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(x + 192))));
+    *tot = _mm512_mullo_epi32(qk_quad_sums(r[0], r[1], r[2], r[3]), scv);
+    *mins = _mm512_mullo_epi32(scv, a->bs);
+}
+
+/* ---------------------------------------------------------------- the product */
+
+/* Software prefetch distance in bytes along the row stream (rows of a chunk are contiguous,
+ * so past a row's end it fetches the next row's start; prefetches never fault). */
+#ifndef QK_GEMV_PF
+#define QK_GEMV_PF 4096
+#endif
+
+/* Scratch: per block the prepared token and per (block, row of 8) tot, mins and the two f16
+ * scales; it fits in qk_gemm_scratch_bytes (one qk_panel256, 2.6 KB, per block). */
+static size_t qk_gemv_scratch_bytes(int64_t nb) {
+    return (size_t)nb * (sizeof(qk_gemv_act) + 8 * (2 * sizeof(int32_t) + 2 * sizeof(uint16_t)));
+}
+
+/* out[r] = W[r] . act for r < nr; d_off / dmin_off: the f16 scales in the block (dmin_off < 0:
+ * nd = -d, as Q6_K's panel has it). */
+QK_TILE_INLINE void qk_gemv256(int64_t n, const uint8_t *w, size_t row_bytes, int64_t nr, const uint8_t *act,
+                               float *out, void *scratch, int bytes, int d_off, int dmin_off,
+                               void (*prep)(const qk_act_q8_256 *, qk_gemv_act *), qk_gemv_block_fn block) {
+    const int64_t nb = n / 256;
+    const qk_act_q8_256 *x = (const qk_act_q8_256 *)act;
+    qk_gemv_act *ga = (qk_gemv_act *)scratch;
+    int32_t *tot = (int32_t *)(ga + nb), *mins = tot + 8 * nb;
+    uint16_t *dh = (uint16_t *)(mins + 8 * nb), *mh = dh + 8 * nb;
+    for (int64_t b = 0; b < nb; b++) prep(x + b, ga + b);
+    for (int64_t r = 0; r < nr; r += 8) {
+        const int rows = nr - r < 8 ? (int)(nr - r) : 8;
+        for (int i = 0; i < 8; i++) {
+            const uint8_t *row = w + (size_t)(r + (i < rows ? i : rows - 1)) * row_bytes;
+            for (int64_t b0 = 0; b0 < nb; b0 += 8) {
+                __m512i t[8], m[8];
+                for (int k = 0; k < 8; k++) {
+                    if (b0 + k < nb) {
+                        const uint8_t *blk = row + (size_t)(b0 + k) * bytes;
+                        for (int l = 0; l < bytes; l += 64) _mm_prefetch((const char *)blk + QK_GEMV_PF + l, _MM_HINT_T0);
+                        block(blk, ga + b0 + k, &t[k], &m[k]);
+                        dh[8 * (b0 + k) + i] = qk_load_u16(blk + d_off);
+                        mh[8 * (b0 + k) + i] = qk_load_u16(blk + (dmin_off < 0 ? d_off : dmin_off));
+                    } else {
+                        t[k] = m[k] = _mm512_setzero_si512();
+                    }
+                }
+                int32_t ts[8], ms[8];
+                _mm256_storeu_si256((__m256i *)ts, qk_lane_sums8(t));
+                _mm256_storeu_si256((__m256i *)ms, qk_lane_sums8(m));
+                for (int k = 0; k < 8 && b0 + k < nb; k++) {
+                    tot[8 * (b0 + k) + i] = ts[k];
+                    mins[8 * (b0 + k) + i] = ms[k];
+                }
+            }
+        }
+        /* the tiles' float steps, lanes = rows */
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t b = 0; b < nb; b++) {
+            const __m256 da = _mm256_set1_ps(x[b].d);
+            const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dh + 8 * b)));
+            const __m256 nd = _mm256_sub_ps(_mm256_setzero_ps(), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mh + 8 * b))));
+            acc = _mm256_fmadd_ps(_mm256_mul_ps(d, da), _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(tot + 8 * b))), acc);
+            acc = _mm256_fmadd_ps(_mm256_mul_ps(nd, da), _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(mins + 8 * b))), acc);
+        }
+        float v[8];
+        _mm256_storeu_ps(v, acc);
+        for (int i = 0; i < rows; i++) out[r + i] = v[i];
+    }
+}
+
+/* The one-token product of the 256-element type with GGML id `id`, if it has one here:
+ * returns 0 (nothing done) for the others. */
+static inline int qk_gemv(int id, int64_t n, const uint8_t *w, size_t row_bytes, int64_t nr, const uint8_t *act,
+                          float *out, void *scratch) {
+    switch (id) {
+    case 12: /* Q4_K: f16 d at 0, dmin at 2 */
+        qk_gemv256(n, w, row_bytes, nr, act, out, scratch, 144, 0, 2, qk_gemv_act_q4_k, qk_gemv_block_q4_k);
+        return 1;
+    case 14: /* Q6_K: f16 d at 208, nd = -d */
+        qk_gemv256(n, w, row_bytes, nr, act, out, scratch, 210, 208, -1, qk_gemv_act_q6_k, qk_gemv_block_q6_k);
+        return 1;
+    default:
+        return 0;
+    }
+}
+#else
+#define QK_GEMV 0
+static inline int qk_gemv(int id, int64_t n, const uint8_t *w, size_t row_bytes, int64_t nr, const uint8_t *act,
+                          float *out, void *scratch) {
+    (void)id, (void)n, (void)w, (void)row_bytes, (void)nr, (void)act, (void)out, (void)scratch;
+    return 0;
+}
+#endif
+
+#endif
