@@ -653,10 +653,10 @@ def _compiled_when_plain(
 
 
 QUANTIZERS: dict[str, Callable[[np.ndarray, np.ndarray | None], np.ndarray]] = {
-    "Q4_0": quantize_q4_0,
-    "Q4_1": quantize_q4_1,
-    "Q5_0": quantize_q5_0,
-    "Q5_1": quantize_q5_1,
+    "Q4_0": _compiled_when_plain("Q4_0", quantize_q4_0),
+    "Q4_1": _compiled_when_plain("Q4_1", quantize_q4_1),
+    "Q5_0": _compiled_when_plain("Q5_0", quantize_q5_0),
+    "Q5_1": _compiled_when_plain("Q5_1", quantize_q5_1),
     "Q8_0": _compiled_when_plain("Q8_0", quantize_q8_0),
     "Q2_K": quantize_q2_k,
     "Q3_K": quantize_q3_k,

@@ -1,6 +1,7 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 """Compiled quantizers for the builder (`qpack quantize`): the IQ1/IQ2/IQ3 grid searches
-(iq_quantize.h) and Q8_0/Q4_K/Q6_K without an importance matrix (k_quantize.h). Built once
+(iq_quantize.h) and the legacy types, Q4_K and Q6_K without an importance matrix
+(k_quantize.h). Built once
 with generic flags by setup.py as qpack.builder._quantize."""
 
 import numpy as np
@@ -17,11 +18,15 @@ cdef extern from "quantize/iq_quantize.h":
                          const float *qw) nogil
 
 cdef extern from "quantize/k_quantize.h":
-    int QQ_Q8_0, QQ_Q4_K, QQ_Q6_K
+    int QQ_Q8_0, QQ_Q4_K, QQ_Q6_K, QQ_Q4_0, QQ_Q4_1, QQ_Q5_0, QQ_Q5_1
     void qq_quantize_k_rows(int type, const float *x, uint8_t *y, int64_t nrows,
-                            int64_t n_per_row) nogil
+                            int64_t n_per_row, int64_t row_bytes) nogil
 
-K_TYPES = {"Q8_0": (QQ_Q8_0, 32, 34), "Q4_K": (QQ_Q4_K, 256, 144), "Q6_K": (QQ_Q6_K, 256, 210)}
+K_TYPES = {
+    "Q8_0": (QQ_Q8_0, 32, 34), "Q4_0": (QQ_Q4_0, 32, 18), "Q4_1": (QQ_Q4_1, 32, 20),
+    "Q5_0": (QQ_Q5_0, 32, 22), "Q5_1": (QQ_Q5_1, 32, 24),
+    "Q4_K": (QQ_Q4_K, 256, 144), "Q6_K": (QQ_Q6_K, 256, 210),
+}
 
 TYPES = {
     "IQ2_XXS": (QQ_IQ2_XXS, 66), "IQ2_XS": (QQ_IQ2_XS, 74), "IQ2_S": (QQ_IQ2_S, 82),
@@ -62,7 +67,7 @@ def quantize_rows(str type_name, x, imatrix=None):
 
 
 def quantize_k_rows(str type_name, x):
-    """float32 rows (n_rows, n_per_row) -> uint8 blocks of Q8_0, Q4_K or Q6_K (no imatrix)."""
+    """float32 rows (n_rows, n_per_row) -> uint8 blocks of a K_TYPES type (no imatrix)."""
     cdef int t, elems, block
     t, elems, block = K_TYPES[type_name]
     cdef cnp.ndarray[cnp.float32_t, ndim=2, mode="c"] xa = np.ascontiguousarray(x, dtype=np.float32)
@@ -73,5 +78,5 @@ def quantize_k_rows(str type_name, x):
     cdef cnp.ndarray[cnp.uint8_t, ndim=2, mode="c"] oa = out
     if nrows:
         with nogil:
-            qq_quantize_k_rows(t, &xa[0, 0], &oa[0, 0], nrows, n)
+            qq_quantize_k_rows(t, &xa[0, 0], &oa[0, 0], nrows, n, n // elems * block)
     return out

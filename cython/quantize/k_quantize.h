@@ -1,8 +1,8 @@
 /* Compiled quantizers for the hot types of the common mixes, without an importance matrix:
- * Q8_0, Q4_K and Q6_K (Q4_K_M is mostly Q4_K and Q6_K). ggml's reference quantizers
- * (quantize_row_q8_0_ref, quantize_row_q4_K_ref with make_qkx2_quants, quantize_row_q6_K_ref
- * with make_qx_quants: the facts, written anew) in ggml's float order, one row at a time.
- * With an importance matrix, builder/quant_blocks.py's numpy versions still run.
+ * Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (also the fallbacks of the K mixes), Q4_K and Q6_K. ggml's
+ * reference quantizers (quantize_row_*_ref; make_qkx2_quants for Q4_K, make_qx_quants for
+ * Q6_K: the facts, written anew) in ggml's float order, one row at a time. With an importance
+ * matrix, builder/quant_blocks.py's numpy versions still run.
  */
 #ifndef QPACK_K_QUANTIZE_H
 #define QPACK_K_QUANTIZE_H
@@ -16,6 +16,63 @@ static void qq_q8_0_row(const float *x, uint8_t *y, int64_t n) {
         const float d = amax / 127, id = d ? 1.0f / d : 0.0f;
         qq_put_u16(y, qk_fp32_to_fp16(d));
         for (int j = 0; j < 32; j++) y[2 + j] = (uint8_t)(int8_t)roundf(x[j] * id);
+    }
+}
+
+/* The element of largest magnitude, signed (the first such). */
+static inline float qq_signed_absmax(const float *x, int n) {
+    float amax = 0, max = 0;
+    for (int j = 0; j < n; j++) {
+        if (fabsf(x[j]) > amax) {
+            amax = fabsf(x[j]);
+            max = x[j];
+        }
+    }
+    return max;
+}
+
+/* Q4_0 (18 bytes) and Q5_0 (22): d = absmax / -8 (-16), levels trunc(x / d + 8.5 (16.5)). */
+static void qq_q4_0_q5_0_row(int five, const float *x, uint8_t *y, int64_t n) {
+    const int bytes = five ? 22 : 18, half = five ? 16 : 8, top = five ? 31 : 15;
+    for (int64_t b = 0; b < n / 32; b++, x += 32, y += bytes) {
+        const float d = qq_signed_absmax(x, 32) / -half, id = d ? 1.0f / d : 0.0f;
+        qq_put_u16(y, qk_fp32_to_fp16(d));
+        uint8_t *qs = y + (five ? 6 : 2);
+        uint32_t qh = 0;
+        for (int j = 0; j < 16; j++) {
+            const int a = (int)(x[j] * id + (half + 0.5f)), c = (int)(x[j + 16] * id + (half + 0.5f));
+            const int q0 = a < top ? a : top, q1 = c < top ? c : top;
+            qs[j] = (uint8_t)((q0 & 0xF) | ((q1 & 0xF) << 4));
+            qh |= (uint32_t)((q0 >> 4) & 1) << j | (uint32_t)((q1 >> 4) & 1) << (j + 16);
+        }
+        if (five) qq_put_u32(y + 2, qh);
+    }
+}
+
+/* Q4_1 (20 bytes) and Q5_1 (24): d = (max - min) / 15 (31), m = min, levels trunc((x - m) / d + 0.5). */
+static void qq_q4_1_q5_1_row(int five, const float *x, uint8_t *y, int64_t n) {
+    const int bytes = five ? 24 : 20;
+    for (int64_t b = 0; b < n / 32; b++, x += 32, y += bytes) {
+        float min = x[0], max = x[0];
+        for (int j = 1; j < 32; j++) {
+            min = x[j] < min ? x[j] : min;
+            max = x[j] > max ? x[j] : max;
+        }
+        const float d = (max - min) / (five ? 31 : 15), id = d ? 1.0f / d : 0.0f;
+        qq_put_u16(y, qk_fp32_to_fp16(d));
+        qq_put_u16(y + 2, qk_fp32_to_fp16(min));
+        uint8_t *qs = y + (five ? 8 : 4);
+        uint32_t qh = 0;
+        for (int j = 0; j < 16; j++) {
+            int q0 = (int)((x[j] - min) * id + 0.5f), q1 = (int)((x[j + 16] - min) * id + 0.5f);
+            if (!five) {
+                q0 = q0 < 15 ? q0 : 15;
+                q1 = q1 < 15 ? q1 : 15;
+            }
+            qs[j] = (uint8_t)((q0 & 0xF) | ((q1 & 0xF) << 4));
+            qh |= (uint32_t)((q0 >> 4) & 1) << j | (uint32_t)((q1 >> 4) & 1) << (j + 16);
+        }
+        if (five) qq_put_u32(y + 4, qh);
     }
 }
 
@@ -212,14 +269,21 @@ static void qq_q6_k_row(const float *x, uint8_t *y, int64_t n) {
     }
 }
 
-enum { QQ_Q8_0, QQ_Q4_K, QQ_Q6_K };
+enum { QQ_Q8_0, QQ_Q4_K, QQ_Q6_K, QQ_Q4_0, QQ_Q4_1, QQ_Q5_0, QQ_Q5_1 };
 
-static void qq_quantize_k_rows(int type, const float *x, uint8_t *y, int64_t nrows, int64_t n_per_row) {
-    const int64_t row_bytes = type == QQ_Q8_0 ? n_per_row / 32 * 34 : n_per_row / 256 * (type == QQ_Q4_K ? 144 : 210);
+/* row_bytes: n_per_row / block elements * block bytes, computed by the caller. */
+static void qq_quantize_k_rows(int type, const float *x, uint8_t *y, int64_t nrows, int64_t n_per_row,
+                               int64_t row_bytes) {
     for (int64_t r = 0; r < nrows; r++, x += n_per_row, y += row_bytes) {
-        if (type == QQ_Q8_0) qq_q8_0_row(x, y, n_per_row);
-        else if (type == QQ_Q4_K) qq_q4_k_row(x, y, n_per_row);
-        else qq_q6_k_row(x, y, n_per_row);
+        switch (type) {
+        case QQ_Q8_0: qq_q8_0_row(x, y, n_per_row); break;
+        case QQ_Q4_K: qq_q4_k_row(x, y, n_per_row); break;
+        case QQ_Q6_K: qq_q6_k_row(x, y, n_per_row); break;
+        case QQ_Q4_0: qq_q4_0_q5_0_row(0, x, y, n_per_row); break;
+        case QQ_Q5_0: qq_q4_0_q5_0_row(1, x, y, n_per_row); break;
+        case QQ_Q4_1: qq_q4_1_q5_1_row(0, x, y, n_per_row); break;
+        default: qq_q4_1_q5_1_row(1, x, y, n_per_row); break;
+        }
     }
 }
 
