@@ -35,10 +35,11 @@
 
 /* qk_gemm_fn (quants.h): out[t * ldo + r] = W[r] . act[t] for r < nr, t < nt. */
 
+/* Two panels side by side (the AVX-512 build multiplies 16 rows at once, see qk_tile*_2x4). */
 static size_t qk_gemm_scratch_bytes(int64_t n) {
     const size_t a = (size_t)(n / 32 + 1) * sizeof(qk_panel32);
     const size_t b = (size_t)(n / 256 + 1) * sizeof(qk_panel256);
-    return a > b ? a : b;
+    return 2 * (a > b ? a : b);
 }
 
 /* Row pointers of a panel; rows past nr repeat the last one (their lanes are computed and
@@ -195,6 +196,115 @@ QK_TILE_INLINE void qk_tile256_x86(const qk_panel256 *p, int64_t nb, int sub, co
         }
     }
 }
+
+#if QK_TILES_X86 == 2
+/* Prefill's register tile: two panels (16 rows) times four tokens. Each panel quad loaded once
+ * meets the four tokens' broadcast groups, each broadcast meets both panels: 6 loads for 8
+ * vpdpbusd where the 8-row loop needs 2 per vpdpbusd (loads, not the multiplier, bound that
+ * loop on Zen 4), and 8 independent sums in flight to cover vpdpbusd's latency. The integer
+ * sums are exact and the float steps per (row, token) are qk_tile*_x86's: results stay
+ * bit-identical to the 1-token path. Sums and accumulators: [t] rows of p0, [4 + t] of p1. */
+
+/* r[t] += quads j < nq (even) of panel q0 times token t's groups, r[4 + t] the same for q1.
+ * Named sums, not an array indexed in the loop: the compiler then keeps them in registers;
+ * even and odd quads in separate sums: 16 chains in flight, where 8 leave vpdpbusd's
+ * latency (~5 cycles at 2 per cycle) exposed. Integer sums: their order changes nothing. */
+#define QK_DP2(e, j)                                                                               \
+    do {                                                                                              \
+        const __m256i w0 = _mm256_load_si256((const __m256i *)q0[j]);                                 \
+        const __m256i w1 = _mm256_load_si256((const __m256i *)q1[j]);                                 \
+        __m256i g = _mm256_set1_epi32((int)qk_load_u32((const uint8_t *)x[0] + 4 * (j)));             \
+        e##0 = _mm256_dpbusd_epi32(e##0, w0, g);                                                      \
+        e##4 = _mm256_dpbusd_epi32(e##4, w1, g);                                                      \
+        g = _mm256_set1_epi32((int)qk_load_u32((const uint8_t *)x[1] + 4 * (j)));                     \
+        e##1 = _mm256_dpbusd_epi32(e##1, w0, g);                                                      \
+        e##5 = _mm256_dpbusd_epi32(e##5, w1, g);                                                      \
+        g = _mm256_set1_epi32((int)qk_load_u32((const uint8_t *)x[2] + 4 * (j)));                     \
+        e##2 = _mm256_dpbusd_epi32(e##2, w0, g);                                                      \
+        e##6 = _mm256_dpbusd_epi32(e##6, w1, g);                                                      \
+        g = _mm256_set1_epi32((int)qk_load_u32((const uint8_t *)x[3] + 4 * (j)));                     \
+        e##3 = _mm256_dpbusd_epi32(e##3, w0, g);                                                      \
+        e##7 = _mm256_dpbusd_epi32(e##7, w1, g);                                                      \
+    } while (0)
+QK_TILE_INLINE void qk_quads_2x4(const uint8_t (*q0)[QK_PANEL_ROWS][4], const uint8_t (*q1)[QK_PANEL_ROWS][4],
+                                 const int8_t *const x[4], int nq, __m256i r[8]) {
+    __m256i s0 = r[0], s1 = r[1], s2 = r[2], s3 = r[3], s4 = r[4], s5 = r[5], s6 = r[6], s7 = r[7];
+    __m256i u0 = _mm256_setzero_si256(), u1 = u0, u2 = u0, u3 = u0, u4 = u0, u5 = u0, u6 = u0, u7 = u0;
+    for (int j = 0; j < nq; j += 2) {
+        QK_DP2(s, j);
+        QK_DP2(u, j + 1);
+    }
+    r[0] = _mm256_add_epi32(s0, u0), r[1] = _mm256_add_epi32(s1, u1);
+    r[2] = _mm256_add_epi32(s2, u2), r[3] = _mm256_add_epi32(s3, u3);
+    r[4] = _mm256_add_epi32(s4, u4), r[5] = _mm256_add_epi32(s5, u5);
+    r[6] = _mm256_add_epi32(s6, u6), r[7] = _mm256_add_epi32(s7, u7);
+}
+#undef QK_DP2
+
+QK_TILE_INLINE void qk_tile32_2x4(const qk_panel32 *p0, const qk_panel32 *p1, int64_t nb,
+                                  const uint8_t *const *a, __m256 *acc) {
+    for (int64_t b = 0; b < nb; b++) {
+        const qk_act_q8_32 *x[4];
+        const int8_t *xq[4];
+        __m256i s[8];
+        for (int t = 0; t < 4; t++) x[t] = (const qk_act_q8_32 *)a[t] + b, xq[t] = x[t]->qs;
+        for (int k = 0; k < 8; k++) s[k] = _mm256_setzero_si256();
+        qk_quads_2x4(p0[b].q, p1[b].q, xq, 8, s);
+        for (int h = 0; h < 2; h++) {
+            const qk_panel32 *p = h ? &p1[b] : &p0[b];
+            const __m256 d = _mm256_load_ps(p->d), m = _mm256_load_ps(p->m);
+            for (int t = 0; t < 4; t++) {
+                __m256 *o = &acc[4 * h + t];
+                *o = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(x[t]->d)), _mm256_cvtepi32_ps(s[4 * h + t]), *o);
+                *o = _mm256_fmadd_ps(m, _mm256_set1_ps(x[t]->s), *o);
+            }
+        }
+    }
+}
+
+QK_TILE_INLINE void qk_tile256_2x4(const qk_panel256 *p0, const qk_panel256 *p1, int64_t nb, int sub,
+                                   const uint8_t *const *a, __m256 *acc) {
+    const int quads = sub / 4, nsub = 256 / sub;
+    for (int64_t b = 0; b < nb; b++) {
+        const qk_act_q8_256 *x[4];
+        __m256i tot[8], mins[8];
+        for (int t = 0; t < 4; t++) x[t] = (const qk_act_q8_256 *)a[t] + b;
+        for (int k = 0; k < 8; k++) tot[k] = mins[k] = _mm256_setzero_si256();
+        for (int s = 0; s < nsub; s++) {
+            __m256i is[8];
+            const int8_t *xq[4];
+            for (int t = 0; t < 4; t++) xq[t] = x[t]->qs + 4 * s * quads;
+            for (int k = 0; k < 8; k++) is[k] = _mm256_setzero_si256();
+            qk_quads_2x4(p0[b].q + s * quads, p1[b].q + s * quads, xq, quads, is);
+            const __m256i sc0 = _mm256_load_si256((const __m256i *)p0[b].sc[s]);
+            const __m256i sc1 = _mm256_load_si256((const __m256i *)p1[b].sc[s]);
+            for (int t = 0; t < 4; t++) {
+                tot[t] = _mm256_add_epi32(tot[t], _mm256_mullo_epi32(is[t], sc0));
+                tot[4 + t] = _mm256_add_epi32(tot[4 + t], _mm256_mullo_epi32(is[4 + t], sc1));
+            }
+        }
+        for (int q = 0; q < 8; q++) {
+            const __m256i mn0 = _mm256_load_si256((const __m256i *)p0[b].mn[q]);
+            const __m256i mn1 = _mm256_load_si256((const __m256i *)p1[b].mn[q]);
+            for (int t = 0; t < 4; t++) {
+                const __m256i g = _mm256_set1_epi32((int)qk_load_u32((const uint8_t *)&x[t]->bsums[2 * q]));
+                mins[t] = _mm256_dpwssd_epi32(mins[t], mn0, g); /* = add(madd(mn, g)): exact */
+                mins[4 + t] = _mm256_dpwssd_epi32(mins[4 + t], mn1, g);
+            }
+        }
+        for (int h = 0; h < 2; h++) {
+            const qk_panel256 *p = h ? &p1[b] : &p0[b];
+            const __m256 d = _mm256_load_ps(p->d), nd = _mm256_load_ps(p->nd);
+            for (int t = 0; t < 4; t++) {
+                const __m256 da = _mm256_set1_ps(x[t]->d);
+                __m256 *o = &acc[4 * h + t];
+                *o = _mm256_fmadd_ps(_mm256_mul_ps(d, da), _mm256_cvtepi32_ps(tot[4 * h + t]), *o);
+                *o = _mm256_fmadd_ps(_mm256_mul_ps(nd, da), _mm256_cvtepi32_ps(mins[4 * h + t]), *o);
+            }
+        }
+    }
+}
+#endif
 #endif
 
 /* ================================================================ products: NEON */
@@ -387,42 +497,141 @@ QK_TILE_INLINE void qk_panel_mul(const void *panel, int fam, int sub, int group,
 #endif
 }
 
+#if QK_TILES_X86 == 2
+/* Rows r..r+15 of two panels (p1 holds rows 8..8+nr1-1, nr1 >= 1) times nt tokens: four at a
+ * time through the 2x4 tile, the rest one by one through each panel's 1-token loop. With 16
+ * full rows the blocks go in spans whose two panels stay in L1 (a panel of an 8192-wide Q4_K
+ * matrix is 92 KB) while every group of four tokens meets them; the sums are parked in out
+ * between spans (exact: the float steps per (row, token) keep their order). */
+#ifndef QK_L1_PANELS
+#define QK_L1_PANELS (20 << 10)
+#endif
+QK_TILE_INLINE void qk_panel_mul2(const void *p0, const void *p1, int fam, int sub, int64_t nb, int nr1,
+                                  const uint8_t *act, size_t act_stride, int64_t nt, float *out, int64_t ldo) {
+    const size_t pb = fam == 32 ? sizeof(qk_panel32) : sizeof(qk_panel256);
+    const size_t ab = fam == 32 ? sizeof(qk_act_q8_32) : sizeof(qk_act_q8_256);
+    int64_t span = nr1 == 8 ? (int64_t)(QK_L1_PANELS / (2 * pb)) : nb;
+    span = span < 1 ? 1 : span;
+    const int64_t nt4 = nt / 4 * 4;
+    for (int64_t b0 = 0; b0 < nb; b0 += span) {
+        const int64_t n = nb - b0 < span ? nb - b0 : span;
+        const void *q0 = (const uint8_t *)p0 + (size_t)b0 * pb, *q1 = (const uint8_t *)p1 + (size_t)b0 * pb;
+        for (int64_t t = 0; t < nt4; t += 4) {
+            const uint8_t *a[4];
+            __m256 acc[8];
+            for (int k = 0; k < 4; k++) {
+                a[k] = act + (size_t)(t + k) * act_stride + (size_t)b0 * ab;
+                acc[k] = b0 ? _mm256_loadu_ps(out + (t + k) * ldo) : _mm256_setzero_ps();
+                acc[4 + k] = b0 ? _mm256_loadu_ps(out + (t + k) * ldo + 8) : _mm256_setzero_ps();
+            }
+            if (fam == 32)
+                qk_tile32_2x4((const qk_panel32 *)q0, (const qk_panel32 *)q1, n, a, acc);
+            else
+                qk_tile256_2x4((const qk_panel256 *)q0, (const qk_panel256 *)q1, n, sub, a, acc);
+            for (int k = 0; k < 4; k++) {
+                _mm256_storeu_ps(out + (t + k) * ldo, acc[k]);
+                if (nr1 == 8) {
+                    _mm256_storeu_ps(out + (t + k) * ldo + 8, acc[4 + k]);
+                } else {
+                    float v[8];
+                    _mm256_storeu_ps(v, acc[4 + k]);
+                    qk_tile_store(out + 8, ldo, t + k, nr1, v);
+                }
+            }
+        }
+    }
+    if (nt4 < nt) {
+        const uint8_t *a = act + (size_t)nt4 * act_stride;
+        qk_panel_mul(p0, fam, sub, 0, nb, 8, a, act_stride, nt - nt4, out + nt4 * ldo, ldo);
+        qk_panel_mul(p1, fam, sub, 0, nb, nr1, a, act_stride, nt - nt4, out + nt4 * ldo + 8, ldo);
+    }
+}
+#define QK_PANEL_PAIRS 1
+#else
+#define QK_PANEL_PAIRS 0
+#endif
+
 /* ================================================================ one gemm per type */
 
-/* Panels of 8 rows, each unpacked once by the type's qk_pack_<name> and met by every token. */
-#define QK_GEMM_32(name, BYTES, sub, group, id)                                                          \
+/* One panel (rows <= 8) or two (8 < rows <= 16, QK_PANEL_PAIRS builds) times the tokens. */
+#if QK_PANEL_PAIRS
+#define QK_PANEL_MUL(p0, p1, fam, sub, group, nb, rows, act, stride, nt, out, ldo)                    \
+    do {                                                                                              \
+        if ((rows) > QK_PANEL_ROWS)                                                                   \
+            qk_panel_mul2(p0, p1, fam, sub, nb, (rows) - QK_PANEL_ROWS, act, stride, nt, out, ldo);   \
+        else                                                                                          \
+            qk_panel_mul(p0, fam, sub, group, nb, rows, act, stride, nt, out, ldo);                   \
+    } while (0)
+#else
+#define QK_PANEL_MUL(p0, p1, fam, sub, group, nb, rows, act, stride, nt, out, ldo)                    \
+    qk_panel_mul(p0, fam, sub, group, nb, rows, act, stride, nt, out, ldo)
+#endif
+
+/* QK_IF_SET(M, code): the code where the macro M is defined as 1, nothing otherwise (a probe:
+ * QK_PROBE_1 adds an argument). Needs a conforming preprocessor (MSVC: /std:c17 has it). */
+#define QK_PROBE_1 ~, 1
+#define QK_SECOND_(a, b, ...) b
+#define QK_SECOND(...) QK_SECOND_(__VA_ARGS__)
+#define QK_IS_SET_(v) QK_SECOND(QK_PROBE_##v, 0, ~)
+#define QK_IS_SET(m) QK_IS_SET_(m)
+#define QK_CAT_(a, b) a##b
+#define QK_CAT(a, b) QK_CAT_(a, b)
+#define QK_IF_0(...)
+#define QK_IF_1(...) __VA_ARGS__
+#define QK_IF_SET(m, ...) QK_CAT(QK_IF_, QK_IS_SET(m))(__VA_ARGS__)
+
+/* Panels of 8 rows, each unpacked once by the type's qk_pack_<name> and met by every token.
+ * One token (decode) goes through the type's qk_decode_<name> where it has one (panel_unpack.h:
+ * the same numbers without the panel). */
+#define QK_GEMM_32(name, BYTES, sub, group, id)                                                       \
     static void qk_gemm_##name(int64_t n, const uint8_t *w, size_t row_bytes, int64_t nr, const uint8_t *act, \
                                size_t act_stride, int64_t nt, float *out, int64_t ldo, void *scratch) {      \
         qk_panel32 *p = (qk_panel32 *)scratch;                                                        \
         const int64_t nb = n / 32;                                                                    \
-        for (int64_t r = 0; r < nr; r += QK_PANEL_ROWS) {                                             \
-            const int rows = nr - r < QK_PANEL_ROWS ? (int)(nr - r) : QK_PANEL_ROWS;                 \
-            const uint8_t *rp[8];                                                                     \
-            qk_panel_rows(w + (size_t)r * row_bytes, row_bytes, rows, rp);                           \
-            for (int64_t b = 0; b < nb; b++) {                                                        \
-                qk_prefetch_next_panel(rp, row_bytes, (size_t)b * (BYTES));                           \
-                qk_pack_##name(rp, (size_t)b * (BYTES), &p[b]);                                       \
+        const int pairs = QK_PANEL_PAIRS && nt >= 4; /* prefill: 16 rows at a time */                 \
+        for (int64_t r = 0; r < nr;) {                                                                \
+            int done = 0;                                                                             \
+            for (int h = 0; h <= pairs && r + done < nr; h++) {                                       \
+                const int rows = nr - r - done < QK_PANEL_ROWS ? (int)(nr - r - done) : QK_PANEL_ROWS; \
+                const uint8_t *rp[8];                                                                 \
+                qk_panel_rows(w + (size_t)(r + done) * row_bytes, row_bytes, rows, rp);              \
+                for (int64_t b = 0; b < nb; b++) {                                                    \
+                    qk_prefetch_next_panel(rp, row_bytes, (size_t)b * (BYTES));                       \
+                    qk_pack_##name(rp, (size_t)b * (BYTES), &p[h * (nb + 1) + b]);                     \
+                }                                                                                     \
+                done += rows;                                                                         \
             }                                                                                         \
-            qk_panel_mul(p, 32, sub, group, nb, rows, act, act_stride, nt, out + r, ldo);            \
+            QK_PANEL_MUL(p, p + nb + 1, 32, sub, group, nb, done, act, act_stride, nt, out + r, ldo); \
+            r += done;                                                                                \
         }                                                                                             \
     }
 
 #define QK_GEMM_256(name, BYTES, sub, group, id)                                                      \
     static void qk_gemm_##name(int64_t n, const uint8_t *w, size_t row_bytes, int64_t nr, const uint8_t *act, \
                                size_t act_stride, int64_t nt, float *out, int64_t ldo, void *scratch) {      \
+        QK_IF_SET(QK_HAS_DECODE_##name, if (nt == 1) {                                                \
+            qk_decode_##name(n, w, row_bytes, nr, act, out);                                          \
+            return;                                                                                   \
+        })                                                                                            \
         if (nt == 1 && qk_gemv(id, n, w, row_bytes, nr, act, out, scratch)) return; /* gemv.h */    \
         qk_panel256 *p = (qk_panel256 *)scratch;                                                      \
         const int64_t nb = n / 256;                                                                   \
-        for (int64_t r = 0; r < nr; r += QK_PANEL_ROWS) {                                             \
-            const int rows = nr - r < QK_PANEL_ROWS ? (int)(nr - r) : QK_PANEL_ROWS;                 \
-            const uint8_t *rp[8];                                                                     \
-            qk_panel_rows(w + (size_t)r * row_bytes, row_bytes, rows, rp);                           \
-            for (int64_t b = 0; b < nb; b++) {                                                        \
-                for (size_t k = 0; k < (size_t)(BYTES); k += 64)                                      \
-                    qk_prefetch_next_panel(rp, row_bytes, (size_t)b * (BYTES) + k);                   \
-                qk_pack_##name(rp, (size_t)b * (BYTES), &p[b]);                                       \
+        const int pairs = QK_PANEL_PAIRS && nt >= 4; /* prefill: 16 rows at a time */                 \
+        for (int64_t r = 0; r < nr;) {                                                                \
+            int done = 0;                                                                             \
+            for (int h = 0; h <= pairs && r + done < nr; h++) {                                       \
+                const int rows = nr - r - done < QK_PANEL_ROWS ? (int)(nr - r - done) : QK_PANEL_ROWS; \
+                const uint8_t *rp[8];                                                                 \
+                qk_panel_rows(w + (size_t)(r + done) * row_bytes, row_bytes, rows, rp);              \
+                for (int64_t b = 0; b < nb; b++) {                                                    \
+                    for (size_t k = 0; k < (size_t)(BYTES); k += 64)                                  \
+                        qk_prefetch_next_panel(rp, row_bytes, (size_t)b * (BYTES) + k);               \
+                    qk_pack_##name(rp, (size_t)b * (BYTES), &p[h * (nb + 1) + b]);                     \
+                }                                                                                     \
+                done += rows;                                                                         \
             }                                                                                         \
-            qk_panel_mul(p, 256, sub, group, nb, rows, act, act_stride, nt, out + r, ldo);           \
+            QK_PANEL_MUL(p, p + nb + 1, 256, sub, group, nb, done, act, act_stride, nt, out + r, ldo); \
+            r += done;                                                                                \
         }                                                                                             \
     }
 
