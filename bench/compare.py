@@ -13,6 +13,11 @@ Each process measures, like llama-bench: pp64 and pp512 (a prompt of random toke
 batch, from an empty cache, logits of the last token) and tg128 (128 single-token decode steps
 from position 0, logits every step), several repetitions after a warm-up; plus, for qpack, tg128
 through the engine (greedy sampling and detokenization included, what `qpack run` does).
+With --long N (N + 128 <= -c): pp{N} (an N-token prompt from an empty cache, in batches of 512)
+and tg128@{N} (the prompt evaluated untimed, then 128 decode steps from position N, timed;
+repeated from N). --no-short leaves the short tests out. --cache-type q8_0 runs both engines
+with a q8_0 KV cache (llama.cpp: type_k = type_v = q8_0 with flash attention on, which it
+requires for a quantized V).
 Printed: tokens/s (median over all repetitions), peak RSS, the qpack/llama.cpp ratios, the
 CPU's flags, the load average before, and how many cores other processes used during the run
 (from /proc/stat minus our own CPU time), and the machine's read bandwidth with the same threads
@@ -78,11 +83,16 @@ def qpack_worker(a: argparse.Namespace) -> dict:
 
     kernels = cpu.load(a.cpu)
     gf = open_gguf(a.model)
-    model = Model(gf, n_ctx=a.ctx, n_batch=512, threads=a.threads, kernels=kernels)
-    toks = random_tokens(model.n_vocab, 512)
+    model = Model(gf, n_ctx=a.ctx, n_batch=512, threads=a.threads, kernels=kernels,
+                  cache_type_k=a.cache_type, cache_type_v=a.cache_type)  # fmt: skip
+    toks = random_tokens(model.n_vocab, max(512, a.long + 128))
 
     def pp(n: int) -> None:
-        model.forward(toks[:n], np.arange(n), np.zeros(n), [n - 1])
+        for b in range(0, n, 512):  # batches of 512, as llama.cpp's n_batch
+            e = min(n, b + 512)
+            model.forward(
+                toks[b:e], np.arange(b, e), np.zeros(e - b), [e - b - 1] if e == n else []
+            )
 
     def tg(n: int) -> None:
         for i in range(n):
@@ -98,9 +108,18 @@ def qpack_worker(a: argparse.Namespace) -> dict:
         engine.run_until_done(req)
         assert req.usage.completion_tokens == n
 
+    def tg_at(n: int) -> None:
+        for i in range(a.long, a.long + n):
+            model.forward([toks[i]], [i], [0], [0])
+
     pp(16), tg(4), tg_engine(4)  # warm-up: pages of the mapping, threads, caches
-    out = {name: median_rate(pp if name.startswith("pp") else tg, n, a.reps) for name, n in TESTS}
-    out["tg128 engine"] = median_rate(tg_engine, 128, a.reps)
+    out = {}
+    if not a.no_short:
+        out = {n: median_rate(pp if n.startswith("pp") else tg, k, a.reps) for n, k in TESTS}
+        out["tg128 engine"] = median_rate(tg_engine, 128, a.reps)
+    if a.long:
+        out[f"pp{a.long}"] = median_rate(pp, a.long, 1)  # leaves the prompt in the cache
+        out[f"tg128@{a.long}"] = median_rate(tg_at, 128, a.reps)
     out["variant"] = kernels.VARIANT
     out["threads"] = model.threads
     out["rss_mib"] = peak_rss_mib()
@@ -116,9 +135,13 @@ def llama_worker(a: argparse.Namespace) -> dict:
     cp = L.llama_context_default_params()
     cp.n_ctx, cp.n_batch, cp.n_ubatch = a.ctx, 512, 512
     cp.n_threads = cp.n_threads_batch = a.threads
+    if a.cache_type == "q8_0":
+        cp.type_k = cp.type_v = 8  # GGML_TYPE_Q8_0
+        cp.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_ENABLED
     ctx = L.llama_init_from_model(model, cp)
     mem = L.llama_get_memory(ctx)
-    toks = random_tokens(L.llama_vocab_n_tokens(L.llama_model_get_vocab(model)), 512)
+    n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
+    toks = random_tokens(n_vocab, max(512, a.long + 128))
 
     def decode(ids: list[int]) -> None:
         arr = (L.llama_token * len(ids))(*ids)
@@ -128,7 +151,8 @@ def llama_worker(a: argparse.Namespace) -> dict:
 
     def pp(n: int) -> None:
         L.llama_memory_clear(mem, True)
-        decode(toks[:n])
+        for b in range(0, n, 512):
+            decode(toks[b : min(n, b + 512)])
 
     def tg(n: int) -> None:
         for i in range(n):
@@ -143,11 +167,26 @@ def llama_worker(a: argparse.Namespace) -> dict:
             rates.append(n / (time.perf_counter() - t0))
         return rates
 
+    def timed_tg_at(n: int) -> list[float]:  # from position a.long each repetition
+        rates = []
+        for _ in range(a.reps):
+            L.llama_memory_seq_rm(mem, 0, a.long, -1)
+            t0 = time.perf_counter()
+            for i in range(a.long, a.long + n):
+                decode([toks[i]])
+            rates.append(n / (time.perf_counter() - t0))
+        return rates
+
     pp(16)
     L.llama_memory_clear(mem, True)
     tg(4)
-    out = {"pp64": median_rate(pp, 64, a.reps), "pp512": median_rate(pp, 512, a.reps),
-           "tg128": timed_tg(128)}  # fmt: skip
+    out = {}
+    if not a.no_short:
+        out = {"pp64": median_rate(pp, 64, a.reps), "pp512": median_rate(pp, 512, a.reps),
+               "tg128": timed_tg(128)}  # fmt: skip
+    if a.long:
+        out[f"pp{a.long}"] = median_rate(pp, a.long, 1)
+        out[f"tg128@{a.long}"] = timed_tg_at(128)
     out["variant"] = "llama.cpp " + L.__version__
     out["threads"] = a.threads
     out["rss_mib"] = peak_rss_mib()
@@ -161,7 +200,8 @@ def run_worker(
     python: str, kind: str, a: argparse.Namespace, model: str, cpu: str = "auto"
 ) -> dict:
     cmd = [python, os.path.abspath(__file__), "--worker", kind, "--cpu", cpu, "-t", str(a.threads),
-           "-c", str(a.ctx), "--reps", str(a.reps), model]  # fmt: skip
+           "-c", str(a.ctx), "--reps", str(a.reps), "--long", str(a.long),
+           "--cache-type", a.cache_type, model] + ["--no-short"] * a.no_short  # fmt: skip
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS=str(a.threads))
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if p.returncode != 0:
@@ -216,19 +256,26 @@ def merge(runs: list[dict]) -> dict:
     return out
 
 
-def table(model: str, rows: dict[str, dict]) -> str:
-    cols = ["pp64", "pp512", "tg128", "tg128 engine", "rss_mib"]
-    head = "| engine | kernels | threads | pp64 t/s | pp512 t/s | tg128 t/s | tg128 via engine | peak RSS MiB |"
-    lines = [f"**{os.path.basename(model)}**", "", head, "|" + "---|" * 8]
+def table(model: str, rows: dict[str, dict], cache_type: str = "f16") -> str:
+    order = ["pp64", "pp512", "tg128", "tg128 engine"]
+    rates = [c for c in order if any(c in r for r in rows.values())]
+    rates += sorted({c for r in rows.values() for c in r if c.startswith(("pp", "tg")) and c not in order},
+                    key=lambda c: (c.startswith("tg"), c))  # fmt: skip
+    cols = rates + ["rss_mib"]
+    names = [("tg128 via engine" if c == "tg128 engine" else f"{c} t/s") for c in rates]
+    head = "| engine | kernels | threads | " + " | ".join(names) + " | peak RSS MiB |"
+    title = f"**{os.path.basename(model)}**" + (
+        f" (KV cache {cache_type})" if cache_type != "f16" else ""
+    )
+    lines = [title, "", head, "|" + "---|" * (len(cols) + 3)]
     for label, r in rows.items():
         cells = [f"{r[c]:.1f}" if c in r else "-" for c in cols]
         lines.append(f"| {label} | {r['variant']} | {r['threads']} | " + " | ".join(cells) + " |")
     if "qpack" in rows and "llama.cpp" in rows:
         q, ref = rows["qpack"], rows["llama.cpp"]
-        ratio = [f"{q[c] / ref[c]:.2f}" if c in ref else "-" for c in ("pp64", "pp512", "tg128")]
-        eng = f"{q['tg128 engine'] / ref['tg128']:.2f}"
-        lines.append(f"| **qpack / llama.cpp** | | | {' | '.join(ratio)} | {eng} | "
-                     f"{q['rss_mib'] / ref['rss_mib']:.2f} |")  # fmt: skip
+        peer = {c: "tg128" if c == "tg128 engine" else c for c in cols}  # the engine vs plain tg
+        ratio = [f"{q[c] / ref[peer[c]]:.2f}" if c in q and peer[c] in ref else "-" for c in cols]
+        lines.append("| **qpack / llama.cpp** | | | " + " | ".join(ratio) + " |")
     return "\n".join(lines)
 
 
@@ -262,6 +309,11 @@ def main() -> None:
     ap.add_argument(
         "--wait-idle", type=float, default=0, help="wait up to S seconds for load < 0.5"
     )
+    ap.add_argument("--long", type=int, default=0, help="also pp N and tg128 after N tokens")
+    ap.add_argument("--no-short", action="store_true", help="skip pp64, pp512 and tg128")
+    ap.add_argument(
+        "--cache-type", choices=["f16", "q8_0"], default="f16", help="KV cache, both engines"
+    )
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--worker", choices=["qpack", "llama"], help=argparse.SUPPRESS)
     ap.add_argument("--cpu", default="auto", help=argparse.SUPPRESS)
@@ -276,6 +328,7 @@ def main() -> None:
 
         a.threads = physical_cores()
     a.models = [model_file(m) for m in a.models]
+    a.ctx = max(a.ctx, a.long + 128)  # room for tg128@N
     if a.wait_idle:
         wait_idle(a.wait_idle)
     bandwidth = membw.measure_in_subprocess(a.threads)
@@ -308,8 +361,9 @@ def main() -> None:
     print("read bandwidth (bench/membw.py, before the run): "
           + ", ".join(f"{bw:.1f} GB/s with {n} thread{'s' * (n > 1)}" for n, bw in bandwidth.items()) + "\n")  # fmt: skip
     for model, rows in results.items():
-        print(table(model, rows) + "\n")
-        print(limit_line(model, rows, bandwidth[a.threads], a.threads) + "\n")
+        print(table(model, rows, a.cache_type) + "\n")
+        if all("tg128" in r for r in rows.values()):
+            print(limit_line(model, rows, bandwidth[a.threads], a.threads) + "\n")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"cpu": name, "flags": flags, "threads": a.threads, "ctx": a.ctx,
