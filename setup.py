@@ -141,10 +141,22 @@ def extensions() -> list[Extension]:
                 depends=sorted(
                     str(p.relative_to(HERE))
                     for p in CYTHON_DIR.rglob("*")
-                    if p.suffix in (".h", ".pxi", ".def")
+                    if p.suffix in (".h", ".pxi", ".def") and "quantize" not in p.parts
                 ),
             )
         )
+    # The builder's compiled quantizers: one module, generic flags (not per CPU level).
+    generic_flags = VARIANTS_BY_MACHINE.get(machine() + ("-msvc" if msvc() else ""), {}).get("generic", [])
+    exts.append(
+        Extension(
+            "qpack.builder._quantize",
+            ["cython/quantize/_quantize.pyx"],
+            include_dirs=[str(CYTHON_DIR), numpy.get_include()],
+            define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+            extra_compile_args=common + generic_flags,
+            depends=sorted(str(p.relative_to(HERE)) for p in (CYTHON_DIR / "quantize").glob("*.h")),
+        )
+    )
     return exts
 
 

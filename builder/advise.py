@@ -26,6 +26,8 @@ from qpack.runtime.perplexity import scoring_stream
 from qpack.runtime.tokenizer import Tokenizer
 
 CANDIDATES = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_K_S", "IQ4_XS", "Q4_0", "Q3_K_M", "Q2_K")
+# with an importance matrix: one mix per IQ family and size class
+IQ_CANDIDATES = ("IQ3_M", "IQ3_XXS", "IQ2_M", "IQ2_XXS", "IQ1_M")
 RESULTS_VERSION = 1  # bump when a measurement changes meaning
 
 
@@ -127,8 +129,10 @@ def advise(
     threads: int | None = None,
     kernels=None,
     note: Callable[[str], None] = lambda _s: None,
+    imatrix: Path | None = None,
 ) -> list[Measurement]:
-    """Measurements for the unquantized model (first) and each candidate type."""
+    """Measurements for the unquantized model (first) and each candidate type; with `imatrix`
+    (an importance matrix GGUF) every candidate is quantized with it, as llama-quantize does."""
     from qpack.runtime import cpu
     from qpack.runtime.model import physical_cores
 
@@ -151,23 +155,54 @@ def advise(
     s = Settings(ctx, eval_ctx, len(tokens) // eval_ctx, threads, _digest(tokens))
     folder = cache / "advise" / model_key(model_path)
     folder.mkdir(parents=True, exist_ok=True)
+    weights, im_tag = None, ""
+    if imatrix is not None:
+        from qpack.builder.imatrix import read_imatrix
+
+        weights = read_imatrix(imatrix)
+        im_tag = ".im-" + hashlib.sha256(Path(imatrix).read_bytes()).hexdigest()[:12]
     base = Model(gf, n_ctx=eval_ctx, n_batch=eval_ctx, threads=threads, kernels=kernels)
     results = []
     for t in (base_type, *(x.upper() for x in types)):
-        result_file = folder / f"{t}.{s.key()}.v{RESULTS_VERSION}.json"
+        tag = im_tag if t != base_type else ""
+        result_file = folder / f"{t}{tag}.{s.key()}.v{RESULTS_VERSION}.json"
         if result_file.exists():
             results.append(Measurement(**json.loads(result_file.read_text())))
             note(f"{t}: cached")
             continue
-        path = model_path if t == base_type else folder / f"{t}.gguf"
+        path = model_path if t == base_type else folder / f"{t}{tag}.gguf"
         if not path.exists():
             note(f"{t}: quantizing")
-            quantize_file(model_path, path, t, threads=threads)
+            quantize_file(model_path, path, t, imatrix=weights, threads=threads)
         note(f"{t}: measuring")
         m = measure(path, t, base, tokens, bos, s, kernels)
         result_file.write_text(json.dumps(asdict(m)))
         results.append(m)
     return results
+
+
+def imatrix_from_text(
+    model_path: Path, text: str, cache: Path, kernels, chunks: int = 16, chunk_size: int = 512
+) -> Path:
+    """An importance matrix of the model on `text` (what `qpack imatrix` computes), cached."""
+    from qpack.builder.imatrix import compute_imatrix, write_imatrix
+
+    gf = open_gguf(model_path)
+    tok = Tokenizer.from_gguf(gf)
+    tokens = tok.encode(text, add_bos=False)
+    n = min(chunks, len(tokens) // chunk_size)
+    if n == 0:
+        raise QpackError(f"the text has {len(tokens)} tokens: an imatrix needs {chunk_size}")
+    tokens = tokens[: n * chunk_size]
+    out = cache / "advise" / model_key(model_path) / f"imatrix.{_digest(tokens)}.gguf"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        bos = tok.bos_id if tok.add_bos else None
+        sums, counts, n_chunks = compute_imatrix(
+            model_path, tokens, chunk_size, bos, kernels.dequantize
+        )
+        write_imatrix(out, sums, counts, n_chunks, chunk_size, ["advise text"])
+    return out
 
 
 def _dominant_type(gf) -> str:

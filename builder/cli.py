@@ -207,7 +207,8 @@ def _run_quantize(
 def quantize_command(src, dst, ftype, imatrix_file, allow_requantize, threads) -> None:
     """Quantize SRC (an F32/F16/BF16 GGUF) into DST as FTYPE, with llama.cpp's per-tensor
     mixes: Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K_S Q3_K_M Q3_K_L Q4_K_S Q4_K_M Q5_K_S Q5_K_M Q6_K
-    IQ4_NL IQ4_XS."""
+    IQ4_NL IQ4_XS IQ3_S IQ3_M, and with --imatrix also IQ1_S IQ1_M IQ2_XXS IQ2_XS IQ2_S IQ2_M
+    IQ3_XXS IQ3_XS."""
     imatrix = None
     if imatrix_file:
         from qpack.builder.imatrix import read_imatrix
@@ -282,9 +283,20 @@ def imatrix_command(model, text_file, output, ctx_size, chunks, cpu_choice) -> N
 )
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
               help="Also draw KL divergence against size and decode speed into this PNG.")  # fmt: skip
+@click.option(
+    "--imatrix",
+    "imatrix_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Importance matrix: quantize with it, and add the IQ1/IQ2/IQ3 types to the candidates.",
+)
+@click.option(
+    "--iq", is_flag=True, help="Add the IQ types, with an importance matrix computed on the text."
+)
 @click.option("-t", "--threads", type=click.IntRange(min=1), help="Threads (default: physical cores).")  # fmt: skip
 @click.option("--cpu", "cpu_choice", default="auto", show_default=True, help="Kernel variant.")
-def advise_command(model, text_file, ram, ctx, types, plot, threads, cpu_choice) -> None:
+def advise_command(
+    model, text_file, ram, ctx, types, plot, imatrix_file, iq, threads, cpu_choice
+) -> None:
     """Quantize MODEL (F16/BF16/F32) to candidate types, measure each here -- file size, RAM
     at --ctx, prefill and decode speed, perplexity and KL divergence against MODEL -- and
     recommend the most faithful one that fits the RAM budget. Results are cached."""
@@ -292,17 +304,21 @@ def advise_command(model, text_file, ram, ctx, types, plot, threads, cpu_choice)
 
     kernels = qpack_cpu.load(cpu_choice)
     budget = advise.parse_size(ram) if ram else advise.physical_ram()
+    text = _read_text(text_file)
+    if iq and not imatrix_file:
+        click.echo("  computing an importance matrix on the text", err=True)
+        imatrix_file = advise.imatrix_from_text(model, text, stub.cache_dir(), kernels)
+    candidates = advise.CANDIDATES + (advise.IQ_CANDIDATES if imatrix_file else ())
     results = advise.advise(
         model,
-        _read_text(text_file),
+        text,
         stub.cache_dir(),
-        types=tuple(t.strip() for t in types.split(",") if t.strip())
-        if types
-        else advise.CANDIDATES,
+        types=tuple(t.strip() for t in types.split(",") if t.strip()) if types else candidates,
         ctx=ctx,
         threads=threads,
         kernels=kernels,
         note=lambda s: click.echo(f"  {s}", err=True),
+        imatrix=imatrix_file,
     )
     click.echo(advise.format_table(results, budget, ctx))
     if plot:

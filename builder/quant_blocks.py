@@ -612,19 +612,60 @@ def quantize_iq4_xs(x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndar
     return np.concatenate(parts, axis=1).reshape(n_rows, -1)
 
 
+GRID_TYPES = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M")
+
+
+def _grid_quantizer(type_name: str) -> Callable[[np.ndarray, np.ndarray | None], np.ndarray]:
+    """The IQ1/IQ2/IQ3 grid searches are too branchy for numpy: compiled C (qpack.builder._quantize)."""
+
+    def quantize(x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
+        try:
+            from qpack.builder import _quantize
+        except ImportError as e:  # a source checkout without `setup.py build_ext`
+            raise QpackError(f"{type_name} needs the compiled quantizer module ({e})") from None
+        try:
+            return _quantize.quantize_rows(type_name, x, imatrix)
+        except ValueError as e:
+            raise QpackError(str(e)) from None
+
+    quantize.__name__ = f"quantize_{type_name.lower()}"
+    return quantize
+
+
+def _compiled_when_plain(
+    type_name: str, numpy_version: Callable[[np.ndarray, np.ndarray | None], np.ndarray]
+) -> Callable[[np.ndarray, np.ndarray | None], np.ndarray]:
+    """ggml's reference quantizer compiled (qpack.builder._quantize: bit-identical to
+    llama.cpp's, and faster) when there is no importance matrix (Q8_0 ignores it); the numpy
+    version otherwise, or when the module is not built."""
+
+    def quantize(x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
+        if imatrix is None or type_name == "Q8_0":
+            try:
+                from qpack.builder import _quantize
+            except ImportError:
+                return numpy_version(x, imatrix)
+            return _quantize.quantize_k_rows(type_name, x)
+        return numpy_version(x, imatrix)
+
+    quantize.__name__ = numpy_version.__name__
+    return quantize
+
+
 QUANTIZERS: dict[str, Callable[[np.ndarray, np.ndarray | None], np.ndarray]] = {
     "Q4_0": quantize_q4_0,
     "Q4_1": quantize_q4_1,
     "Q5_0": quantize_q5_0,
     "Q5_1": quantize_q5_1,
-    "Q8_0": quantize_q8_0,
+    "Q8_0": _compiled_when_plain("Q8_0", quantize_q8_0),
     "Q2_K": quantize_q2_k,
     "Q3_K": quantize_q3_k,
-    "Q4_K": quantize_q4_k,
+    "Q4_K": _compiled_when_plain("Q4_K", quantize_q4_k),
     "Q5_K": quantize_q5_k,
-    "Q6_K": quantize_q6_k,
+    "Q6_K": _compiled_when_plain("Q6_K", quantize_q6_k),
     "IQ4_NL": quantize_iq4_nl,
     "IQ4_XS": quantize_iq4_xs,
+    **{t: _grid_quantizer(t) for t in GRID_TYPES},
 }
 
 

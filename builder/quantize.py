@@ -67,6 +67,16 @@ FILE_TYPES: dict[str, FileType] = {
         FileType("Q6_K", 18, "Q6_K"),
         FileType("IQ4_NL", 25, "IQ4_NL"),
         FileType("IQ4_XS", 30, "IQ4_XS"),
+        FileType("IQ2_XXS", 19, "IQ2_XXS"),
+        FileType("IQ2_XS", 20, "IQ2_XS"),
+        FileType("IQ2_S", 28, "IQ2_XS"),  # llama.cpp's IQ2_S mix is IQ2_XS with more bits around
+        FileType("IQ2_M", 29, "IQ2_S"),
+        FileType("IQ3_XXS", 23, "IQ3_XXS"),
+        FileType("IQ3_XS", 22, "IQ3_S"),
+        FileType("IQ3_S", 26, "IQ3_S"),
+        FileType("IQ3_M", 27, "IQ3_S"),
+        FileType("IQ1_S", 24, "IQ1_S"),
+        FileType("IQ1_M", 31, "IQ1_M"),
     )
 }
 FILE_TYPES["Q3_K"] = FILE_TYPES["Q3_K_M"]  # llama-quantize's aliases
@@ -77,8 +87,14 @@ SOURCE_TYPES = frozenset({"F32", "F16", "BF16"})
 QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION
 FALLBACK = {
     "Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0",
-    "IQ4_XS": "IQ4_NL",
+    "IQ4_XS": "IQ4_NL", "IQ1_S": "IQ4_NL", "IQ1_M": "IQ4_NL", "IQ2_XXS": "IQ4_NL",
+    "IQ2_XS": "IQ4_NL", "IQ2_S": "IQ4_NL", "IQ3_XXS": "IQ4_NL", "IQ3_S": "IQ4_NL",
 }  # fmt: skip
+# Tensor types whose quantization needs an importance matrix (llama.cpp refuses without one:
+# "the result will be garbage"), except in the output and token embedding.
+NEEDS_IMATRIX = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS"})
+# The mixes below 3 bits per weight, which share llama.cpp's rules for attn_v, ffn_down...
+LOW_BIT_MIXES = frozenset({"IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ1_S", "IQ1_M"})
 # Substrings of 2-D weights that llama.cpp never quantizes (small or special tensors).
 KEEP_TYPE = (
     "_norm.weight", "ffn_gate_inp.weight", "altup", "laurel", "per_layer_model_proj",
@@ -146,8 +162,11 @@ class MixState:
     has_imatrix: bool
     tied: bool
     n_attention_wv: int = 0
+    n_expert: int = 0
     i_attention_wv: int = 0
     i_ffn_down: int = 0
+    i_ffn_gate: int = 0
+    i_ffn_up: int = 0
 
 
 def mix_type(st: MixState, name: str, shape: tuple[int, ...]) -> str:
@@ -156,15 +175,30 @@ def mix_type(st: MixState, name: str, shape: tuple[int, ...]) -> str:
     t = st.ftype.base
     cat = category(name)
     if cat == "output" or (st.tied and cat == "token_embd"):
-        block = quant_type(t).block_elems
-        return "Q8_0" if shape[0] % block else ("Q6_K" if t != "Q8_0" else t)
+        if shape[0] % quant_type(t).block_elems:
+            return "Q8_0"
+        if f in LOW_BIT_MIXES or f == "IQ3_XXS":
+            return "Q5_K"
+        return "Q6_K" if t != "Q8_0" else t
+    if cat == "token_embd":
+        if f in ("IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ1_M"):
+            return "Q2_K"
+        return "IQ3_S" if f in ("IQ2_S", "IQ2_M", "IQ3_XXS") else t
+    if f in LOW_BIT_MIXES:
+        return _low_bit_mix_type(st, cat)
     if cat == "attn_v" or cat == "attn_qkv":
         if cat == "attn_qkv":
-            t = {"Q3_K_M": "Q4_K", "Q3_K_L": "Q4_K", "Q4_K_M": "Q5_K", "Q5_K_M": "Q6_K"}.get(f, t)
+            t = {"Q3_K_M": "Q4_K", "Q3_K_L": "Q4_K", "Q4_K_M": "Q5_K", "Q5_K_M": "Q6_K", "IQ3_M": "Q4_K"}.get(f, t)  # fmt: skip
             return t
         i, n = st.i_attention_wv, st.n_attention_wv
         if f == "Q2_K":
             t = "Q4_K" if st.gqa >= 4 else "Q3_K"
+        elif f == "IQ3_XXS":
+            t = "Q4_K" if st.gqa >= 4 else "IQ3_XXS" if st.has_imatrix else "IQ3_S"
+        elif f in ("IQ3_XS", "IQ3_S") and st.gqa >= 4:
+            t = "Q4_K"
+        elif f == "IQ3_M":
+            t = "Q4_K"
         elif f == "Q3_K_M":
             t = "Q5_K" if i < 2 else "Q4_K"
         elif f == "Q3_K_L":
@@ -177,12 +211,18 @@ def mix_type(st: MixState, name: str, shape: tuple[int, ...]) -> str:
             t = "Q5_K"
         st.i_attention_wv += 1
         return t
+    if cat in ("attn_k", "attn_q"):
+        return {"IQ3_XS": "IQ3_XXS", "IQ3_XXS": "IQ2_S"}.get(f, t)
     if cat == "ffn_down":
         i, n = st.i_ffn_down, st.n_layer
         if f == "Q2_K":
             t = "Q3_K"
+        elif f == "IQ3_XXS" and not st.has_imatrix:
+            t = "Q4_K" if i < n // 8 else "Q3_K"
         elif f == "Q3_K_M":
             t = "Q5_K" if i < n // 16 else "Q4_K"
+        elif f == "IQ3_M" and i < n // 8:
+            t = "Q4_K"
         elif f == "Q3_K_L":
             t = "Q5_K"
         elif f == "Q4_K_M":
@@ -199,7 +239,35 @@ def mix_type(st: MixState, name: str, shape: tuple[int, ...]) -> str:
         st.i_ffn_down += 1
         return t
     if cat == "attn_output":
-        return {"Q2_K": "Q3_K", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K"}.get(f, t)
+        return {"Q2_K": "Q3_K", "IQ3_XXS": "IQ3_S", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K", "IQ3_M": "Q4_K"}.get(f, t)  # fmt: skip
+    if cat in ("ffn_gate", "ffn_up"):
+        attr = "i_ffn_gate" if cat == "ffn_gate" else "i_ffn_up"
+        i, n = getattr(st, attr), st.n_layer
+        setattr(st, attr, i + 1)
+        if f == "IQ3_XS" and n // 8 <= i < 7 * n // 8:
+            return "IQ3_XXS"
+    return t
+
+
+def _low_bit_mix_type(st: MixState, cat: str) -> str:
+    """llama.cpp's choices for the IQ1/IQ2 mixes (output and token embedding already decided)."""
+    f, t = st.ftype.name, st.ftype.base
+    wide = "IQ3_S" if f in ("IQ2_S", "IQ2_M") else "Q2_K"
+    if cat in ("attn_v", "attn_qkv"):
+        st.i_attention_wv += 1
+        return "Q4_K" if st.gqa >= 4 or st.n_expert >= 4 else wide
+    if cat == "attn_k" and st.n_expert == 8:
+        return "Q4_K"
+    if cat == "ffn_down":
+        i = st.i_ffn_down
+        st.i_ffn_down += 1
+        return wide if i < st.n_layer // 8 else t
+    if cat == "attn_output":
+        if st.n_expert == 8:
+            return "Q5_K"
+        if f in ("IQ1_S", "IQ1_M"):
+            return "IQ2_XXS"
+        return "IQ3_S" if f in ("IQ2_S", "IQ2_M") else t
     return t
 
 
@@ -234,6 +302,7 @@ def plan_types(
         has_imatrix=has_imatrix,
         tied="output.weight" not in gf.tensors,
         n_attention_wv=sum(category(n) in ("attn_v", "attn_qkv") for n in names),
+        n_expert=int(md.get(f"{arch}.expert_count", 0) or 0),
     )
     out: dict[str, QuantType] = {}
     fallbacks: list[str] = []
@@ -351,7 +420,10 @@ def quantize_file(
             if plan.type == ti.type:
                 jobs.append((_copy_job, ti, plan, at, None))
                 continue
-            jobs.extend(_chunk_jobs(ti, plan, at, load_imatrix_for(imatrix, ti)))
+            im = load_imatrix_for(imatrix, ti)
+            if im is None and plan.type.name in NEEDS_IMATRIX:
+                _refuse_without_imatrix(ti.name, plan.type.name, ftype.name, bool(imatrix))
+            jobs.extend(_chunk_jobs(ti, plan, at, im))
         tmp = Path(f"{os.fspath(dst)}.part")
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
@@ -387,6 +459,20 @@ def quantize_file(
             types=counts,
             seconds=time.perf_counter() - start,
         )
+
+
+def _refuse_without_imatrix(name: str, type_name: str, ftype: str, have_any: bool) -> None:
+    if category(name) in ("output", "token_embd"):
+        return  # llama.cpp quantizes these without one
+    if have_any:
+        raise QpackError(
+            f"the importance matrix has no entry for {name}, which {ftype} makes {type_name}: "
+            "that type needs one (compute it on this model with `qpack imatrix`)"
+        )
+    raise QpackError(
+        f"{ftype} needs an importance matrix ({name} becomes {type_name}, which is garbage "
+        "without one): pass --imatrix FILE (make it with `qpack imatrix MODEL -f TEXT`)"
+    )
 
 
 _WRITE_LOCK = threading.Lock()

@@ -567,9 +567,23 @@ QK_TILE_INLINE void qk_panel_mul2(const void *p0, const void *p1, int fam, int s
     qk_panel_mul(p0, fam, sub, group, nb, rows, act, stride, nt, out, ldo)
 #endif
 
+/* QK_IF_SET(M, code): the code where the macro M is defined as 1, nothing otherwise (a probe:
+ * QK_PROBE_1 adds an argument). Needs a conforming preprocessor (MSVC: /std:c17 has it). */
+#define QK_PROBE_1 ~, 1
+#define QK_SECOND_(a, b, ...) b
+#define QK_SECOND(...) QK_SECOND_(__VA_ARGS__)
+#define QK_IS_SET_(v) QK_SECOND(QK_PROBE_##v, 0, ~)
+#define QK_IS_SET(m) QK_IS_SET_(m)
+#define QK_CAT_(a, b) a##b
+#define QK_CAT(a, b) QK_CAT_(a, b)
+#define QK_IF_0(...)
+#define QK_IF_1(...) __VA_ARGS__
+#define QK_IF_SET(m, ...) QK_CAT(QK_IF_, QK_IS_SET(m))(__VA_ARGS__)
 
-/* Panels of 8 rows, each unpacked once by the type's qk_pack_<name> and met by every token. */
-#define QK_GEMM_32(name, BYTES, sub, group, id)                                                          \
+/* Panels of 8 rows, each unpacked once by the type's qk_pack_<name> and met by every token.
+ * One token (decode) goes through the type's qk_decode_<name> where it has one (panel_unpack.h:
+ * the same numbers without the panel). */
+#define QK_GEMM_32(name, BYTES, sub, group, id)                                                       \
     static void qk_gemm_##name(int64_t n, const uint8_t *w, size_t row_bytes, int64_t nr, const uint8_t *act, \
                                size_t act_stride, int64_t nt, float *out, int64_t ldo, void *scratch) {      \
         qk_panel32 *p = (qk_panel32 *)scratch;                                                        \
@@ -595,6 +609,10 @@ QK_TILE_INLINE void qk_panel_mul2(const void *p0, const void *p1, int fam, int s
 #define QK_GEMM_256(name, BYTES, sub, group, id)                                                      \
     static void qk_gemm_##name(int64_t n, const uint8_t *w, size_t row_bytes, int64_t nr, const uint8_t *act, \
                                size_t act_stride, int64_t nt, float *out, int64_t ldo, void *scratch) {      \
+        QK_IF_SET(QK_HAS_DECODE_##name, if (nt == 1) {                                                \
+            qk_decode_##name(n, w, row_bytes, nr, act, out);                                          \
+            return;                                                                                   \
+        })                                                                                            \
         if (nt == 1 && qk_gemv(id, n, w, row_bytes, nr, act, out, scratch)) return; /* gemv.h */    \
         qk_panel256 *p = (qk_panel256 *)scratch;                                                      \
         const int64_t nb = n / 256;                                                                   \

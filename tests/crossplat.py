@@ -56,7 +56,7 @@ def setup_module():
 
 
 SYSTEM_HEADERS = {  # what cython/*.h include, per target family, included first
-    "all": ["stdint.h", "stddef.h", "stdlib.h", "string.h", "math.h", "stdatomic.h"],
+    "all": ["stdint.h", "stddef.h", "stdlib.h", "string.h", "math.h", "stdatomic.h", "float.h"],
     "x86": ["immintrin.h"],
     "arm": ["arm_neon.h"],
     "posix": ["pthread.h", "sched.h"],
@@ -85,6 +85,7 @@ def c_unit(families: tuple[str, ...] = ()) -> str:
     return (
         head
         + '#include "quants.h"\n#include "forward.h"\n#include "workers.h"\n'
+        + '#include "quantize/k_quantize.h"\n'  # the builder's quantize module
         + "\n".join(blocks)
         + "\n"
     )

@@ -69,3 +69,37 @@ def tiny_f16(
         tied=tied,
         seed=seed,
     )
+
+
+def tiny_imatrix(model: str | Path, dst: str | Path, seed: int = 0, count: int = 64) -> Path:
+    """A synthetic importance matrix for `model` in llama-imatrix's GGUF layout (per 2-D weight
+    but the output and token embedding: `<name>.in_sum2` [n_in, 1] and `<name>.counts` [1, 1]),
+    column weights spread over two decades so that they steer the quantizers."""
+    rng = np.random.default_rng(seed)
+    w = gguf.GGUFWriter(str(dst), "imatrix")
+    w.add_type("imatrix")
+    for t in gguf.GGUFReader(str(model)).tensors:
+        if len(t.shape) < 2 or t.name in ("output.weight", "token_embd.weight"):
+            continue
+        n_in = int(t.shape[0])
+        sums = (10 ** rng.uniform(-1, 1, n_in) * count).astype(np.float32)
+        w.add_tensor(f"{t.name}.in_sum2", sums.reshape(1, n_in))
+        w.add_tensor(f"{t.name}.counts", np.array([[count]], dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Path(dst)
+
+
+def read_imatrix_values(path: str | Path) -> dict[str, np.ndarray]:
+    """name -> in_sum2 / counts, the per-column weights llama-quantize derives from the file."""
+    r = gguf.GGUFReader(str(path))
+    tensors = {t.name: np.asarray(t.data, dtype=np.float32).reshape(-1) for t in r.tensors}
+    out = {}
+    for name, sums in tensors.items():
+        if name.endswith(".in_sum2"):
+            base = name[: -len(".in_sum2")]
+            count = float(tensors[base + ".counts"][0])
+            out[base] = sums / count if count > 0 else np.ones_like(sums)
+    return out

@@ -154,3 +154,27 @@ def test_parse_size():
     assert advise.parse_size("1.5g") == 3 << 29
     with pytest.raises(Exception, match="cannot read"):
         advise.parse_size("lots")
+
+
+def test_advise_with_an_imatrix_measures_the_iq_types(models, tmp_path, monkeypatch):
+    """--iq: an importance matrix computed on the text (cached), every candidate quantized with
+    it, the IQ types among them."""
+    base_path, _ = models
+    text = "one two three four five six seven eight nine ten. " * 300
+    imatrix = advise.imatrix_from_text(base_path, text, tmp_path, kernels=_kernels(), chunks=2)
+    assert advise.imatrix_from_text(base_path, text, tmp_path, _kernels(), chunks=2) == imatrix
+    seen = []
+    real = advise.quantize_file
+    monkeypatch.setattr(advise, "quantize_file", lambda *a, **k: seen.append((a[2], k["imatrix"] is not None)) or real(*a, **k))  # fmt: skip
+    kw = dict(types=("IQ2_XXS", "Q4_0"), ctx=256, eval_ctx=64, eval_windows=4, threads=1)
+    results = advise.advise(base_path, text, tmp_path, imatrix=imatrix, **kw)
+    assert [m.type for m in results] == ["F16", "IQ2_XXS", "Q4_0"]
+    assert seen == [("IQ2_XXS", True), ("Q4_0", True)]
+    assert results[2].kld < results[1].kld and results[1].file_bytes < results[2].file_bytes
+    assert "IQ2_XXS" in advise.IQ_CANDIDATES
+
+
+def _kernels():
+    from qpack.runtime import cpu
+
+    return cpu.current()

@@ -61,6 +61,14 @@ static inline void qk_pack_mxfp4(const uint8_t *const rp[8], size_t o, qk_panel3
     __m256i q[8];
     qk_nibble_quads_x86(rp, o + 1, q);
     for (int k = 0; k < 8; k++) qk_store_q(p->q[k][0], _mm256_shuffle_epi8(lut, q[k]));
+    /* the eight exponents at once, as qk_e8m0_to_fp32_half: (e - 1) << 23, or 0x00200000 << e
+     * for the subnormal e < 2 */
+    const __m256i e = _mm256_and_si256(qk_gather_u32(rp, o), _mm256_set1_epi32(0xff));
+    const __m256i normal = _mm256_slli_epi32(_mm256_sub_epi32(e, _mm256_set1_epi32(1)), 23);
+    const __m256i tiny = _mm256_sllv_epi32(_mm256_set1_epi32(0x00200000), e);
+    const __m256 d = _mm256_castsi256_ps(_mm256_blendv_epi8(normal, tiny, _mm256_cmpgt_epi32(_mm256_set1_epi32(2), e)));
+    _mm256_store_ps(p->d, d);
+    _mm256_store_ps(p->m, _mm256_mul_ps(_mm256_set1_ps(-12.0f), d));
 #elif QK_TILES_NEON
     const uint8x16_t lut = vld1q_u8(qk_mxfp4_u);
     qk_nibble_quads_neon(rp, o + 1, p->q);
@@ -72,7 +80,7 @@ static inline void qk_pack_mxfp4(const uint8_t *const rp[8], size_t o, qk_panel3
     qk_pack32_rows(rp, o, p, qk_row_mxfp4);
     return;
 #endif
-#if QK_TILES_X86 || QK_TILES_NEON
+#if QK_TILES_NEON
     for (int i = 0; i < 8; i++) {
         p->d[i] = qk_e8m0_to_fp32_half(rp[i][o]);
         p->m[i] = -12.0f * p->d[i];

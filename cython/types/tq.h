@@ -162,6 +162,130 @@ static inline void qk_pack_tq2_0(const uint8_t *const rp[8], size_t o, qk_panel2
     qk_tq_panel_scales_x86(rp, o + 64, p);
 }
 
+
+/* Decode (panel_unpack.h): sc = 1 everywhere, so the u . a of a block sum in int16 (8 maddubs
+ * pairs of 2 * 3 * 127 each) before one widening; the bsums coefficient is 1. */
+static inline int32_t qk_tq_sum16(const __m256i p[8]) {
+    __m256i s = p[0];
+    for (int k = 1; k < 8; k++) s = _mm256_add_epi16(s, p[k]);
+    return qk_hsum_epi32(_mm256_madd_epi16(s, _mm256_set1_epi16(1)));
+}
+
+static inline int32_t qk_bsums_total(const qk_act_q8_256 *a) {
+    const __m256i b = _mm256_loadu_si256((const __m256i *)a->bsums);
+    return qk_hsum_epi32(_mm256_madd_epi16(b, _mm256_set1_epi16(1)));
+}
+
+static inline __m256i qk_maddubs_at(__m256i u, const int8_t *a) {
+    return _mm256_maddubs_epi16(u, _mm256_loadu_si256((const __m256i *)a));
+}
+
+static inline float qk_fused_tq1_0(const uint8_t *blk, const qk_act_q8_256 *a, int32_t *tot, int32_t *mins) {
+    const qk_block_tq1_0 *x = (const qk_block_tq1_0 *)blk;
+    __m256i p[8];
+    __m256i v = _mm256_loadu_si256((const __m256i *)x->qs); /* elements 32 n + m */
+    for (int n = 0; n < 5; n++) {
+        p[n] = qk_maddubs_at(qk_trit_of(v), a->qs + 32 * n);
+        v = qk_times3_epi8(v);
+    }
+    /* elements 160 + 16 n + m: bytes 32..47 times 3^n, two n to a vector; the last one pairs
+     * n = 4 with the qh trits (elements 240 + 4 n + m: qh times 3^n in u32 n) */
+    const __m128i b0 = _mm_loadu_si128((const __m128i *)(x->qs + 32));
+    const __m128i b1 = _mm_add_epi8(_mm_add_epi8(b0, b0), b0), b2 = _mm_add_epi8(_mm_add_epi8(b1, b1), b1);
+    const __m128i b3 = _mm_add_epi8(_mm_add_epi8(b2, b2), b2), b4 = _mm_add_epi8(_mm_add_epi8(b3, b3), b3);
+    const __m128i h0 = _mm_cvtsi32_si128((int)qk_load_u32(x->qh)), h1 = _mm_add_epi8(_mm_add_epi8(h0, h0), h0);
+    const __m128i h2 = _mm_add_epi8(_mm_add_epi8(h1, h1), h1), h3 = _mm_add_epi8(_mm_add_epi8(h2, h2), h2);
+    const __m128i h = _mm_unpacklo_epi64(_mm_unpacklo_epi32(h0, h1), _mm_unpacklo_epi32(h2, h3));
+    p[5] = qk_maddubs_at(qk_trit_of(_mm256_set_m128i(b1, b0)), a->qs + 160);
+    p[6] = qk_maddubs_at(qk_trit_of(_mm256_set_m128i(b3, b2)), a->qs + 192);
+    p[7] = qk_maddubs_at(qk_trit_of(_mm256_set_m128i(h, b4)), a->qs + 224);
+    *tot = qk_tq_sum16(p);
+    *mins = qk_bsums_total(a);
+    return qk_fp16_to_fp32(qk_load_u16(x->d));
+}
+
+static inline float qk_fused_tq2_0(const uint8_t *blk, const qk_act_q8_256 *a, int32_t *tot, int32_t *mins) {
+    const qk_block_tq2_0 *x = (const qk_block_tq2_0 *)blk;
+    const __m256i m3 = _mm256_set1_epi8(3);
+    __m256i p[8];
+    for (int j = 0; j < 2; j++) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(x->qs + 32 * j));
+        for (int l = 0; l < 4; l++)
+            p[4 * j + l] = qk_maddubs_at(_mm256_and_si256(_mm256_srli_epi16(v, 2 * l), m3), a->qs + 128 * j + 32 * l);
+    }
+    *tot = qk_tq_sum16(p);
+    *mins = qk_bsums_total(a);
+    return qk_fp16_to_fp32(qk_load_u16(x->d));
+}
+
+QK_DECODE256(tq1_0, qk_fused_tq1_0, 54)
+QK_DECODE256(tq2_0, qk_fused_tq2_0, 66)
+#define QK_HAS_DECODE_tq1_0 1
+#define QK_HAS_DECODE_tq2_0 1
+#elif QK_TILES_NEON
+/* The NEON forms of the x86 code above: the same byte-wise work on transposed groups, the low
+ * half of each panel quad (rows 0-3) in one register, the high half (rows 4-7) in another. */
+static inline uint8x16_t qk_trit_of_neon(uint8x16_t t) {
+    return vsubq_u8(vsubq_u8(vdupq_n_u8(0), vcgeq_u8(t, vdupq_n_u8(86))), vcgeq_u8(t, vdupq_n_u8(171)));
+}
+
+static inline uint8x16_t qk_times3_u8(uint8x16_t t) { return vaddq_u8(vaddq_u8(t, t), t); }
+
+static inline void qk_tq_panel_scales_rows(const uint8_t *const rp[8], size_t d_off, qk_panel256 *p) {
+    for (int s = 0; s < 8; s++) {
+        vst1q_s32(p->sc[s], vdupq_n_s32(1));
+        vst1q_s32(p->sc[s] + 4, vdupq_n_s32(1));
+        vst1q_s32(p->mn[s], vdupq_n_s32(qk_pair16(1, 1)));
+        vst1q_s32(p->mn[s] + 4, vdupq_n_s32(qk_pair16(1, 1)));
+    }
+    for (int i = 0; i < 8; i++) {
+        p->d[i] = qk_fp16_to_fp32(qk_load_u16(rp[i] + d_off));
+        p->nd[i] = -p->d[i];
+    }
+}
+
+static inline void qk_pack_tq1_0(const uint8_t *const rp[8], size_t o, qk_panel256 *p) {
+    uint8x16_t x[8], y[8];
+    qk_groups8_neon(rp, o, x, y); /* bytes 4k..4k+3: elements 32 n + 4k.. for trit n */
+    for (int n = 0; n < 5; n++)
+        for (int k = 0; k < 8; k++) {
+            qk_store_q_neon(p->q[8 * n + k], qk_trit_of_neon(x[k]), qk_trit_of_neon(y[k]));
+            x[k] = qk_times3_u8(x[k]);
+            y[k] = qk_times3_u8(y[k]);
+        }
+    qk_groups4_neon(rp, o + 32, x, y); /* bytes 32 + 4k..: elements 160 + 16 n + 4k.. */
+    for (int n = 0; n < 5; n++)
+        for (int k = 0; k < 4; k++) {
+            qk_store_q_neon(p->q[40 + 4 * n + k], qk_trit_of_neon(x[k]), qk_trit_of_neon(y[k]));
+            x[k] = qk_times3_u8(x[k]);
+            y[k] = qk_times3_u8(y[k]);
+        }
+    uint32_t qh[8]; /* qh: elements 240 + 4 n + m */
+    for (int i = 0; i < 8; i++) qh[i] = qk_load_u32(rp[i] + o + 48);
+    uint8x16_t lo = vreinterpretq_u8_u32(vld1q_u32(qh)), hi = vreinterpretq_u8_u32(vld1q_u32(qh + 4));
+    for (int n = 0; n < 4; n++) {
+        qk_store_q_neon(p->q[60 + n], qk_trit_of_neon(lo), qk_trit_of_neon(hi));
+        lo = qk_times3_u8(lo);
+        hi = qk_times3_u8(hi);
+    }
+    qk_tq_panel_scales_rows(rp, o + 52, p);
+}
+
+static inline void qk_pack_tq2_0(const uint8_t *const rp[8], size_t o, qk_panel256 *p) {
+    const uint8x16_t m3 = vdupq_n_u8(3);
+    for (int half = 0; half < 2; half++) {
+        uint8x16_t x[8], y[8];
+        qk_groups8_neon(rp, o + 32 * half, x, y);
+        for (int l = 0; l < 4; l++)
+            for (int k = 0; k < 8; k++)
+                qk_store_q_neon(p->q[32 * half + 8 * l + k], vandq_u8(qk_shr_u8(x[k], 2 * l), m3),
+                                vandq_u8(qk_shr_u8(y[k], 2 * l), m3));
+    }
+    qk_tq_panel_scales_rows(rp, o + 64, p);
+}
+#endif
+
+#if QK_TILES_X86 || QK_TILES_NEON
 QK_UNPACKED_DOT256(tq1_0, qk_unpack_tq1_0, 54, 32)
 QK_UNPACKED_DOT256(tq2_0, qk_unpack_tq2_0, 66, 32)
 #else

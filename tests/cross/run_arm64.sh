@@ -12,7 +12,7 @@ set -euo pipefail
 ROOTFS=${ROOTFS:-/opt/arm64root}
 TREE=${TREE:-/tmp/arm64tree}
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
-TESTS=(tests/test_quants.py tests/test_quants_k.py tests/test_quants_tiles.py
+TESTS=(tests/test_quants.py tests/test_quants_k.py tests/test_quants_tiles.py tests/test_quants_iq.py
     tests/test_forward.py tests/test_model.py)
 
 python "$REPO/tests/cross/build_arm64.py" --rootfs "$ROOTFS" --out "$TREE"
