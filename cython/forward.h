@@ -291,14 +291,14 @@ static int qk_matmul(qk_ctx *c, qk_model *m, const qk_matrix *const *ws, float *
     int64_t rows = 0;
     for (int k = 0; k < (glu ? 1 : nw); k++) rows += ws[k]->rows;
     const int64_t tb = QK_MM_TOKENS, n_tb = (n + tb - 1) / tb;
-    /* ~8 chunks per thread, row blocks a multiple of the 8-row panel and of at most ~1 MiB of
+    /* ~8 chunks per thread, row blocks a multiple of 16 rows (two panels) and of at most ~1 MiB of
      * weights: a chunk start is a cold stream from DRAM, so not thousands of them (a 262144-row
      * head), yet enough for a late thread to share the work (1 to 16 MiB measured the same) */
     int64_t rb = rows * n_tb / (8 * (int64_t)m->n_threads);
     const int64_t rb_max = (int64_t)((1u << 20) / ws[0]->row_bytes);
     rb = rb > rb_max ? rb_max : rb;
     rb = rb < 16 ? 16 : rb;
-    rb = (rb + 7) / 8 * 8;
+    rb = (rb + 15) / 16 * 16; /* whole pairs of panels (tiles.h) */
     int64_t n_rb[3], total = 0;
     for (int k = 0; k < (glu ? 1 : nw); k++) {
         n_rb[k] = (ws[k]->rows + rb - 1) / rb;
