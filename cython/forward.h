@@ -64,6 +64,7 @@ enum { QK_MAX_ROPE_BASES = 4 };    /* distinct rope bases with precomputed table
  * (flash-decoding) and still give the same bits as one thread walking them. */
 #define QK_ATT_SPAN 256
 #define QK_SPLIT_TOKENS 4          /* tokens whose spans the split buffer holds (decode-sized) */
+#define QK_SPLIT_MAX_FLOATS (8 << 20) /* ... at most (32 MiB): past it, long passes do not split */
 
 /* KV cache element types, numbered as ggml's */
 enum { QK_CACHE_F16 = 1, QK_CACHE_Q8_0 = 8 };
@@ -380,7 +381,8 @@ static size_t qk_att_scratch_floats(const qk_model *m) {
 static size_t qk_att_parts_floats(const qk_model *m) {
     const int64_t spans = ((int64_t)m->n_ctx + QK_ATT_SPAN - 1) / QK_ATT_SPAN;
     const int64_t tokens = m->n_batch < QK_SPLIT_TOKENS ? m->n_batch : QK_SPLIT_TOKENS;
-    return (size_t)(tokens * m->n_head * spans * qk_att_state_floats(m));
+    const int64_t floats = tokens * m->n_head * spans * qk_att_state_floats(m);
+    return (size_t)(floats < QK_SPLIT_MAX_FLOATS ? floats : QK_SPLIT_MAX_FLOATS);
 }
 
 /* Whether this pass splits its blocks' spans across chunks: when the (block, kv head) chunks
