@@ -64,6 +64,7 @@ enum { QK_MAX_ROPE_BASES = 4 };    /* distinct rope bases with precomputed table
  * (flash-decoding) and still give the same bits as one thread walking them. */
 #define QK_ATT_SPAN 256
 #define QK_SPLIT_TOKENS 4          /* tokens whose spans the split buffer holds (decode-sized) */
+#define QK_SPLIT_MAX_FLOATS (8 << 20) /* ... at most (32 MiB): past it, long passes do not split */
 
 /* KV cache element types, numbered as ggml's */
 enum { QK_CACHE_F16 = 1, QK_CACHE_Q8_0 = 8 };
@@ -290,14 +291,14 @@ static int qk_matmul(qk_ctx *c, qk_model *m, const qk_matrix *const *ws, float *
     int64_t rows = 0;
     for (int k = 0; k < (glu ? 1 : nw); k++) rows += ws[k]->rows;
     const int64_t tb = QK_MM_TOKENS, n_tb = (n + tb - 1) / tb;
-    /* ~8 chunks per thread, row blocks a multiple of the 8-row panel and of at most ~1 MiB of
+    /* ~8 chunks per thread, row blocks a multiple of 16 rows (two panels) and of at most ~1 MiB of
      * weights: a chunk start is a cold stream from DRAM, so not thousands of them (a 262144-row
      * head), yet enough for a late thread to share the work (1 to 16 MiB measured the same) */
     int64_t rb = rows * n_tb / (8 * (int64_t)m->n_threads);
     const int64_t rb_max = (int64_t)((1u << 20) / ws[0]->row_bytes);
     rb = rb > rb_max ? rb_max : rb;
     rb = rb < 16 ? 16 : rb;
-    rb = (rb + 7) / 8 * 8;
+    rb = (rb + 15) / 16 * 16; /* whole pairs of panels (tiles.h) */
     int64_t n_rb[3], total = 0;
     for (int k = 0; k < (glu ? 1 : nw); k++) {
         n_rb[k] = (ws[k]->rows + rb - 1) / rb;
@@ -380,7 +381,8 @@ static size_t qk_att_scratch_floats(const qk_model *m) {
 static size_t qk_att_parts_floats(const qk_model *m) {
     const int64_t spans = ((int64_t)m->n_ctx + QK_ATT_SPAN - 1) / QK_ATT_SPAN;
     const int64_t tokens = m->n_batch < QK_SPLIT_TOKENS ? m->n_batch : QK_SPLIT_TOKENS;
-    return (size_t)(tokens * m->n_head * spans * qk_att_state_floats(m));
+    const int64_t floats = tokens * m->n_head * spans * qk_att_state_floats(m);
+    return (size_t)(floats < QK_SPLIT_MAX_FLOATS ? floats : QK_SPLIT_MAX_FLOATS);
 }
 
 /* Whether this pass splits its blocks' spans across chunks: when the (block, kv head) chunks

@@ -208,7 +208,8 @@ QK_TILE_INLINE void qk_tile256_x86(const qk_panel256 *p, int64_t nb, int sub, co
 /* r[t] += quads j < nq (even) of panel q0 times token t's groups, r[4 + t] the same for q1.
  * Named sums, not an array indexed in the loop: the compiler then keeps them in registers;
  * even and odd quads in separate sums: 16 chains in flight, where 8 leave vpdpbusd's
- * latency (~5 cycles at 2 per cycle) exposed. Integer sums: their order changes nothing. */
+ * latency (~5 cycles at 2 per cycle) exposed (short sub-blocks excepted). Integer sums:
+ * their order changes nothing. */
 #define QK_DP2(e, j)                                                                               \
     do {                                                                                              \
         const __m256i w0 = _mm256_load_si256((const __m256i *)q0[j]);                                 \
@@ -230,9 +231,13 @@ QK_TILE_INLINE void qk_quads_2x4(const uint8_t (*q0)[QK_PANEL_ROWS][4], const ui
                                  const int8_t *const x[4], int nq, __m256i r[8]) {
     __m256i s0 = r[0], s1 = r[1], s2 = r[2], s3 = r[3], s4 = r[4], s5 = r[5], s6 = r[6], s7 = r[7];
     __m256i u0 = _mm256_setzero_si256(), u1 = u0, u2 = u0, u3 = u0, u4 = u0, u5 = u0, u6 = u0, u7 = u0;
-    for (int j = 0; j < nq; j += 2) {
-        QK_DP2(s, j);
-        QK_DP2(u, j + 1);
+    if (nq < 8) { /* Q6_K's 16-element sub-blocks: 4 quads, the split would cost more adds */
+        for (int j = 0; j < nq; j++) QK_DP2(s, j);
+    } else {
+        for (int j = 0; j < nq; j += 2) {
+            QK_DP2(s, j);
+            QK_DP2(u, j + 1);
+        }
     }
     r[0] = _mm256_add_epi32(s0, u0), r[1] = _mm256_add_epi32(s1, u1);
     r[2] = _mm256_add_epi32(s2, u2), r[3] = _mm256_add_epi32(s3, u3);

@@ -285,7 +285,8 @@ class ModelFacts:
         )
         # the states of attention split across threads (forward.h's qk_att_parts_floats)
         spans = -(-n_ctx // 256)
-        parts = min(n_batch, 4) * hp.n_head * spans * (hp.head_dim_v + 2) + 4 * (n_batch + 1)
+        parts = min(min(n_batch, 4) * hp.n_head * spans * (hp.head_dim_v + 2), 8 << 20)
+        parts += 4 * (n_batch + 1)  # two int64 per block
         rope = 4 * n_batch * max(hp.n_rot, 1)
         # mixture of experts (qk_moe_init): router outputs, routes, gate/up/down rows per route,
         # and grouped quantized inputs (at most f32-sized, in at most 3 formats)
