@@ -22,7 +22,6 @@
 #include "panel.h"
 
 #if QK_TILES_X86 == 2 && defined(__AVX512BW__)
-#define QK_GEMV 1
 
 /* Eight vectors of 16 int32 -> one of 8: lane i = the sum of v[i]'s lanes. */
 static inline __m256i qk_lane_sums8(const __m512i v[8]) {
@@ -197,27 +196,16 @@ QK_TILE_INLINE void qk_gemv256(int64_t n, const uint8_t *w, size_t row_bytes, in
     }
 }
 
-/* The one-token product of the 256-element type with GGML id `id`, if it has one here:
- * returns 0 (nothing done) for the others. */
-static inline int qk_gemv(int id, int64_t n, const uint8_t *w, size_t row_bytes, int64_t nr, const uint8_t *act,
-                          float *out, void *scratch) {
-    switch (id) {
-    case 12: /* Q4_K: f16 d at 0, dmin at 2 */
-        qk_gemv256(n, w, row_bytes, nr, act, out, scratch, 144, 0, 2, qk_gemv_act_q4_k, qk_gemv_block_q4_k);
-        return 1;
-    case 14: /* Q6_K: f16 d at 208, nd = -d */
-        qk_gemv256(n, w, row_bytes, nr, act, out, scratch, 210, 208, -1, qk_gemv_act_q6_k, qk_gemv_block_q6_k);
-        return 1;
-    default:
-        return 0;
-    }
+/* The decode entries tiles.h's gemm calls for one token (the same hook as panel_unpack.h's). */
+#define QK_HAS_DECODE_q4_k 1
+static void qk_decode_q4_k(int64_t n, const uint8_t *w, size_t row_bytes, int64_t nr, const uint8_t *act,
+                           float *out, void *scratch) { /* f16 d at 0, dmin at 2 */
+    qk_gemv256(n, w, row_bytes, nr, act, out, scratch, 144, 0, 2, qk_gemv_act_q4_k, qk_gemv_block_q4_k);
 }
-#else
-#define QK_GEMV 0
-static inline int qk_gemv(int id, int64_t n, const uint8_t *w, size_t row_bytes, int64_t nr, const uint8_t *act,
-                          float *out, void *scratch) {
-    (void)id, (void)n, (void)w, (void)row_bytes, (void)nr, (void)act, (void)out, (void)scratch;
-    return 0;
+#define QK_HAS_DECODE_q6_k 1
+static void qk_decode_q6_k(int64_t n, const uint8_t *w, size_t row_bytes, int64_t nr, const uint8_t *act,
+                           float *out, void *scratch) { /* f16 d at 208, nd = -d */
+    qk_gemv256(n, w, row_bytes, nr, act, out, scratch, 210, 208, -1, qk_gemv_act_q6_k, qk_gemv_block_q6_k);
 }
 #endif
 

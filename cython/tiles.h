@@ -586,9 +586,9 @@ QK_TILE_INLINE void qk_panel_mul2(const void *p0, const void *p1, int fam, int s
 #define QK_IF_SET(m, ...) QK_CAT(QK_IF_, QK_IS_SET(m))(__VA_ARGS__)
 
 /* Panels of 8 rows, each unpacked once by the type's qk_pack_<name> and met by every token.
- * One token (decode) goes through the type's qk_decode_<name> where it has one (panel_unpack.h:
- * the same numbers without the panel). */
-#define QK_GEMM_32(name, BYTES, sub, group, id)                                                       \
+ * One token (decode) goes through the type's qk_decode_<name> where it has one (panel_unpack.h,
+ * gemv.h: the same numbers without the panel; scratch as the gemm's). */
+#define QK_GEMM_32(name, BYTES, sub, group)                                                           \
     static void qk_gemm_##name(int64_t n, const uint8_t *w, size_t row_bytes, int64_t nr, const uint8_t *act, \
                                size_t act_stride, int64_t nt, float *out, int64_t ldo, void *scratch) {      \
         qk_panel32 *p = (qk_panel32 *)scratch;                                                        \
@@ -611,14 +611,13 @@ QK_TILE_INLINE void qk_panel_mul2(const void *p0, const void *p1, int fam, int s
         }                                                                                             \
     }
 
-#define QK_GEMM_256(name, BYTES, sub, group, id)                                                      \
+#define QK_GEMM_256(name, BYTES, sub, group)                                                          \
     static void qk_gemm_##name(int64_t n, const uint8_t *w, size_t row_bytes, int64_t nr, const uint8_t *act, \
                                size_t act_stride, int64_t nt, float *out, int64_t ldo, void *scratch) {      \
         QK_IF_SET(QK_HAS_DECODE_##name, if (nt == 1) {                                                \
-            qk_decode_##name(n, w, row_bytes, nr, act, out);                                          \
+            qk_decode_##name(n, w, row_bytes, nr, act, out, scratch);                                 \
             return;                                                                                   \
         })                                                                                            \
-        if (nt == 1 && qk_gemv(id, n, w, row_bytes, nr, act, out, scratch)) return; /* gemv.h */    \
         qk_panel256 *p = (qk_panel256 *)scratch;                                                      \
         const int64_t nb = n / 256;                                                                   \
         const int pairs = QK_PANEL_PAIRS && nt >= 4; /* prefill: 16 rows at a time */                 \
@@ -640,9 +639,9 @@ QK_TILE_INLINE void qk_panel_mul2(const void *p0, const void *p1, int fam, int s
         }                                                                                             \
     }
 
-#define QK_GEMM_0(name, BYTES, sub, group, id) /* float weights: no panel, their dot runs */
+#define QK_GEMM_0(name, BYTES, sub, group) /* float weights: no panel, their dot runs */
 
-#define QK_TYPE(NAME, name, id, elems, bytes, act, panel, sub, group) QK_GEMM_##panel(name, bytes, sub, group, id)
+#define QK_TYPE(NAME, name, id, elems, bytes, act, panel, sub, group) QK_GEMM_##panel(name, bytes, sub, group)
 #include "quant_types.def"
 #undef QK_TYPE
 

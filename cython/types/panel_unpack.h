@@ -233,7 +233,8 @@ QK_TILE_INLINE void qk_decode256(qk_fused256_fn fused, int bytes, int64_t n, con
 #endif
 #define QK_DECODE256(name, fused, BYTES)                                                              \
     QK_NOINLINE static void qk_decode_##name(int64_t n, const uint8_t *w, size_t row_bytes, int64_t nr, const uint8_t *act, \
-                                 float *out) {                                                        \
+                                 float *out, void *scratch) {                                         \
+        (void)scratch;                                                                                \
         qk_decode256(fused, BYTES, n, w, row_bytes, nr, (const qk_act_q8_256 *)act, out);           \
     }
 #endif
