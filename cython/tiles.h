@@ -588,38 +588,15 @@ QK_TILE_INLINE void qk_panel_mul2(const void *p0, const void *p1, int fam, int s
 /* Panels of 8 rows, each unpacked once by the type's qk_pack_<name> and met by every token.
  * One token (decode) goes through the type's qk_decode_<name> where it has one (panel_unpack.h,
  * gemv.h: the same numbers without the panel; scratch as the gemm's). */
-#define QK_GEMM_32(name, BYTES, sub, group)                                                           \
-    static void qk_gemm_##name(int64_t n, const uint8_t *w, size_t row_bytes, int64_t nr, const uint8_t *act, \
-                               size_t act_stride, int64_t nt, float *out, int64_t ldo, void *scratch) {      \
-        qk_panel32 *p = (qk_panel32 *)scratch;                                                        \
-        const int64_t nb = n / 32;                                                                    \
-        const int pairs = QK_PANEL_PAIRS && nt >= 4; /* prefill: 16 rows at a time */                 \
-        for (int64_t r = 0; r < nr;) {                                                                \
-            int done = 0;                                                                             \
-            for (int h = 0; h <= pairs && r + done < nr; h++) {                                       \
-                const int rows = nr - r - done < QK_PANEL_ROWS ? (int)(nr - r - done) : QK_PANEL_ROWS; \
-                const uint8_t *rp[8];                                                                 \
-                qk_panel_rows(w + (size_t)(r + done) * row_bytes, row_bytes, rows, rp);              \
-                for (int64_t b = 0; b < nb; b++) {                                                    \
-                    qk_prefetch_next_panel(rp, row_bytes, (size_t)b * (BYTES));                       \
-                    qk_pack_##name(rp, (size_t)b * (BYTES), &p[h * (nb + 1) + b]);                     \
-                }                                                                                     \
-                done += rows;                                                                         \
-            }                                                                                         \
-            QK_PANEL_MUL(p, p + nb + 1, 32, sub, group, nb, done, act, act_stride, nt, out + r, ldo); \
-            r += done;                                                                                \
-        }                                                                                             \
-    }
-
-#define QK_GEMM_256(name, BYTES, sub, group)                                                          \
+#define QK_GEMM_PANELS(name, BYTES, fam, sub, group)                                                  \
     static void qk_gemm_##name(int64_t n, const uint8_t *w, size_t row_bytes, int64_t nr, const uint8_t *act, \
                                size_t act_stride, int64_t nt, float *out, int64_t ldo, void *scratch) {      \
         QK_IF_SET(QK_HAS_DECODE_##name, if (nt == 1) {                                                \
             qk_decode_##name(n, w, row_bytes, nr, act, out, scratch);                                 \
             return;                                                                                   \
         })                                                                                            \
-        qk_panel256 *p = (qk_panel256 *)scratch;                                                      \
-        const int64_t nb = n / 256;                                                                   \
+        qk_panel##fam *p = (qk_panel##fam *)scratch;                                                  \
+        const int64_t nb = n / (fam);                                                                 \
         const int pairs = QK_PANEL_PAIRS && nt >= 4; /* prefill: 16 rows at a time */                 \
         for (int64_t r = 0; r < nr;) {                                                                \
             int done = 0;                                                                             \
@@ -634,10 +611,12 @@ QK_TILE_INLINE void qk_panel_mul2(const void *p0, const void *p1, int fam, int s
                 }                                                                                     \
                 done += rows;                                                                         \
             }                                                                                         \
-            QK_PANEL_MUL(p, p + nb + 1, 256, sub, group, nb, done, act, act_stride, nt, out + r, ldo); \
+            QK_PANEL_MUL(p, p + nb + 1, fam, sub, group, nb, done, act, act_stride, nt, out + r, ldo); \
             r += done;                                                                                \
         }                                                                                             \
     }
+#define QK_GEMM_32(name, BYTES, sub, group) QK_GEMM_PANELS(name, BYTES, 32, sub, group)
+#define QK_GEMM_256(name, BYTES, sub, group) QK_GEMM_PANELS(name, BYTES, 256, sub, group)
 
 #define QK_GEMM_0(name, BYTES, sub, group) /* float weights: no panel, their dot runs */
 
