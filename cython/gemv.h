@@ -4,7 +4,12 @@
  * cost there: at one token it ran Q4_K at ~19 GB/s per core in L2, below what a core can
  * stream from DRAM. Here each row is read straight, block after block (one sequential stream
  * per thread), its quants unpacked in natural order into 512-bit registers and met by the
- * token with vpdpbusd.
+ * token with vpdpbusd. The four vpdpbusd results of a block are packed to int16 and meet the
+ * sub-block scales, expanded to int16 lanes, in one vpmaddwd + vpdpwssd (no per-sub-block
+ * sums, no vpmulld); the min term is one vpmaddwd of 16-bit coefficients and bsums.
+ * (Tried and left out: sixteen rows or sixteen (row, block) items per pass sharing the token's
+ * registers and one transpose-add tree ran Q4_K at 26-30 GB/s from L3 but streamed worse from
+ * DRAM than one row at a time, and decode got slower.)
  *
  * The arithmetic is the tile path's, bit for bit, so a token's logits still do not depend on
  * the batch it is in (tests/test_quants_tiles.py compares 1 token against many): per (row,
@@ -37,16 +42,8 @@ static inline __m256i qk_lane_sums8(const __m512i v[8]) {
     return _mm512_castsi512_si256(w);
 }
 
-/* Four dpbusd results R_k -> lane 4j + k = the sum of R_k's 128-bit lane j. */
-static inline __m512i qk_quad_sums(__m512i r0, __m512i r1, __m512i r2, __m512i r3) {
-    const __m512i x = _mm512_add_epi32(_mm512_unpacklo_epi32(r0, r1), _mm512_unpackhi_epi32(r0, r1));
-    const __m512i y = _mm512_add_epi32(_mm512_unpacklo_epi32(r2, r3), _mm512_unpackhi_epi32(r2, r3));
-    return _mm512_add_epi32(_mm512_unpacklo_epi64(x, y), _mm512_unpackhi_epi64(x, y));
-}
-
 /* What a row's block needs of the token, prepared once per call: the activation quants in the
- * order the row's registers hold the weights, and the bsums side of the min term, as int32 in
- * the lane order of the type's tot/mins vectors. */
+ * order the row's registers hold the weights, and the bsums side of the min term as int16. */
 typedef struct {
     __m512i a[4];
     __m512i bs;
@@ -58,17 +55,27 @@ typedef void (*qk_gemv_block_fn)(const uint8_t *x, const qk_gemv_act *a, __m512i
 /* ---------------------------------------------------------------- Q4_K */
 
 /* Registers: R0 = low nibbles of qs[0..63] = sub-blocks 0 and 2 (lanes 0-7, 8-15), R1 = high
- * nibbles = 1 and 3, R2 = low of qs[64..127] = 4 and 6, R3 = 5 and 7. After qk_quad_sums lane
- * 4j + k holds R_k's 128-bit lane j: sub-block (k, j < 2 ? first : second). */
+ * nibbles = 1 and 3, R2 = low of qs[64..127] = 4 and 6, R3 = 5 and 7; the token's quants in the
+ * same order. */
 static inline void qk_gemv_act_q4_k(const qk_act_q8_256 *x, qk_gemv_act *g) {
     static const int sub[4][2] = {{0, 2}, {1, 3}, {4, 6}, {5, 7}};
     for (int k = 0; k < 4; k++)
         g->a[k] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(x->qs + 32 * sub[k][0]))),
                                      _mm256_loadu_si256((const __m256i *)(x->qs + 32 * sub[k][1])), 1);
-    /* mins = sum_s mn_s (bsums[2s] + bsums[2s+1]), lanes s < 8 */
-    const __m512i b = _mm512_cvtepi16_epi32(_mm256_loadu_si256((const __m256i *)x->bsums));
-    const __m512i pairs = _mm512_add_epi32(b, _mm512_srli_epi64(b, 32)); /* even lanes: 2s + 2s+1 */
-    g->bs = _mm512_maskz_compress_epi32(0x5555, pairs);
+    /* mins = sum_s mn_s (bsums[2s] + bsums[2s+1]): the pairs as int16 (|sum| <= 32 * 127) */
+    const __m256i b32 = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)x->bsums), _mm256_set1_epi16(1));
+    g->bs = _mm512_castsi128_si512(_mm256_cvtepi32_epi16(b32));
+}
+
+/* vpshufb controls: int16 lane w of 128-bit lane j takes byte ctl(j, w), high byte zero. */
+#define QK_W16(b) (char)0x80, (b) /* set_epi8 lists bytes high to low */
+#define QK_W16X4(b) QK_W16(b), QK_W16(b), QK_W16(b), QK_W16(b)
+
+/* The four vpdpbusd results (|lane| <= 4 * 63 * 127 < 2^15) packed to int16 meet the scales as
+ * int16 in one vpmaddwd + vpdpwssd: pack(R0, R1) holds per 128-bit lane j four int16 of R0's
+ * lane j then four of R1's, so sc01 (sc23) gives each its sub-block's scale. */
+static inline __m512i qk_gemv_scaled(__m512i r0, __m512i r1, __m512i r2, __m512i r3, __m512i sc01, __m512i sc23) {
+    return _mm512_dpwssd_epi32(_mm512_madd_epi16(_mm512_packs_epi32(r0, r1), sc01), _mm512_packs_epi32(r2, r3), sc23);
 }
 
 static inline void qk_gemv_block_q4_k(const uint8_t *x, const qk_gemv_act *a, __m512i *tot, __m512i *mins) {
@@ -84,27 +91,26 @@ static inline void qk_gemv_block_q4_k(const uint8_t *x, const qk_gemv_act *a, __
     const __m128i head = _mm_loadu_si128((const __m128i *)x);
     const __m128i low = _mm_and_si128(_mm_srlv_epi32(_mm_shuffle_epi32(head, _MM_SHUFFLE(3, 2, 3, 1)), _mm_setr_epi32(0, 0, 0, 4)),
                                       _mm_setr_epi32(0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f));
-    const __m128i top = _mm_and_si128(_mm_srli_epi32(_mm_shuffle_epi32(head, _MM_SHUFFLE(2, 2, 1, 1)), 2),
-                                      _mm_setr_epi32(0, 0x30303030, 0, 0x30303030));
-    const __m128i scmn = _mm_or_si128(low, top);
-    const __m128i order = _mm_setr_epi8(0, 1, 4, 5, 0, 1, 4, 5, 2, 3, 6, 7, 2, 3, 6, 7);
-    const __m512i scv = _mm512_cvtepu8_epi32(_mm_shuffle_epi8(scmn, order));
-    *tot = _mm512_mullo_epi32(qk_quad_sums(r0, r1, r2, r3), scv);
-    *mins = _mm512_mullo_epi32(_mm512_cvtepu8_epi32(_mm_srli_si128(scmn, 8)), a->bs);
+    const __m128i scmn = _mm_ternarylogic_epi32(_mm_srli_epi32(_mm_shuffle_epi32(head, _MM_SHUFFLE(2, 2, 1, 1)), 2),
+                                                _mm_setr_epi32(0, 0x30303030, 0, 0x30303030), low, 0xEA); /* a & b | c */
+    /* R0 = sub-blocks 0 (lanes 0-1) and 2 (2-3), R1 = 1 and 3, R2 = 4 and 6, R3 = 5 and 7 */
+    const __m512i sc01 = _mm512_set_epi8(QK_W16X4(3), QK_W16X4(2), QK_W16X4(3), QK_W16X4(2),
+                                         QK_W16X4(1), QK_W16X4(0), QK_W16X4(1), QK_W16X4(0));
+    const __m512i s = _mm512_broadcast_i32x4(scmn);
+    *tot = qk_gemv_scaled(r0, r1, r2, r3, _mm512_shuffle_epi8(s, sc01),
+                          _mm512_shuffle_epi8(s, _mm512_add_epi8(sc01, _mm512_set1_epi16(4))));
+    const __m128i mn = _mm_shuffle_epi8(scmn, _mm_setr_epi8(8, -1, 9, -1, 10, -1, 11, -1, 12, -1, 13, -1, 14, -1, 15, -1));
+    *mins = _mm512_zextsi128_si512(_mm_madd_epi16(mn, _mm512_castsi512_si128(a->bs)));
 }
 
 /* ---------------------------------------------------------------- Q6_K */
 
-/* Registers in natural order: R_k = elements 64k..64k+63 = sub-blocks 4k..4k+3 (16 elements,
- * one 128-bit lane each), so lane 4j + k of the quad sums is sub-block 4k + j. */
-static const int8_t qk_q6_k_lane_order[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};
-
+/* Registers in natural order: R_k = elements 64k..64k+63, 128-bit lane j = sub-block 4k + j:
+ * pack(R0, R1) holds per lane j sub-blocks j and 4 + j, pack(R2, R3) 8 + j and 12 + j. */
 static inline void qk_gemv_act_q6_k(const qk_act_q8_256 *x, qk_gemv_act *g) {
     for (int k = 0; k < 4; k++) g->a[k] = _mm512_loadu_si512((const void *)(x->qs + 64 * k));
-    /* mins = sum_s 32 sc_s bsums_s (the -32 offset of the quants), in the lane order */
-    const __m512i b = _mm512_cvtepi16_epi32(_mm256_loadu_si256((const __m256i *)x->bsums));
-    const __m512i idx = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)qk_q6_k_lane_order));
-    g->bs = _mm512_slli_epi32(_mm512_permutexvar_epi32(idx, b), 5);
+    /* mins = sum_s (32 sc_s) bsums_s (the -32 offset of the quants): bsums as int16 */
+    g->bs = _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)x->bsums));
 }
 
 static inline void qk_gemv_block_q6_k(const uint8_t *x, const qk_gemv_act *a, __m512i *tot, __m512i *mins) {
@@ -124,10 +130,16 @@ static inline void qk_gemv_block_q6_k(const uint8_t *x, const qk_gemv_act *a, __
         r[2 * h] = _mm512_dpbusd_epi32(zero, lo, a->a[2 * h]);
         r[2 * h + 1] = _mm512_dpbusd_epi32(zero, hi, a->a[2 * h + 1]);
     }
-    const __m512i order = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)qk_q6_k_lane_order));
-    const __m512i scv = _mm512_permutexvar_epi32(order, _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(x + 192))));
-    *tot = _mm512_mullo_epi32(qk_quad_sums(r[0], r[1], r[2], r[3]), scv);
-    *mins = _mm512_mullo_epi32(scv, a->bs);
+    /* int16 lane w of 128-bit lane j: scale j (w < 4) or 4 + j, of scales 0-7 (lo) or 8-15 (hi) */
+    const __m512i sel = _mm512_set_epi8(15, 14, 15, 14, 15, 14, 15, 14, 7, 6, 7, 6, 7, 6, 7, 6,
+                                        13, 12, 13, 12, 13, 12, 13, 12, 5, 4, 5, 4, 5, 4, 5, 4,
+                                        11, 10, 11, 10, 11, 10, 11, 10, 3, 2, 3, 2, 3, 2, 3, 2,
+                                        9, 8, 9, 8, 9, 8, 9, 8, 1, 0, 1, 0, 1, 0, 1, 0);
+    const __m256i sc = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(x + 192)));
+    *tot = qk_gemv_scaled(r[0], r[1], r[2], r[3], _mm512_shuffle_epi8(_mm512_broadcast_i32x4(_mm256_castsi256_si128(sc)), sel),
+                          _mm512_shuffle_epi8(_mm512_broadcast_i32x4(_mm256_extracti128_si256(sc, 1)), sel));
+    /* 32 sc fits int16 (|32 sc| <= 4096), 32 bsums would not */
+    *mins = _mm512_zextsi256_si512(_mm256_madd_epi16(_mm256_slli_epi16(sc, 5), _mm512_castsi512_si256(a->bs)));
 }
 
 /* ---------------------------------------------------------------- the product */
