@@ -288,13 +288,29 @@ QK_TILE_INLINE void qk_tile256_2x4(const qk_panel256 *p0, const qk_panel256 *p1,
                 tot[4 + t] = _mm256_add_epi32(tot[4 + t], _mm256_mullo_epi32(is[4 + t], sc1));
             }
         }
-        for (int q = 0; q < 8; q++) {
-            const __m256i mn0 = _mm256_load_si256((const __m256i *)p0[b].mn[q]);
-            const __m256i mn1 = _mm256_load_si256((const __m256i *)p1[b].mn[q]);
-            for (int t = 0; t < 4; t++) {
-                const __m256i g = _mm256_set1_epi32((int)qk_load_u32((const uint8_t *)&x[t]->bsums[2 * q]));
-                mins[t] = _mm256_dpwssd_epi32(mins[t], mn0, g); /* = add(madd(mn, g)): exact */
-                mins[4 + t] = _mm256_dpwssd_epi32(mins[4 + t], mn1, g);
+        if (sub == 32) {
+            /* 32-element sub-blocks: the coefficient of sub-block s is both halves of mn[s]
+             * (panel.h); pairs (c_2q, c_2q+1) meet the 32-element sums, half the vpdpwssd */
+            for (int q = 0; q < 4; q++) {
+                const __m256i mn0 = _mm256_blend_epi16(_mm256_load_si256((const __m256i *)p0[b].mn[2 * q]),
+                                                       _mm256_load_si256((const __m256i *)p0[b].mn[2 * q + 1]), 0xAA);
+                const __m256i mn1 = _mm256_blend_epi16(_mm256_load_si256((const __m256i *)p1[b].mn[2 * q]),
+                                                       _mm256_load_si256((const __m256i *)p1[b].mn[2 * q + 1]), 0xAA);
+                for (int t = 0; t < 4; t++) {
+                    const __m256i g = _mm256_set1_epi32((int)qk_load_u32((const uint8_t *)&x[t]->bsums32[2 * q]));
+                    mins[t] = _mm256_dpwssd_epi32(mins[t], mn0, g);
+                    mins[4 + t] = _mm256_dpwssd_epi32(mins[4 + t], mn1, g);
+                }
+            }
+        } else {
+            for (int q = 0; q < 8; q++) {
+                const __m256i mn0 = _mm256_load_si256((const __m256i *)p0[b].mn[q]);
+                const __m256i mn1 = _mm256_load_si256((const __m256i *)p1[b].mn[q]);
+                for (int t = 0; t < 4; t++) {
+                    const __m256i g = _mm256_set1_epi32((int)qk_load_u32((const uint8_t *)&x[t]->bsums[2 * q]));
+                    mins[t] = _mm256_dpwssd_epi32(mins[t], mn0, g); /* = add(madd(mn, g)): exact */
+                    mins[4 + t] = _mm256_dpwssd_epi32(mins[4 + t], mn1, g);
+                }
             }
         }
         for (int h = 0; h < 2; h++) {
