@@ -30,7 +30,7 @@ SCALE_FIELDS = {
     "IQ4_XS": (0,),
 }  # fmt: skip
 Q8_32 = np.dtype([("d", "<f4"), ("s", "<f4"), ("qs", "i1", 32)])
-Q8_256 = np.dtype([("d", "<f4"), ("qs", "i1", 256), ("bsums", "<i2", 16)])
+Q8_256 = np.dtype([("d", "<f4"), ("qs", "i1", 256), ("bsums", "<i2", 16), ("bsums32", "<i2", 8)])
 # |gemm - exact| <= RTOL * sum |w_i a_i|: integer sums are exact, the f32 rounding is per block.
 RTOL = 1e-5
 
