@@ -62,9 +62,8 @@ static inline void qk_gemv_act_q4_k(const qk_act_q8_256 *x, qk_gemv_act *g) {
     for (int k = 0; k < 4; k++)
         g->a[k] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(x->qs + 32 * sub[k][0]))),
                                      _mm256_loadu_si256((const __m256i *)(x->qs + 32 * sub[k][1])), 1);
-    /* mins = sum_s mn_s (bsums[2s] + bsums[2s+1]): the pairs as int16 (|sum| <= 32 * 127) */
-    const __m256i b32 = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)x->bsums), _mm256_set1_epi16(1));
-    g->bs = _mm512_castsi128_si512(_mm256_cvtepi32_epi16(b32));
+    /* mins = sum_s mn_s bsums32_s */
+    g->bs = _mm512_zextsi128_si512(_mm_loadu_si128((const __m128i *)x->bsums32));
 }
 
 /* vpshufb controls: int16 lane w of 128-bit lane j takes byte ctl(j, w), high byte zero. */
