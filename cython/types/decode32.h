@@ -1,9 +1,11 @@
-/* One-token products (decode) of the 32-element types on x86, without panels.
+/* One-token products (decode) of the 32-element types on x86, without panels: Q4_0, Q4_1,
+ * Q5_0, Q5_1, Q8_0, IQ4_NL (each type's file defines its block product and its hook).
  *
  * Decode meets each weight panel once, so the tile path's 8-row transposition (tiles.h) is pure
  * cost there (Q8_0 ran at ~29 GB/s per core in cache through it, below what a core streams from
- * DRAM). Here eight rows are read side by side, block by block, straight from the GGUF: a
- * type's block product gives, per row, eight int32 lanes whose sum is the panel's exact integer
+ * DRAM; here 47-52; MXFP4 stays on its panel: this was no faster for it). Here eight rows are
+ * read side by side, block by block, straight from the GGUF: a type's block product gives, per
+ * row, eight int32 lanes whose sum is the panel's exact integer
  *     isum = u . a      (u the panel bytes of that block, made the same way, in registers),
  * a lane-sum tree turns the eight rows' vectors into one vector with lanes = rows, and the
  * tile's two float steps follow per block, in block order, with the panel's d and m:
@@ -49,6 +51,45 @@ static inline __m256 qk_rows_f16(const uint8_t *const rp[8], size_t off) {
     return _mm256_cvtph_ps(h);
 }
 
+/* u . a as eight int32 lanes (u unsigned; AVX2: u <= 128 or the int16 pair sums saturate). */
+static inline __m256i qk_dot32_u8s8(__m256i u, __m256i a) {
+#if QK_TILES_X86 == 2
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, a);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, a), _mm256_set1_epi16(1));
+#endif
+}
+
+/* The same for a wide type's panel bytes (quant_types.def group 0): unsigned on AVX-512; signed
+ * on AVX2 (QK_WIDE_SIGNED), through the tiles' sign trick (|w| <= 128, |a| <= 127). */
+static inline __m256i qk_dot32_wide(__m256i w, __m256i a) {
+#if QK_TILES_X86 == 2
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, a);
+#else
+    const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));
+    return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+#endif
+}
+
+/* 16 bytes of nibbles -> the 32 values in element order: low nibbles, then high ones. */
+static inline __m256i qk_nibbles32(const uint8_t *qs) {
+    const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)qs));
+    return _mm256_and_si256(_mm256_srlv_epi32(v, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)), _mm256_set1_epi8(0x0f));
+}
+
+/* u + 16 in byte j where bit j of bits is set (u <= 15: Q5's fifth bit). */
+static inline __m256i qk_add16_where(__m256i u, uint32_t bits) {
+#if QK_TILES_X86 == 2
+    return _mm256_mask_add_epi8(u, (__mmask32)bits, u, _mm256_set1_epi8(16));
+#else
+    const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                            2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ull);
+    const __m256i b = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), spread), bit);
+    return _mm256_or_si256(u, _mm256_and_si256(_mm256_cmpeq_epi8(b, bit), _mm256_set1_epi8(16)));
+#endif
+}
+
 /* A type's block product: eight int32 lanes summing to the block's u . a (a: the token's 32
  * quants of the block). */
 typedef __m256i (*qk_isum32_fn)(const uint8_t *blk, __m256i a);
@@ -59,10 +100,24 @@ typedef __m256i (*qk_isum32_fn)(const uint8_t *blk, __m256i a);
 #define QK_D32_PF_GROUPS 1
 #endif
 
-/* out[r] = W[r] . act for r < nr. The panel's m: has_min, the f16 at byte 2 of the block; else
- * m_per_d * d, or 0 where m_per_d is 0 (as the panel has them). */
+/* A type's scales: the panel's d and m of eight rows' blocks at offset o. */
+typedef void (*qk_scales32_fn)(const uint8_t *const rp[8], size_t o, __m256 *d, __m256 *m);
+
+/* The f16 d at byte 0 and m = k * d (Q4_0, Q5_0, Q8_0, IQ4_NL; k = 0: m = 0, as their panels). */
+#define QK_SCALES_D(name, k)                                                                          \
+    static inline void qk_scales_##name(const uint8_t *const rp[8], size_t o, __m256 *d, __m256 *m) { \
+        *d = qk_rows_f16(rp, o);                                                                      \
+        *m = (k) != 0.0f ? _mm256_mul_ps(*d, _mm256_set1_ps(k)) : _mm256_setzero_ps();                \
+    }
+
+/* The f16 d at byte 0 and m at byte 2 (Q4_1, Q5_1): dword loads beat two word chains here. */
+static inline void qk_scales_dm(const uint8_t *const rp[8], size_t o, __m256 *d, __m256 *m) {
+    qk_split_f16x2(qk_gather_u32(rp, o), d, m);
+}
+
+/* out[r] = W[r] . act for r < nr. */
 QK_TILE_INLINE void qk_decode32(int64_t n, const uint8_t *w, size_t row_bytes, int64_t nr, const qk_act_q8_32 *a,
-                                float *out, int bytes, int has_min, float m_per_d, qk_isum32_fn isum) {
+                                float *out, int bytes, qk_isum32_fn isum, qk_scales32_fn scales) {
     const int64_t nb = n / 32;
     const size_t pf = (size_t)QK_D32_PF_GROUPS * 8 * row_bytes;
     for (int64_t r = 0; r < nr; r += 8) {
@@ -78,9 +133,8 @@ QK_TILE_INLINE void qk_decode32(int64_t n, const uint8_t *w, size_t row_bytes, i
                 _mm_prefetch((const char *)(rp[i] + pf + o), _MM_HINT_T1);
                 v[i] = isum(rp[i] + o, av);
             }
-            const __m256 d = qk_rows_f16(rp, o);
-            const __m256 m = has_min ? qk_rows_f16(rp, o + 2)
-                                     : m_per_d != 0.0f ? _mm256_mul_ps(d, _mm256_set1_ps(m_per_d)) : _mm256_setzero_ps();
+            __m256 d, m;
+            scales(rp, o, &d, &m);
             acc = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(a[b].d)), _mm256_cvtepi32_ps(qk_rows_sum8(v)), acc);
             acc = _mm256_fmadd_ps(m, _mm256_set1_ps(a[b].s), acc);
         }
@@ -92,11 +146,11 @@ QK_TILE_INLINE void qk_decode32(int64_t n, const uint8_t *w, size_t row_bytes, i
 
 /* The decode entry tiles.h's gemm calls for one token (the type's file also defines
  * QK_HAS_DECODE_<name> as 1). */
-#define QK_DECODE32(name, BYTES, has_min, m_per_d, isum)                                              \
+#define QK_DECODE32(name, BYTES, isum, scales)                                                        \
     static void qk_decode_##name(int64_t n, const uint8_t *w, size_t row_bytes, int64_t nr, const uint8_t *act, \
                                  float *out, void *scratch) {                                         \
         (void)scratch;                                                                                \
-        qk_decode32(n, w, row_bytes, nr, (const qk_act_q8_32 *)act, out, BYTES, has_min, m_per_d, isum); \
+        qk_decode32(n, w, row_bytes, nr, (const qk_act_q8_32 *)act, out, BYTES, isum, scales);       \
     }
 #endif
 

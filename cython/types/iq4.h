@@ -115,6 +115,17 @@ static inline void qk_pack_iq4_nl(const uint8_t *const rp[8], size_t o, qk_panel
 #endif
 }
 
+#if QK_TILES_X86
+/* One token (decode32.h): the panel's bytes through the table, in registers. */
+static inline __m256i qk_isum_iq4_nl(const uint8_t *blk, __m256i a) {
+    const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)qk_iq4_u));
+    return qk_dot32_wide(_mm256_shuffle_epi8(lut, qk_nibbles32(blk + 2)), a);
+}
+QK_SCALES_D(iq4_nl, QK_IQ4_MIN ? -128.0f : 0.0f)
+#define QK_HAS_DECODE_iq4_nl 1
+QK_DECODE32(iq4_nl, 18, qk_isum_iq4_nl, qk_scales_iq4_nl)
+#endif
+
 /* ---------------------------------------------------------------- IQ4_XS */
 
 static void qk_dequant_iq4_xs(const void *restrict src, float *restrict y, int64_t n) {

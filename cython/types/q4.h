@@ -7,6 +7,7 @@
 #define QPACK_TYPES_Q4_H
 
 #include "../panel.h"
+#include "decode32.h"
 
 /* ---------------------------------------------------------------- shared scalar helpers */
 
@@ -173,5 +174,16 @@ static inline void qk_pack_q4_1(const uint8_t *const rp[8], size_t o, qk_panel32
     qk_pack32_rows(rp, o, p, qk_row_q4_1);
 #endif
 }
+
+#if QK_TILES_X86
+/* One token (decode32.h): the panel's nibbles times the token's quants, in registers. */
+static inline __m256i qk_isum_q4_0(const uint8_t *blk, __m256i a) { return qk_dot32_u8s8(qk_nibbles32(blk + 2), a); }
+static inline __m256i qk_isum_q4_1(const uint8_t *blk, __m256i a) { return qk_dot32_u8s8(qk_nibbles32(blk + 4), a); }
+#define QK_HAS_DECODE_q4_0 1
+QK_SCALES_D(q4_0, -8.0f)
+QK_DECODE32(q4_0, 18, qk_isum_q4_0, qk_scales_q4_0)
+#define QK_HAS_DECODE_q4_1 1
+QK_DECODE32(q4_1, 20, qk_isum_q4_1, qk_scales_dm)
+#endif
 
 #endif

@@ -191,4 +191,18 @@ static inline void qk_pack_q5_1(const uint8_t *const rp[8], size_t o, qk_panel32
 #endif
 }
 
+#if QK_TILES_X86
+/* One token (decode32.h): nibble | 16 * (bit j of qh) times the token's quants, in registers. */
+static inline __m256i qk_isum_q5(const uint8_t *qh, __m256i a) {
+    return qk_dot32_u8s8(qk_add16_where(qk_nibbles32(qh + 4), qk_load_u32(qh)), a);
+}
+static inline __m256i qk_isum_q5_0(const uint8_t *blk, __m256i a) { return qk_isum_q5(blk + 2, a); }
+static inline __m256i qk_isum_q5_1(const uint8_t *blk, __m256i a) { return qk_isum_q5(blk + 4, a); }
+#define QK_HAS_DECODE_q5_0 1
+QK_SCALES_D(q5_0, -16.0f)
+QK_DECODE32(q5_0, 22, qk_isum_q5_0, qk_scales_q5_0)
+#define QK_HAS_DECODE_q5_1 1
+QK_DECODE32(q5_1, 24, qk_isum_q5_1, qk_scales_dm)
+#endif
+
 #endif

@@ -61,15 +61,11 @@ static inline void qk_pack_q8_0(const uint8_t *const rp[8], size_t o, qk_panel32
 /* One token (decode32.h): the block's panel bytes times the token's quants, in registers. */
 static inline __m256i qk_isum_q8_0(const uint8_t *blk, __m256i a) {
     const __m256i q = _mm256_loadu_si256((const __m256i *)(blk + 2));
-#if QK_TILES_X86 == 2 /* u = q + 128 */
-    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_xor_si256(q, _mm256_set1_epi8((char)0x80)), a);
-#else /* signed panel: |q| times a with q's sign (|q| <= 128, |a| <= 127: no int16 overflow) */
-    const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(a, q));
-    return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
-#endif
+    return qk_dot32_wide(QK_WIDE_SIGNED ? q : _mm256_xor_si256(q, _mm256_set1_epi8((char)0x80)), a);
 }
 #define QK_HAS_DECODE_q8_0 1
-QK_DECODE32(q8_0, 34, 0, QK_WIDE_SIGNED ? 0.0f : -128.0f, qk_isum_q8_0)
+QK_SCALES_D(q8_0, QK_WIDE_SIGNED ? 0.0f : -128.0f)
+QK_DECODE32(q8_0, 34, qk_isum_q8_0, qk_scales_q8_0)
 #endif
 
 #endif
