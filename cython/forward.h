@@ -140,6 +140,7 @@ typedef struct {
     const int32_t *tokens, *pos, *seq, *out_idx;
     float *logits, *hidden;
     int n_blocks; /* attention query blocks, below */
+    int out_only; /* the last layer's rows past attention: only the output rows (qk_forward) */
     int split;    /* attention spans of a block go to different chunks, then a merge op */
     int64_t n_span_chunks; /* with split: (block, kv head, span) chunks */
 } qk_pass;
@@ -1026,31 +1027,44 @@ static void qk_forward_job(void *arg, int tid, uint32_t gen) {
                 qk_attention_chunk(m, l, p, (int)(ch / m->n_head_kv), (int)(ch % m->n_head_kv), att_scratch);
         }
         if (!qk_op_end(c, n_att)) return;
+        /* In the last layer, past attention, only the output rows matter (the others' keys and
+         * values are in the cache already): their attention rows move to the front, row k
+         * standing for batch row out_idx[k] (ascending, so moving in order is safe), and the
+         * rest of the layer runs on n_out rows. Every row's numbers are its own either way. */
+        const int compact = p->out_only && l == m->n_layer - 1, nl = compact ? p->n_out : n;
+        if (compact) {
+            QK_CHUNKS(c, ch, 1)
+                for (int k = 0; k < nl; k++)
+                    if (p->out_idx[k] != k)
+                        memcpy(m->attn_out + (int64_t)k * att_dim, m->attn_out + (int64_t)p->out_idx[k] * att_dim,
+                               sizeof(float) * (size_t)att_dim);
+            if (!qk_op_end(c, 1)) return;
+        }
         const qk_matrix *wo[1] = {&L->wo};
-        QK_CHUNKS(c, i, n) qk_prepare_act(m, wo, 1, m->attn_out + (int64_t)i * att_dim, (int)i);
-        if (!qk_op_end(c, n)) return;
+        QK_CHUNKS(c, i, nl) qk_prepare_act(m, wo, 1, m->attn_out + (int64_t)i * att_dim, (int)i);
+        if (!qk_op_end(c, nl)) return;
         float *wo_out[1] = {m->tmp};
-        if (!qk_matmul(c, m, wo, wo_out, 1, m->attn_out, n, 0)) return;
+        if (!qk_matmul(c, m, wo, wo_out, 1, m->attn_out, nl, 0)) return;
         const qk_matrix *ffn[3] = {&L->gate, &L->up, NULL};
         if (m->n_expert) ffn[0] = &L->router, ffn[1] = &L->gate_exps, ffn[2] = &L->up_exps;
-        QK_CHUNKS(c, i, n) {
-            float *xi = m->x + (int64_t)i * E, *xn = m->xn + (int64_t)i * E;
+        QK_CHUNKS(c, i, nl) {
+            float *xi = m->x + (int64_t)(compact ? p->out_idx[i] : i) * E, *xn = m->xn + (int64_t)i * E;
             qk_residual(m, xi, m->tmp + (int64_t)i * E, L->post_attn_norm);
             qk_rmsnorm(xn, xi, L->ffn_norm, E, m->norm_eps);
             qk_prepare_act(m, ffn, m->n_expert ? 3 : 2, xn, (int)i);
         }
-        if (!qk_op_end(c, n)) return;
+        if (!qk_op_end(c, nl)) return;
         if (m->n_expert) {
-            if (!qk_moe_ffn(c, m, L, n)) return;
+            if (!qk_moe_ffn(c, m, L, nl)) return;
             continue;
         }
         float *ffn_out[2] = {m->ff_a, m->ff_b};
-        if (!qk_matmul(c, m, ffn, ffn_out, 2, m->xn, n, 1)) return;
+        if (!qk_matmul(c, m, ffn, ffn_out, 2, m->xn, nl, 1)) return;
         const qk_matrix *down[1] = {&L->down};
-        QK_CHUNKS(c, i, n) qk_prepare_act(m, down, 1, m->ff_a + (int64_t)i * m->n_ff, (int)i);
-        if (!qk_op_end(c, n)) return;
+        QK_CHUNKS(c, i, nl) qk_prepare_act(m, down, 1, m->ff_a + (int64_t)i * m->n_ff, (int)i);
+        if (!qk_op_end(c, nl)) return;
         float *down_out[1] = {m->tmp};
-        if (!qk_matmul(c, m, down, down_out, 1, m->ff_a, n, 0)) return;
+        if (!qk_matmul(c, m, down, down_out, 1, m->ff_a, nl, 0)) return;
     }
     /* Only the rows that need an answer: last residual, final norm, output head. */
     float *dst = p->hidden ? p->hidden : m->xn;
@@ -1058,7 +1072,7 @@ static void qk_forward_job(void *arg, int tid, uint32_t gen) {
     QK_CHUNKS(c, k, p->n_out) {
         const int i = p->out_idx[k];
         float *xi = m->x + (int64_t)i * E;
-        qk_residual(m, xi, m->tmp + (int64_t)i * E, m->layers[m->n_layer - 1].post_ffn_norm);
+        qk_residual(m, xi, m->tmp + (int64_t)(p->out_only ? k : i) * E, m->layers[m->n_layer - 1].post_ffn_norm);
         qk_rmsnorm(dst + (int64_t)k * E, xi, m->output_norm, E, m->norm_eps);
         if (!p->hidden) qk_prepare_act(m, head, 1, dst + (int64_t)k * E, (int)k);
     }
@@ -1095,6 +1109,8 @@ static void qk_forward(qk_model *m, int n, const int32_t *tokens, const int32_t 
     p->logits = logits;
     p->hidden = hidden;
     p->n_blocks = qk_plan_blocks(m, p, m->rt->blocks);
+    p->out_only = n_out < n;
+    for (int k = 1; k < n_out && p->out_only; k++) p->out_only = out_idx[k] > out_idx[k - 1];
     qk_plan_split(m, p);
     qk_pool_run(m->rt->pool, qk_forward_job, m);
 }
@@ -1102,7 +1118,8 @@ static void qk_forward(qk_model *m, int n, const int32_t *tokens, const int32_t 
 /* ---------------------------------------------------------------- set-up */
 
 /* Ops of one pass, at most: per layer 7 for attention, 1 + 3 (dense) or 1 + 8 (experts) for the
- * FFN; then the final norm, the head and the soft cap. */
+ * FFN; then the last layer's compaction of the output rows, the final norm, the head and the
+ * soft cap. */
 #define QK_OPS_PER_LAYER 16
 static int qk_ops_per_pass(const qk_model *m) { return m->n_layer * QK_OPS_PER_LAYER + 6; }
 

@@ -310,6 +310,8 @@ cdef class NativeModel:
             raise QpackError(f"sequence slot out of range 0..{self.n_seq - 1}")
         if n_out and (o.min() < 0 or o.max() >= n):
             raise QpackError("output row out of the batch")
+        if n_out > 1 and np.unique(o).shape[0] != n_out:
+            raise QpackError("output rows repeat (each row's residual is finished once)")
         out = np.empty((n_out, self.n_embd if hidden else self.n_vocab), dtype=np.float32)
         cdef const int32_t[::1] tv = t, pv = p, sv = s
         cdef const int32_t[::1] ov = o if n_out else np.zeros(1, np.int32)

@@ -267,64 +267,90 @@ QK_TILE_INLINE void qk_tile32_2x4(const qk_panel32 *p0, const qk_panel32 *p1, in
     }
 }
 
+/* The 256-element tile holds the two panels' 16 rows in one 512-bit register: half the
+ * instructions of two 256-bit halves for the same work (Zen 4 runs each 512-bit operation as
+ * two 256-bit halves, so the multiplier's throughput is the same), which leaves the core more
+ * room to hide the loads: +3 % (Q4_K) over the 256-bit pair. What bounds it is the multiplier:
+ * per super-block, token and 8 rows, 64 vpdpbusd, then the sub-block scales (8 vpmulld for
+ * Q4_K, 16 for Q6_K), the min term (4 vpdpwssd against bsums32 for 32-element sub-blocks, 8
+ * against bsums otherwise) and the float steps (2 mul, 2 fma) all take the same two pipes. */
+static inline __m512i qk_load_2x256(const void *lo, const void *hi) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_load_si256((const __m256i *)lo)),
+                              _mm256_load_si256((const __m256i *)hi), 1);
+}
+static inline __m512 qk_load_2x256_ps(const float *lo, const float *hi) {
+    return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_load_ps(lo)), _mm256_load_ps(hi), 1);
+}
+
+/* e_t += quad j of both panels (16 rows) times token t's group j, t < 4. */
+#define QK_DP16(e, j)                                                                                    \
+    do {                                                                                                 \
+        const __m512i w = qk_load_2x256(q0[j], q1[j]);                                                   \
+        e##0 = _mm512_dpbusd_epi32(e##0, w, _mm512_set1_epi32((int)qk_load_u32((const uint8_t *)xq[0] + 4 * (j)))); \
+        e##1 = _mm512_dpbusd_epi32(e##1, w, _mm512_set1_epi32((int)qk_load_u32((const uint8_t *)xq[1] + 4 * (j)))); \
+        e##2 = _mm512_dpbusd_epi32(e##2, w, _mm512_set1_epi32((int)qk_load_u32((const uint8_t *)xq[2] + 4 * (j)))); \
+        e##3 = _mm512_dpbusd_epi32(e##3, w, _mm512_set1_epi32((int)qk_load_u32((const uint8_t *)xq[3] + 4 * (j)))); \
+    } while (0)
+
 QK_TILE_INLINE void qk_tile256_2x4(const qk_panel256 *p0, const qk_panel256 *p1, int64_t nb, int sub,
                                    const uint8_t *const *a, __m256 *acc) {
     const int quads = sub / 4, nsub = 256 / sub;
+    __m512 o[4]; /* token t: rows of p0 in the low half, of p1 in the high half */
+    for (int t = 0; t < 4; t++) o[t] = _mm512_insertf32x8(_mm512_castps256_ps512(acc[t]), acc[4 + t], 1);
     for (int64_t b = 0; b < nb; b++) {
         const qk_act_q8_256 *x[4];
-        __m256i tot[8], mins[8];
-        for (int t = 0; t < 4; t++) x[t] = (const qk_act_q8_256 *)a[t] + b;
-        for (int k = 0; k < 8; k++) tot[k] = mins[k] = _mm256_setzero_si256();
+        __m512i tot[4], mins[4];
+        for (int t = 0; t < 4; t++) {
+            x[t] = (const qk_act_q8_256 *)a[t] + b;
+            tot[t] = mins[t] = _mm512_setzero_si512();
+        }
         for (int s = 0; s < nsub; s++) {
-            __m256i is[8];
+            const uint8_t(*q0)[QK_PANEL_ROWS][4] = p0[b].q + s * quads, (*q1)[QK_PANEL_ROWS][4] = p1[b].q + s * quads;
             const int8_t *xq[4];
             for (int t = 0; t < 4; t++) xq[t] = x[t]->qs + 4 * s * quads;
-            for (int k = 0; k < 8; k++) is[k] = _mm256_setzero_si256();
-            qk_quads_2x4(p0[b].q + s * quads, p1[b].q + s * quads, xq, quads, is);
-            const __m256i sc0 = _mm256_load_si256((const __m256i *)p0[b].sc[s]);
-            const __m256i sc1 = _mm256_load_si256((const __m256i *)p1[b].sc[s]);
-            for (int t = 0; t < 4; t++) {
-                tot[t] = _mm256_add_epi32(tot[t], _mm256_mullo_epi32(is[t], sc0));
-                tot[4 + t] = _mm256_add_epi32(tot[4 + t], _mm256_mullo_epi32(is[4 + t], sc1));
+            /* even and odd quads in separate sums: 8 chains in flight for vpdpbusd's latency */
+            __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0, s3 = s0, u0 = s0, u1 = s0, u2 = s0, u3 = s0;
+            for (int j = 0; j < quads; j += 2) {
+                QK_DP16(s, j);
+                QK_DP16(u, j + 1);
             }
+            const __m512i sc = qk_load_2x256(p0[b].sc[s], p1[b].sc[s]);
+            tot[0] = _mm512_add_epi32(tot[0], _mm512_mullo_epi32(_mm512_add_epi32(s0, u0), sc));
+            tot[1] = _mm512_add_epi32(tot[1], _mm512_mullo_epi32(_mm512_add_epi32(s1, u1), sc));
+            tot[2] = _mm512_add_epi32(tot[2], _mm512_mullo_epi32(_mm512_add_epi32(s2, u2), sc));
+            tot[3] = _mm512_add_epi32(tot[3], _mm512_mullo_epi32(_mm512_add_epi32(s3, u3), sc));
         }
         if (sub == 32) {
             /* 32-element sub-blocks: the coefficient of sub-block s is both halves of mn[s]
              * (panel.h); pairs (c_2q, c_2q+1) meet the 32-element sums, half the vpdpwssd */
             for (int q = 0; q < 4; q++) {
-                const __m256i mn0 = _mm256_blend_epi16(_mm256_load_si256((const __m256i *)p0[b].mn[2 * q]),
-                                                       _mm256_load_si256((const __m256i *)p0[b].mn[2 * q + 1]), 0xAA);
-                const __m256i mn1 = _mm256_blend_epi16(_mm256_load_si256((const __m256i *)p1[b].mn[2 * q]),
-                                                       _mm256_load_si256((const __m256i *)p1[b].mn[2 * q + 1]), 0xAA);
-                for (int t = 0; t < 4; t++) {
-                    const __m256i g = _mm256_set1_epi32((int)qk_load_u32((const uint8_t *)&x[t]->bsums32[2 * q]));
-                    mins[t] = _mm256_dpwssd_epi32(mins[t], mn0, g);
-                    mins[4 + t] = _mm256_dpwssd_epi32(mins[4 + t], mn1, g);
-                }
+                const __m512i mn = _mm512_mask_blend_epi16(0xAAAAAAAAu, qk_load_2x256(p0[b].mn[2 * q], p1[b].mn[2 * q]),
+                                                           qk_load_2x256(p0[b].mn[2 * q + 1], p1[b].mn[2 * q + 1]));
+                for (int t = 0; t < 4; t++)
+                    mins[t] = _mm512_dpwssd_epi32(mins[t], mn,
+                                                  _mm512_set1_epi32((int)qk_load_u32((const uint8_t *)&x[t]->bsums32[2 * q])));
             }
         } else {
             for (int q = 0; q < 8; q++) {
-                const __m256i mn0 = _mm256_load_si256((const __m256i *)p0[b].mn[q]);
-                const __m256i mn1 = _mm256_load_si256((const __m256i *)p1[b].mn[q]);
-                for (int t = 0; t < 4; t++) {
-                    const __m256i g = _mm256_set1_epi32((int)qk_load_u32((const uint8_t *)&x[t]->bsums[2 * q]));
-                    mins[t] = _mm256_dpwssd_epi32(mins[t], mn0, g); /* = add(madd(mn, g)): exact */
-                    mins[4 + t] = _mm256_dpwssd_epi32(mins[4 + t], mn1, g);
-                }
+                const __m512i mn = qk_load_2x256(p0[b].mn[q], p1[b].mn[q]);
+                for (int t = 0; t < 4; t++) /* dpwssd = add(madd(mn, g)): exact */
+                    mins[t] = _mm512_dpwssd_epi32(mins[t], mn,
+                                                  _mm512_set1_epi32((int)qk_load_u32((const uint8_t *)&x[t]->bsums[2 * q])));
             }
         }
-        for (int h = 0; h < 2; h++) {
-            const qk_panel256 *p = h ? &p1[b] : &p0[b];
-            const __m256 d = _mm256_load_ps(p->d), nd = _mm256_load_ps(p->nd);
-            for (int t = 0; t < 4; t++) {
-                const __m256 da = _mm256_set1_ps(x[t]->d);
-                __m256 *o = &acc[4 * h + t];
-                *o = _mm256_fmadd_ps(_mm256_mul_ps(d, da), _mm256_cvtepi32_ps(tot[4 * h + t]), *o);
-                *o = _mm256_fmadd_ps(_mm256_mul_ps(nd, da), _mm256_cvtepi32_ps(mins[4 * h + t]), *o);
-            }
+        const __m512 d = qk_load_2x256_ps(p0[b].d, p1[b].d), nd = qk_load_2x256_ps(p0[b].nd, p1[b].nd);
+        for (int t = 0; t < 4; t++) {
+            const __m512 da = _mm512_set1_ps(x[t]->d);
+            o[t] = _mm512_fmadd_ps(_mm512_mul_ps(d, da), _mm512_cvtepi32_ps(tot[t]), o[t]);
+            o[t] = _mm512_fmadd_ps(_mm512_mul_ps(nd, da), _mm512_cvtepi32_ps(mins[t]), o[t]);
         }
     }
+    for (int t = 0; t < 4; t++) {
+        acc[t] = _mm512_castps512_ps256(o[t]);
+        acc[4 + t] = _mm512_extractf32x8_ps(o[t], 1);
+    }
 }
+#undef QK_DP16
 #endif
 #endif
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from qpack.runtime import cpu
+from qpack.runtime.errors import QpackError
 from qpack.runtime.gguf import open_gguf
 from qpack.runtime.model import Model
 from reference_forward import ReferenceModel
@@ -73,6 +74,32 @@ def test_batching_does_not_change_a_bit(tmp_path, variant, weights):
     )
     ours = np.array([k for k, (s, _) in enumerate(order) if s == 1])
     assert np.array_equal(mixed[ours], whole)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize(
+    "arch,weights", [("llama", "Q4_K"), ("gemma2", "Q6_K"), ("qwen3moe", "Q4_K")]
+)
+def test_output_rows_equal_their_rows_of_a_full_pass(tmp_path, variant, arch, weights):
+    """With some rows asked (ascending), the last layer runs past attention on those rows
+    only; each one's logits or hidden state is still bit-identical to its row of a pass that
+    asks for all. Unordered rows take the full path, repeated ones are refused; none asked
+    still fills the cache."""
+    path = tiny_model(tmp_path / "m.gguf", arch, weights, n_layers=2)
+    toks = prompt(45)
+    n = len(toks)
+    m = load(path, variant, threads=2)
+    every = m.forward(toks, list(range(n)), [0] * n, list(range(n)))
+    hidden = m.forward(toks, list(range(n)), [0] * n, list(range(n)), hidden=True)
+    for rows in ([n - 1], [0, 3, 17, 44], [5, 6], [30, 2], list(range(1, n))):
+        assert np.array_equal(m.forward(toks, list(range(n)), [0] * n, rows), every[rows]), rows
+        got = m.forward(toks, list(range(n)), [0] * n, rows, hidden=True)
+        assert np.array_equal(got, hidden[rows]), rows
+    with pytest.raises(QpackError, match="repeat"):
+        m.forward(toks, list(range(n)), [0] * n, [9, 9])
+    m.forward(toks[:40], list(range(40)), [0] * 40, [])  # nothing asked: keys and values only
+    tail = m.forward(toks[40:], list(range(40, n)), [0] * 5, list(range(5)))
+    assert np.array_equal(tail, every[40:])
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
