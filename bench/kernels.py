@@ -7,8 +7,9 @@ GB/s of weight bytes streamed:
   - tg: 1 token against a 1536x2048 matrix (in L2/L3: the unpacking speed) and a 24576x2048
     one (past L3, like an output head: memory bound);
   - pp64: 64 tokens against the 1536x2048 matrix (each panel unpacked once, met by 64 tokens).
-On x86 the IQ1-3 and ternary types run tg without a panel (types/panel_unpack.h's
-qk_decode256: the same numbers, unpacked in registers); the other types and arm64 use the panel.
+On x86 the IQ1-3 and ternary types (types/panel_unpack.h's qk_decode256), Q8_0
+(types/decode32.h) and, on AVX-512, Q4_K and Q6_K (gemv.h) run tg without a panel: the same
+numbers, unpacked in registers; the other types and arm64 use the panel.
 
     python bench/kernels.py [--types Q4_0,Q4_K] [--repeat 10] [--variants avx2,avx512]
 """

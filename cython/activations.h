@@ -31,7 +31,7 @@ static void qk_quantize_q8_32(const float *restrict x, void *restrict dst, int64
     }
 }
 
-/* Round to nearest int8 with d = max|x| / 127 (ggml's Q8_K), plus the 16-element sums. Every
+/* Round to nearest int8 with d = max|x| / 127 (ggml's Q8_K), plus the 16- and 32-element sums. Every
  * variant produces the same bytes (one f32 multiply, round half to even), so the variants'
  * dot products differ only by f32 summation order. */
 static void qk_quantize_q8_256(const float *restrict x, void *restrict dst, int64_t n) {
@@ -51,6 +51,7 @@ static void qk_quantize_q8_256(const float *restrict x, void *restrict dst, int6
             y[i].d = 0.0f;
             memset(y[i].qs, 0, sizeof y[i].qs);
             memset(y[i].bsums, 0, sizeof y[i].bsums);
+            memset(y[i].bsums32, 0, sizeof y[i].bsums32);
             continue;
         }
         const float id = 127.0f / amax;
@@ -90,6 +91,7 @@ static void qk_quantize_q8_256(const float *restrict x, void *restrict dst, int6
             y[i].bsums[g] = (int16_t)s;
         }
 #endif
+        for (int g = 0; g < 8; g++) y[i].bsums32[g] = (int16_t)(y[i].bsums[2 * g] + y[i].bsums[2 * g + 1]);
     }
 }
 

@@ -109,7 +109,7 @@ def cache_encode(int cache_type, values) -> bytes:
 def cache_decode(int cache_type, data, int n):
     """n float32 values of a cache row, as attention reads them back."""
     cdef const uint8_t[::1] src = np.frombuffer(bytes(data), dtype=np.uint8)
-    if n <= 0 or qk_cache_row_bytes(cache_type, n) != src.shape[0]:
+    if n <= 0 or <Py_ssize_t>qk_cache_row_bytes(cache_type, n) != src.shape[0]:
         raise QpackError(f"{src.shape[0]} bytes are not a cache row of {n} values")
     out = np.empty(n, dtype=np.float32)
     cdef float[::1] o = out

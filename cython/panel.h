@@ -55,7 +55,9 @@ typedef struct {
 typedef struct {
     uint8_t q[64][QK_PANEL_ROWS][4];
     int32_t sc[16][QK_PANEL_ROWS]; /* scale of sub-block s (16 elements; 32 for Q4_K/Q5_K) */
-    int32_t mn[8][QK_PANEL_ROWS];  /* two int16: coefficients of bsums[2p] and bsums[2p+1] */
+    int32_t mn[8][QK_PANEL_ROWS];  /* two int16: coefficients of bsums[2p] and bsums[2p+1]; with
+                                      32-element sub-blocks both are sub-block p's (tiles.h's 2x4
+                                      tile relies on it to use bsums32) */
     float d[QK_PANEL_ROWS];
     float nd[QK_PANEL_ROWS]; /* -dmin */
 } qk_panel256;

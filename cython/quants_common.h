@@ -83,7 +83,8 @@ typedef struct {
 typedef struct {
     float d;
     int8_t qs[256];
-    int16_t bsums[16]; /* sums of each 16 consecutive qs */
+    int16_t bsums[16];  /* sums of each 16 consecutive qs */
+    int16_t bsums32[8]; /* sums of each 32 (the min term of 32-element sub-blocks, tiles.h) */
 } qk_act_q8_256;
 
 /* ---------------------------------------------------------------- loads from unaligned blocks */

@@ -288,13 +288,29 @@ QK_TILE_INLINE void qk_tile256_2x4(const qk_panel256 *p0, const qk_panel256 *p1,
                 tot[4 + t] = _mm256_add_epi32(tot[4 + t], _mm256_mullo_epi32(is[4 + t], sc1));
             }
         }
-        for (int q = 0; q < 8; q++) {
-            const __m256i mn0 = _mm256_load_si256((const __m256i *)p0[b].mn[q]);
-            const __m256i mn1 = _mm256_load_si256((const __m256i *)p1[b].mn[q]);
-            for (int t = 0; t < 4; t++) {
-                const __m256i g = _mm256_set1_epi32((int)qk_load_u32((const uint8_t *)&x[t]->bsums[2 * q]));
-                mins[t] = _mm256_dpwssd_epi32(mins[t], mn0, g); /* = add(madd(mn, g)): exact */
-                mins[4 + t] = _mm256_dpwssd_epi32(mins[4 + t], mn1, g);
+        if (sub == 32) {
+            /* 32-element sub-blocks: the coefficient of sub-block s is both halves of mn[s]
+             * (panel.h); pairs (c_2q, c_2q+1) meet the 32-element sums, half the vpdpwssd */
+            for (int q = 0; q < 4; q++) {
+                const __m256i mn0 = _mm256_blend_epi16(_mm256_load_si256((const __m256i *)p0[b].mn[2 * q]),
+                                                       _mm256_load_si256((const __m256i *)p0[b].mn[2 * q + 1]), 0xAA);
+                const __m256i mn1 = _mm256_blend_epi16(_mm256_load_si256((const __m256i *)p1[b].mn[2 * q]),
+                                                       _mm256_load_si256((const __m256i *)p1[b].mn[2 * q + 1]), 0xAA);
+                for (int t = 0; t < 4; t++) {
+                    const __m256i g = _mm256_set1_epi32((int)qk_load_u32((const uint8_t *)&x[t]->bsums32[2 * q]));
+                    mins[t] = _mm256_dpwssd_epi32(mins[t], mn0, g);
+                    mins[4 + t] = _mm256_dpwssd_epi32(mins[4 + t], mn1, g);
+                }
+            }
+        } else {
+            for (int q = 0; q < 8; q++) {
+                const __m256i mn0 = _mm256_load_si256((const __m256i *)p0[b].mn[q]);
+                const __m256i mn1 = _mm256_load_si256((const __m256i *)p1[b].mn[q]);
+                for (int t = 0; t < 4; t++) {
+                    const __m256i g = _mm256_set1_epi32((int)qk_load_u32((const uint8_t *)&x[t]->bsums[2 * q]));
+                    mins[t] = _mm256_dpwssd_epi32(mins[t], mn0, g); /* = add(madd(mn, g)): exact */
+                    mins[4 + t] = _mm256_dpwssd_epi32(mins[4 + t], mn1, g);
+                }
             }
         }
         for (int h = 0; h < 2; h++) {
@@ -506,11 +522,15 @@ QK_TILE_INLINE void qk_panel_mul(const void *panel, int fam, int sub, int group,
 /* Rows r..r+15 of two panels (p1 holds rows 8..8+nr1-1, nr1 >= 1) times nt tokens: four at a
  * time through the 2x4 tile, the rest one by one through each panel's 1-token loop. With 16
  * full rows the blocks go in spans whose two panels stay in L1 (a panel of an 8192-wide Q4_K
- * matrix is 92 KB) while every group of four tokens meets them; the sums are parked in out
- * between spans (exact: the float steps per (row, token) keep their order). */
+ * matrix is 92 KB) while every group of four tokens meets them; between spans the sums wait
+ * in a small parking buffer, tokens in groups of QK_PARK_TOKENS (exact: the float steps per
+ * (row, token) keep their order), and reach out once, after the last span. Parking them in
+ * out itself cost ~4 % when the output row length is a multiple of 1 KiB floats (gate and up:
+ * 8192): the 128 tokens' lines all fall in a few cache sets. */
 #ifndef QK_L1_PANELS
 #define QK_L1_PANELS (20 << 10)
 #endif
+#define QK_PARK_TOKENS 128
 QK_TILE_INLINE void qk_panel_mul2(const void *p0, const void *p1, int fam, int sub, int64_t nb, int nr1,
                                   const uint8_t *act, size_t act_stride, int64_t nt, float *out, int64_t ldo) {
     const size_t pb = fam == 32 ? sizeof(qk_panel32) : sizeof(qk_panel256);
@@ -518,29 +538,39 @@ QK_TILE_INLINE void qk_panel_mul2(const void *p0, const void *p1, int fam, int s
     int64_t span = nr1 == 8 ? (int64_t)(QK_L1_PANELS / (2 * pb)) : nb;
     span = span < 1 ? 1 : span;
     const int64_t nt4 = nt / 4 * 4;
-    for (int64_t b0 = 0; b0 < nb; b0 += span) {
-        const int64_t n = nb - b0 < span ? nb - b0 : span;
-        const void *q0 = (const uint8_t *)p0 + (size_t)b0 * pb, *q1 = (const uint8_t *)p1 + (size_t)b0 * pb;
-        for (int64_t t = 0; t < nt4; t += 4) {
-            const uint8_t *a[4];
-            __m256 acc[8];
-            for (int k = 0; k < 4; k++) {
-                a[k] = act + (size_t)(t + k) * act_stride + (size_t)b0 * ab;
-                acc[k] = b0 ? _mm256_loadu_ps(out + (t + k) * ldo) : _mm256_setzero_ps();
-                acc[4 + k] = b0 ? _mm256_loadu_ps(out + (t + k) * ldo + 8) : _mm256_setzero_ps();
-            }
-            if (fam == 32)
-                qk_tile32_2x4((const qk_panel32 *)q0, (const qk_panel32 *)q1, n, a, acc);
-            else
-                qk_tile256_2x4((const qk_panel256 *)q0, (const qk_panel256 *)q1, n, sub, a, acc);
-            for (int k = 0; k < 4; k++) {
-                _mm256_storeu_ps(out + (t + k) * ldo, acc[k]);
-                if (nr1 == 8) {
-                    _mm256_storeu_ps(out + (t + k) * ldo + 8, acc[4 + k]);
-                } else {
-                    float v[8];
-                    _mm256_storeu_ps(v, acc[4 + k]);
-                    qk_tile_store(out + 8, ldo, t + k, nr1, v);
+    float park[QK_PARK_TOKENS][16];
+    for (int64_t g0 = 0; g0 < nt4; g0 += QK_PARK_TOKENS) {
+        const int64_t g1 = nt4 - g0 < QK_PARK_TOKENS ? nt4 : g0 + QK_PARK_TOKENS;
+        for (int64_t b0 = 0; b0 < nb; b0 += span) {
+            const int64_t n = nb - b0 < span ? nb - b0 : span;
+            const int last = b0 + n == nb;
+            const void *q0 = (const uint8_t *)p0 + (size_t)b0 * pb, *q1 = (const uint8_t *)p1 + (size_t)b0 * pb;
+            for (int64_t t = g0; t < g1; t += 4) {
+                float(*pk)[16] = park + (t - g0);
+                const uint8_t *a[4];
+                __m256 acc[8];
+                for (int k = 0; k < 4; k++) {
+                    a[k] = act + (size_t)(t + k) * act_stride + (size_t)b0 * ab;
+                    acc[k] = b0 ? _mm256_loadu_ps(pk[k]) : _mm256_setzero_ps();
+                    acc[4 + k] = b0 ? _mm256_loadu_ps(pk[k] + 8) : _mm256_setzero_ps();
+                }
+                if (fam == 32)
+                    qk_tile32_2x4((const qk_panel32 *)q0, (const qk_panel32 *)q1, n, a, acc);
+                else
+                    qk_tile256_2x4((const qk_panel256 *)q0, (const qk_panel256 *)q1, n, sub, a, acc);
+                for (int k = 0; k < 4; k++) {
+                    if (!last) {
+                        _mm256_storeu_ps(pk[k], acc[k]);
+                        _mm256_storeu_ps(pk[k] + 8, acc[4 + k]);
+                    } else if (nr1 == 8) {
+                        _mm256_storeu_ps(out + (t + k) * ldo, acc[k]);
+                        _mm256_storeu_ps(out + (t + k) * ldo + 8, acc[4 + k]);
+                    } else {
+                        float v[8];
+                        _mm256_storeu_ps(out + (t + k) * ldo, acc[k]);
+                        _mm256_storeu_ps(v, acc[4 + k]);
+                        qk_tile_store(out + 8, ldo, t + k, nr1, v);
+                    }
                 }
             }
         }

@@ -22,7 +22,7 @@ LEGACY_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
 K_TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "IQ4_NL"]  # cython/types/
 
 Q8_32 = np.dtype([("d", "<f4"), ("s", "<f4"), ("qs", "i1", 32)])
-Q8_256 = np.dtype([("d", "<f4"), ("qs", "i1", 256), ("bsums", "<i2", 16)])
+Q8_256 = np.dtype([("d", "<f4"), ("qs", "i1", 256), ("bsums", "<i2", 16), ("bsums32", "<i2", 8)])
 
 # dot vs the float64 product: |error| <= DOT_RTOL * sum |w_i a_i|. The kernels sum each block
 # (super-block for K-quants) exactly in int32 and round only when adding blocks in f32; a wrong
@@ -85,6 +85,7 @@ def dequant_act(mod, act: int, raw: np.ndarray) -> np.ndarray:
         qs = blocks["qs"].astype(np.int64)
         # the sums the min/offset terms use must be those of the quants
         np.testing.assert_array_equal(blocks["bsums"], qs.reshape(-1, 16, 16).sum(axis=2))
+        np.testing.assert_array_equal(blocks["bsums32"], qs.reshape(-1, 8, 32).sum(axis=2))
     else:
         assert act == mod.ACT_Q8_32
         blocks = raw.view(Q8_32)

@@ -279,6 +279,8 @@ def _cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def test_constrained_answers_in_the_executable(tiny_exe):
     """llguidance (a Rust extension reading its own metadata) works inside the one-file stub:
     a json_schema answer validates and a forced tool call comes back as tool_calls."""
@@ -312,6 +314,8 @@ def test_constrained_answers_in_the_executable(tiny_exe):
     finally:
         s.stop()
     assert "Traceback" not in "".join(s.log)
+
+
 def test_split_executable_finds_its_sibling_model(tiny_model, runtime_stub, tmp_path):
     """--split: the executable and tiny.gguf, copied together anywhere, run as one; without
     the sibling the executable says which file it wants."""

@@ -4,8 +4,8 @@ Every test runs on every CPU variant this machine can execute, so the scalar gro
 each SIMD path meet the same oracle:
 - dequantize equals gguf.quants.dequantize bit for bit (random blocks, extreme blocks, and real
   Q4_K / Q6_K tensors of Gemma 3 270M);
-- the Q8_256 activation follows ggml's Q8_K rule (d = max|x|/127, round half to even, bsums)
-  and is byte-identical in every variant;
+- the Q8_256 activation follows ggml's Q8_K rule (d = max|x|/127, round half to even, bsums,
+  and the 32-element sums the prefill tile uses) and is byte-identical in every variant;
 - dot / matvec agree with a float64 product of the dequantized weights and activation
   (and with the generic variant: test_variants_agree in test_quants.py covers these types).
 
@@ -44,6 +44,7 @@ def reference_q8_256(x: np.ndarray) -> np.ndarray:
         out[i]["d"] = m / np.float32(127)
         out[i]["qs"] = np.rint(b * (np.float32(127) / m)).astype(np.int8)
         out[i]["bsums"] = out[i]["qs"].reshape(16, 16).astype(np.int16).sum(axis=1)
+        out[i]["bsums32"] = out[i]["qs"].reshape(8, 32).astype(np.int16).sum(axis=1)
     return out
 
 
@@ -138,6 +139,7 @@ def test_q8_256_activation_follows_ggml_rule(variant):
     np.testing.assert_array_equal(got["d"], want["d"])
     np.testing.assert_array_equal(got["qs"], want["qs"])
     np.testing.assert_array_equal(got["bsums"], want["bsums"])
+    np.testing.assert_array_equal(got["bsums32"], want["bsums32"])
     # half to even, as ggml's nearest_int: 2.5 -> 2, -3.5 -> -4, 0.5 -> 0, 126.5 -> 126
     ties = x[512:768]
     np.testing.assert_array_equal(got[2]["qs"], np.rint(ties).astype(np.int8))

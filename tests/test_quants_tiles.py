@@ -30,7 +30,7 @@ SCALE_FIELDS = {
     "IQ4_XS": (0,),
 }  # fmt: skip
 Q8_32 = np.dtype([("d", "<f4"), ("s", "<f4"), ("qs", "i1", 32)])
-Q8_256 = np.dtype([("d", "<f4"), ("qs", "i1", 256), ("bsums", "<i2", 16)])
+Q8_256 = np.dtype([("d", "<f4"), ("qs", "i1", 256), ("bsums", "<i2", 16), ("bsums32", "<i2", 8)])
 # |gemm - exact| <= RTOL * sum |w_i a_i|: integer sums are exact, the f32 rounding is per block.
 RTOL = 1e-5
 
@@ -136,14 +136,15 @@ def test_gemm_checks_shapes(variant):
 
 @pytest.mark.parametrize("variant,name", list(cases()))
 def test_one_token_equals_its_row_in_a_batch_over_many_blocks(variant, name):
-    """Decode (one token) may take a direct path without panels (cython/gemv.h on AVX-512):
-    over rows of 1 to 19 blocks (its per-8-block sums and their padding), every row's result
-    for a token alone is bit-identical to the same token's in a batch of 5."""
+    """Decode (one token) may take a direct path without panels (cython/gemv.h, and
+    types/decode32.h on x86 for the 32-element types): over rows of 1 to 19 blocks (gemv's
+    per-8-block sums and their padding) and 19 rows (two groups of eight and a ragged one),
+    every row's result for a token alone is bit-identical to the same token's in a batch of 5."""
     mod = MODULES[variant]
     rng = np.random.default_rng(23)
     elems = GGML_QUANT_SIZES[qtype(name)][0]
     for nb in (1, 7, 8, 9, 19):
-        w = random_rows(name, 11, nb * elems, rng)
+        w = random_rows(name, 19, nb * elems, rng)
         x = activations(5, nb * elems, rng)
         whole = mod.gemm(int(qtype(name)), w, x)
         for t in range(5):

@@ -8,7 +8,7 @@
 
 #define QK_SUPER 256 /* elements per super-block */
 
-_Static_assert(sizeof(qk_act_q8_256) == 292, "Q8_256 activation block");
+_Static_assert(sizeof(qk_act_q8_256) == 308, "Q8_256 activation block");
 
 /* The portable code unpacks one super-block into int8 q[256] in element order, then works
  * per group with plain loops (which compilers vectorize even for baseline SSE2). */

@@ -4,6 +4,7 @@
 #ifndef QPACK_TYPES_Q8_H
 #define QPACK_TYPES_Q8_H
 
+#include "decode32.h"
 #include "q4.h"
 
 QK_NO_CONTRACT static void qk_dequant_q8_0(const void *restrict src, float *restrict dst, int64_t n) {
@@ -55,5 +56,20 @@ static inline void qk_pack_q8_0(const uint8_t *const rp[8], size_t o, qk_panel32
     qk_pack32_rows(rp, o, p, qk_row_q8_0);
 #endif
 }
+
+#if QK_TILES_X86
+/* One token (decode32.h): the block's panel bytes times the token's quants, in registers. */
+static inline __m256i qk_isum_q8_0(const uint8_t *blk, __m256i a) {
+    const __m256i q = _mm256_loadu_si256((const __m256i *)(blk + 2));
+#if QK_TILES_X86 == 2 /* u = q + 128 */
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_xor_si256(q, _mm256_set1_epi8((char)0x80)), a);
+#else /* signed panel: |q| times a with q's sign (|q| <= 128, |a| <= 127: no int16 overflow) */
+    const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(a, q));
+    return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+#endif
+}
+#define QK_HAS_DECODE_q8_0 1
+QK_DECODE32(q8_0, 34, 0, QK_WIDE_SIGNED ? 0.0f : -128.0f, qk_isum_q8_0)
+#endif
 
 #endif

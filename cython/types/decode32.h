@@ -1,0 +1,103 @@
+/* One-token products (decode) of the 32-element types on x86, without panels.
+ *
+ * Decode meets each weight panel once, so the tile path's 8-row transposition (tiles.h) is pure
+ * cost there (Q8_0 ran at ~29 GB/s per core in cache through it, below what a core streams from
+ * DRAM). Here eight rows are read side by side, block by block, straight from the GGUF: a
+ * type's block product gives, per row, eight int32 lanes whose sum is the panel's exact integer
+ *     isum = u . a      (u the panel bytes of that block, made the same way, in registers),
+ * a lane-sum tree turns the eight rows' vectors into one vector with lanes = rows, and the
+ * tile's two float steps follow per block, in block order, with the panel's d and m:
+ *     acc = fma(d * d_a, (float)isum, acc);   acc = fma(m, s_a, acc).
+ * So a token's result is the same bits alone as in any batch (tests/test_quants_tiles.py holds
+ * one token to its row in a batch of five).
+ *
+ * Rows side by side (not one row after the other, as gemv.h does for 256-element blocks): a
+ * 34-byte block has too little work to amortize a per-row pass and a transposition through
+ * memory; eight streams that the hardware prefetchers do not follow get a software prefetch
+ * one group of rows ahead, at the same offset (QK_D32_PF_GROUPS).
+ */
+#ifndef QPACK_TYPES_DECODE32_H
+#define QPACK_TYPES_DECODE32_H
+
+#include "../panel.h"
+
+#if QK_TILES_X86
+/* Eight vectors of 8 int32 -> one: lane i = the sum of v[i]'s lanes. */
+static inline __m256i qk_rows_sum8(const __m256i v[8]) {
+    const __m256i p0 = _mm256_add_epi32(_mm256_unpacklo_epi32(v[0], v[1]), _mm256_unpackhi_epi32(v[0], v[1]));
+    const __m256i p1 = _mm256_add_epi32(_mm256_unpacklo_epi32(v[2], v[3]), _mm256_unpackhi_epi32(v[2], v[3]));
+    const __m256i p2 = _mm256_add_epi32(_mm256_unpacklo_epi32(v[4], v[5]), _mm256_unpackhi_epi32(v[4], v[5]));
+    const __m256i p3 = _mm256_add_epi32(_mm256_unpacklo_epi32(v[6], v[7]), _mm256_unpackhi_epi32(v[6], v[7]));
+    /* per 128-bit half: partial sums of v0..v3 (q0) and v4..v7 (q1) */
+    const __m256i q0 = _mm256_add_epi32(_mm256_unpacklo_epi64(p0, p1), _mm256_unpackhi_epi64(p0, p1));
+    const __m256i q1 = _mm256_add_epi32(_mm256_unpacklo_epi64(p2, p3), _mm256_unpackhi_epi64(p2, p3));
+    return _mm256_add_epi32(_mm256_permute2x128_si256(q0, q1, 0x20), _mm256_permute2x128_si256(q0, q1, 0x31));
+}
+
+/* The f16 at offset off of the eight rows, as floats. Word by word into one register: fewer
+ * instructions than dword loads and a transposition, and Zen 4's vpgatherdd is slower still
+ * (measured: 52, 49 and 42 GB/s on Q8_0). */
+static inline __m256 qk_rows_f16(const uint8_t *const rp[8], size_t off) {
+    __m128i h = _mm_cvtsi32_si128(qk_load_u16(rp[0] + off));
+    h = _mm_insert_epi16(h, qk_load_u16(rp[1] + off), 1);
+    h = _mm_insert_epi16(h, qk_load_u16(rp[2] + off), 2);
+    h = _mm_insert_epi16(h, qk_load_u16(rp[3] + off), 3);
+    h = _mm_insert_epi16(h, qk_load_u16(rp[4] + off), 4);
+    h = _mm_insert_epi16(h, qk_load_u16(rp[5] + off), 5);
+    h = _mm_insert_epi16(h, qk_load_u16(rp[6] + off), 6);
+    h = _mm_insert_epi16(h, qk_load_u16(rp[7] + off), 7);
+    return _mm256_cvtph_ps(h);
+}
+
+/* A type's block product: eight int32 lanes summing to the block's u . a (a: the token's 32
+ * quants of the block). */
+typedef __m256i (*qk_isum32_fn)(const uint8_t *blk, __m256i a);
+
+/* Prefetch into L2 the next group of eight rows at the offset being read (one group ahead:
+ * 2 did no better, into L1 or along the row far worse: 15-17 GB/s from DRAM instead of 32). */
+#ifndef QK_D32_PF_GROUPS
+#define QK_D32_PF_GROUPS 1
+#endif
+
+/* out[r] = W[r] . act for r < nr. The panel's m: has_min, the f16 at byte 2 of the block; else
+ * m_per_d * d, or 0 where m_per_d is 0 (as the panel has them). */
+QK_TILE_INLINE void qk_decode32(int64_t n, const uint8_t *w, size_t row_bytes, int64_t nr, const qk_act_q8_32 *a,
+                                float *out, int bytes, int has_min, float m_per_d, qk_isum32_fn isum) {
+    const int64_t nb = n / 32;
+    const size_t pf = (size_t)QK_D32_PF_GROUPS * 8 * row_bytes;
+    for (int64_t r = 0; r < nr; r += 8) {
+        const int rows = nr - r < 8 ? (int)(nr - r) : 8;
+        const uint8_t *rp[8];
+        for (int i = 0; i < 8; i++) rp[i] = w + (size_t)(r + (i < rows ? i : rows - 1)) * row_bytes;
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t b = 0; b < nb; b++) {
+            const size_t o = (size_t)b * (size_t)bytes;
+            const __m256i av = _mm256_loadu_si256((const __m256i *)a[b].qs);
+            __m256i v[8];
+            for (int i = 0; i < 8; i++) {
+                _mm_prefetch((const char *)(rp[i] + pf + o), _MM_HINT_T1);
+                v[i] = isum(rp[i] + o, av);
+            }
+            const __m256 d = qk_rows_f16(rp, o);
+            const __m256 m = has_min ? qk_rows_f16(rp, o + 2)
+                                     : m_per_d != 0.0f ? _mm256_mul_ps(d, _mm256_set1_ps(m_per_d)) : _mm256_setzero_ps();
+            acc = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(a[b].d)), _mm256_cvtepi32_ps(qk_rows_sum8(v)), acc);
+            acc = _mm256_fmadd_ps(m, _mm256_set1_ps(a[b].s), acc);
+        }
+        float res[8];
+        _mm256_storeu_ps(res, acc);
+        for (int i = 0; i < rows; i++) out[r + i] = res[i];
+    }
+}
+
+/* The decode entry tiles.h's gemm calls for one token (the type's file also defines
+ * QK_HAS_DECODE_<name> as 1). */
+#define QK_DECODE32(name, BYTES, has_min, m_per_d, isum)                                              \
+    static void qk_decode_##name(int64_t n, const uint8_t *w, size_t row_bytes, int64_t nr, const uint8_t *act, \
+                                 float *out, void *scratch) {                                         \
+        (void)scratch;                                                                                \
+        qk_decode32(n, w, row_bytes, nr, (const qk_act_q8_32 *)act, out, BYTES, has_min, m_per_d, isum); \
+    }
+#endif
+
+#endif
