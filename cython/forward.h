@@ -156,6 +156,8 @@ struct qk_runtime {
     int64_t *span_chunk0;             /* with split: block b's first span chunk [n_batch + 1] */
     int64_t *part_at;                 /* with split: block b's first float in parts [n_batch + 1] */
     float *parts;                     /* with split: per (block, kv head, span) states */
+    qk_cache_q8_0 *q8;                /* with a q8_0 K cache: the queries as q8_0 [n_batch][n_head][hd/32] */
+    int32_t *q8_sum;                  /* ... and each block's sum of int8 values */
     size_t parts_cap;                 /* floats in parts */
     int n_bases;
     float rope_bases[QK_MAX_ROPE_BASES];
@@ -469,55 +471,45 @@ static inline void qk_cache_get(int type, const uint8_t *src, float *dst, int n)
         qk_f16_to_f32_row((const qk_f16 *)src, dst, n);
 }
 
-static inline float qk_cache_value(int type, const uint8_t *row, int j) {
-    if (type == QK_CACHE_Q8_0) {
-        const qk_cache_q8_0 *b = (const qk_cache_q8_0 *)row + j / 32;
-        return qk_fp16_to_fp32(b->d) * (float)b->qs[j % 32];
-    }
-    return qk_f16_to_f32(((const qk_f16 *)row)[j]);
-}
-
-#if defined(__AVX2__) && defined(__F16C__)
-/* Values j..j+7 of a cached row (j a multiple of 8). */
-static inline __m256 qk_cache_get8(int type, const uint8_t *row, int j) {
-    if (type == QK_CACHE_Q8_0) {
-        const qk_cache_q8_0 *b = (const qk_cache_q8_0 *)row + j / 32;
-        const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(b->qs + j % 32))));
-        return _mm256_mul_ps(_mm256_set1_ps(qk_fp16_to_fp32(b->d)), q);
-    }
-    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + (size_t)j * sizeof(qk_f16))));
+#if defined(__AVX2__)
+/* 8x8 transpose of 32-bit lanes: r[k] = row k  ->  c[d] = lane d of rows 0..7. */
+static inline void qk_transpose8x8(const __m256 *r, __m256 *c) {
+    const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    c[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
+    c[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+    c[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
+    c[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+    c[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
+    c[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+    c[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
+    c[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
 }
 #endif
 
-/* Keys 0..tn-1 of one head (cached rows of `row` bytes from ks) into kt[j][t] (f32, transposed
- * so that the scores vectorize over keys); columns tn up to the next multiple of 16 zero (the
- * scores stop there). */
-static void qk_load_keys(float *restrict kt, const uint8_t *ks, int type, size_t row, int hd, int tn) {
+/* Keys 0..tn-1 of one head (f16 rows of `row` bytes from ks) into kt[j][t] (f32, transposed so
+ * that the scores vectorize over keys); columns tn up to the next multiple of 16 zero (the
+ * scores stop there). q8_0 keys go through qk_load_keys_q8. */
+static void qk_load_keys(float *restrict kt, const uint8_t *ks, size_t row, int hd, int tn) {
     int t = 0;
 #if defined(__AVX2__) && defined(__F16C__)
     for (; t + 8 <= tn && hd % 8 == 0; t += 8)
         for (int j = 0; j < hd; j += 8) {
-            __m256 r[8];
-            for (int k = 0; k < 8; k++) r[k] = qk_cache_get8(type, ks + (size_t)(t + k) * row, j);
-            /* 8x8 transpose: r[k] = key t+k, dims j..j+7  ->  c[d] = dim j+d, keys t..t+7 */
-            const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
-            const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
-            const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
-            const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
-            const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-            const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-            const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-            const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-            const __m256 c[8] = {
-                _mm256_permute2f128_ps(s0, s4, 0x20), _mm256_permute2f128_ps(s1, s5, 0x20),
-                _mm256_permute2f128_ps(s2, s6, 0x20), _mm256_permute2f128_ps(s3, s7, 0x20),
-                _mm256_permute2f128_ps(s0, s4, 0x31), _mm256_permute2f128_ps(s1, s5, 0x31),
-                _mm256_permute2f128_ps(s2, s6, 0x31), _mm256_permute2f128_ps(s3, s7, 0x31)};
+            __m256 r[8], c[8]; /* r[k] = key t+k, dims j..j+7  ->  c[d] = dim j+d, keys t..t+7 */
+            for (int k = 0; k < 8; k++)
+                r[k] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ks + (size_t)(t + k) * row + j * sizeof(qk_f16))));
+            qk_transpose8x8(r, c);
             for (int d = 0; d < 8; d++) _mm256_storeu_ps(kt + (j + d) * QK_ATT_KT + t, c[d]);
         }
 #endif
     for (; t < tn; t++)
-        for (int j = 0; j < hd; j++) kt[j * QK_ATT_KT + t] = qk_cache_value(type, ks + (size_t)t * row, j);
+        for (int j = 0; j < hd; j++) kt[j * QK_ATT_KT + t] = qk_f16_to_f32(((const qk_f16 *)(ks + (size_t)t * row))[j]);
     for (int j = 0; j < hd; j++)
         for (int u = tn; u < (tn + 15) / 16 * 16; u++) kt[j * QK_ATT_KT + u] = 0.0f;
 }
@@ -542,6 +534,159 @@ static void qk_att_scores(float *restrict s, const float *const *q, int nq, cons
                 }
             }
             for (int k = 0; k < 4 && r0 + k < nq; k++) memcpy(s + (size_t)(r0 + k) * QK_ATT_KT + tb, acc[k], sizeof acc[k]);
+        }
+    }
+}
+
+/* ---- q8_0 keys: the scores as integer dots against the query quantized to q8_0 ----
+ * With a q8_0 K cache, each query row is quantized to q8_0 blocks too (once per token, as
+ * llama.cpp's CPU attention converts Q to the key type's dot type), so that a score is
+ * sum over blocks b of (dq_b * dk_b) * (integer dot of the 32 int8 pairs): exact integers,
+ * one float multiply-add per block. The tile holds each key's int8 values transposed in
+ * 4-byte words, kw[w][t] = key t's values 4w..4w+3, and its scales dk[b][t]. */
+
+/* Query row x (n values) to q8_0 blocks, and each block's sum of int8 values. */
+static void qk_quantize_query(const float *x, qk_cache_q8_0 *y, int32_t *sums, int n) {
+    qk_f32_to_q8_0_row(x, y, n);
+    for (int b = 0; b < n / 32; b++) {
+        int32_t s = 0;
+        for (int j = 0; j < 32; j++) s += y[b].qs[j];
+        sums[b] = s;
+    }
+}
+
+/* Keys 0..tn-1 of one head (q8_0 rows of `row` bytes from ks) into the tile: words kw[hd/4][KT]
+ * and scales dk[hd/32][KT] (after the words); columns tn up to the next multiple of 16 zero. */
+static void qk_load_keys_q8(uint32_t *restrict kw, const uint8_t *ks, size_t row, int hd, int tn) {
+    const int nb = hd / 32;
+    float *restrict dk = (float *)(kw + (size_t)(hd / 4) * QK_ATT_KT);
+    int t = 0;
+#if defined(__AVX2__)
+    for (; t + 8 <= tn; t += 8)
+        for (int b = 0; b < nb; b++) {
+            __m256 r[8], c[8];
+            for (int k = 0; k < 8; k++)
+                r[k] = _mm256_castsi256_ps(_mm256_loadu_si256(
+                    (const __m256i *)((const qk_cache_q8_0 *)(ks + (size_t)(t + k) * row) + b)->qs));
+            qk_transpose8x8(r, c);
+            for (int d = 0; d < 8; d++) _mm256_storeu_ps((float *)kw + (size_t)(b * 8 + d) * QK_ATT_KT + t, c[d]);
+        }
+#endif
+    for (; t < tn; t++)
+        for (int w = 0; w < hd / 4; w++)
+            memcpy(kw + (size_t)w * QK_ATT_KT + t, ((const qk_cache_q8_0 *)(ks + (size_t)t * row) + w / 8)->qs + 4 * (w % 8), 4);
+    for (int u = 0; u < tn; u++)
+        for (int b = 0; b < nb; b++) dk[(size_t)b * QK_ATT_KT + u] = qk_fp16_to_fp32(((const qk_cache_q8_0 *)(ks + (size_t)u * row))[b].d);
+    for (int u = tn; u < (tn + 15) / 16 * 16; u++) {
+        for (int w = 0; w < hd / 4; w++) kw[(size_t)w * QK_ATT_KT + u] = 0;
+        for (int b = 0; b < nb; b++) dk[(size_t)b * QK_ATT_KT + u] = 0.0f;
+    }
+}
+
+/* The dot of 4 packed int8 (a word of the tile) with 4 others. */
+static inline int32_t qk_dot4_i8(uint32_t a, uint32_t b) {
+    int32_t s = 0;
+    for (int e = 0; e < 4; e++) s += (int32_t)(int8_t)(a >> (8 * e)) * (int32_t)(int8_t)(b >> (8 * e));
+    return s;
+}
+
+/* s[r][t] = query r (q8_0 blocks q[r], block sums qsum[r]) . key t for the keys t < tn (rounded
+ * up to 16): per block, exact integer dots, then acc += (float)dot * (dq * dk); 4 rows x 16
+ * keys at a time, the same arithmetic for any rows and blocks. */
+static void qk_att_scores_q8(float *restrict s, const qk_cache_q8_0 *const *q, const int32_t *const *qsum, int nq,
+                             const uint32_t *restrict kw, int hd, int tn) {
+    static const qk_cache_q8_0 zero_q[1024 / 32];
+    static const int32_t zero_sum[1024 / 32];
+    const int nb = hd / 32;
+    const float *restrict dk = (const float *)(kw + (size_t)(hd / 4) * QK_ATT_KT);
+    for (int r0 = 0; r0 < nq; r0 += 4) {
+        const qk_cache_q8_0 *qr[4];
+        const int32_t *sr[4]; /* the VNNI path's correction */
+        float dq[4][1024 / 32];
+        for (int k = 0; k < 4; k++) {
+            qr[k] = r0 + k < nq ? q[r0 + k] : zero_q;
+            sr[k] = r0 + k < nq ? qsum[r0 + k] : zero_sum;
+            for (int b = 0; b < nb; b++) dq[k][b] = qk_fp16_to_fp32(qr[k][b].d);
+        }
+        (void)sr;
+        for (int tb = 0; tb < tn; tb += 16) {
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+            /* keys as unsigned bytes (k + 128) against signed query bytes: vpdpbusd, then
+             * 128 x the block's query sum taken back out */
+            const __m512i flip = _mm512_set1_epi8((char)0x80);
+            __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+            for (int b = 0; b < nb; b++) {
+                __m512i ia[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
+                                 _mm512_setzero_si512()};
+                for (int g = 0; g < 8; g++) {
+                    const __m512i kv = _mm512_xor_si512(
+                        _mm512_loadu_si512((const void *)(kw + (size_t)(b * 8 + g) * QK_ATT_KT + tb)), flip);
+                    for (int k = 0; k < 4; k++) {
+                        int32_t qw;
+                        memcpy(&qw, qr[k][b].qs + 4 * g, 4);
+                        ia[k] = _mm512_dpbusd_epi32(ia[k], kv, _mm512_set1_epi32(qw));
+                    }
+                }
+                const __m512 dkv = _mm512_loadu_ps(dk + (size_t)b * QK_ATT_KT + tb);
+                for (int k = 0; k < 4; k++) {
+                    const __m512i dot = _mm512_sub_epi32(ia[k], _mm512_set1_epi32(128 * sr[k][b]));
+                    acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(_mm512_set1_ps(dq[k][b]), dkv), acc[k]);
+                }
+            }
+            for (int k = 0; k < 4 && r0 + k < nq; k++) _mm512_storeu_ps(s + (size_t)(r0 + k) * QK_ATT_KT + tb, acc[k]);
+#elif defined(__AVX2__)
+            /* |q| x (k with q's sign): maddubs keeps each pair of products within int16 */
+            const __m256i ones = _mm256_set1_epi16(1);
+            __m256 acc[4][2];
+            for (int k = 0; k < 4; k++) acc[k][0] = acc[k][1] = _mm256_setzero_ps();
+            for (int b = 0; b < nb; b++) {
+                __m256i ia[4][2];
+                for (int k = 0; k < 4; k++) ia[k][0] = ia[k][1] = _mm256_setzero_si256();
+                for (int g = 0; g < 8; g++) {
+                    const uint32_t *kg = kw + (size_t)(b * 8 + g) * QK_ATT_KT + tb;
+                    const __m256i kv0 = _mm256_loadu_si256((const __m256i *)kg);
+                    const __m256i kv1 = _mm256_loadu_si256((const __m256i *)(kg + 8));
+                    for (int k = 0; k < 4; k++) {
+                        int32_t qw;
+                        memcpy(&qw, qr[k][b].qs + 4 * g, 4);
+                        const __m256i qb = _mm256_set1_epi32(qw), qa = _mm256_abs_epi8(qb);
+                        ia[k][0] = _mm256_add_epi32(
+                            ia[k][0], _mm256_madd_epi16(_mm256_maddubs_epi16(qa, _mm256_sign_epi8(kv0, qb)), ones));
+                        ia[k][1] = _mm256_add_epi32(
+                            ia[k][1], _mm256_madd_epi16(_mm256_maddubs_epi16(qa, _mm256_sign_epi8(kv1, qb)), ones));
+                    }
+                }
+                for (int h = 0; h < 2; h++) {
+                    const __m256 dkv = _mm256_loadu_ps(dk + (size_t)b * QK_ATT_KT + tb + 8 * h);
+                    for (int k = 0; k < 4; k++)
+                        acc[k][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia[k][h]),
+                                                    _mm256_mul_ps(_mm256_set1_ps(dq[k][b]), dkv), acc[k][h]);
+                }
+            }
+            for (int k = 0; k < 4 && r0 + k < nq; k++) {
+                _mm256_storeu_ps(s + (size_t)(r0 + k) * QK_ATT_KT + tb, acc[k][0]);
+                _mm256_storeu_ps(s + (size_t)(r0 + k) * QK_ATT_KT + tb + 8, acc[k][1]);
+            }
+#else
+            float acc[4][16] = {{0}};
+            for (int b = 0; b < nb; b++) {
+                int32_t ia[4][16] = {{0}};
+                for (int g = 0; g < 8; g++) {
+                    const uint32_t *kg = kw + (size_t)(b * 8 + g) * QK_ATT_KT + tb;
+                    for (int k = 0; k < 4; k++) {
+                        uint32_t qw;
+                        memcpy(&qw, qr[k][b].qs + 4 * g, 4);
+                        for (int u = 0; u < 16; u++) ia[k][u] += qk_dot4_i8(qw, kg[u]);
+                    }
+                }
+                for (int k = 0; k < 4; k++) {
+                    const float *dkb = dk + (size_t)b * QK_ATT_KT + tb;
+#pragma omp simd
+                    for (int u = 0; u < 16; u++) acc[k][u] += (float)ia[k][u] * (dq[k][b] * dkb[u]);
+                }
+            }
+            for (int k = 0; k < 4 && r0 + k < nq; k++) memcpy(s + (size_t)(r0 + k) * QK_ATT_KT + tb, acc[k], sizeof acc[k]);
+#endif
         }
     }
 }
@@ -617,11 +762,24 @@ static void qk_att_span(qk_model *m, int l, const qk_pass *p, int b, int kvh, co
         sum[r] = 0.0f;
     }
     memset(o, 0, sizeof(float) * (size_t)nq * hdv);
+    const int q8 = m->k_type == QK_CACHE_Q8_0;
+    const qk_cache_q8_0 *q8row[256];
+    const int32_t *q8sum[256];
+    for (int r = 0; q8 && r < nq; r++) { /* query row r's place in m->q is its place in rt->q8 */
+        const size_t at = (size_t)(qrow[r] - m->q) / (size_t)hd * (size_t)(hd / 32);
+        q8row[r] = m->rt->q8 + at;
+        q8sum[r] = m->rt->q8_sum + at;
+    }
     for (int ta = first; ta <= last; ta += QK_ATT_KT) {
         const int tn = last + 1 - ta < QK_ATT_KT ? last + 1 - ta : QK_ATT_KT; /* keys present */
-        qk_load_keys(kt, ks + (size_t)ta * m->k_row, m->k_type, m->k_row, hd, tn);
         qk_cache_get(m->v_type, vs + (size_t)ta * m->v_row, vt, tn * hdv);
-        qk_att_scores(sc, qrow, nq, kt, hd, tn);
+        if (q8) {
+            qk_load_keys_q8((uint32_t *)kt, ks + (size_t)ta * m->k_row, m->k_row, hd, tn);
+            qk_att_scores_q8(sc, q8row, q8sum, nq, (const uint32_t *)kt, hd, tn);
+        } else {
+            qk_load_keys(kt, ks + (size_t)ta * m->k_row, m->k_row, hd, tn);
+            qk_att_scores(sc, qrow, nq, kt, hd, tn);
+        }
         for (int r = 0; r < nq; r++) {
             const int pi = p->pos[i0 + r / group];
             const int t0 = L->window && pi >= L->window ? pi - L->window + 1 : 0;
@@ -963,6 +1121,11 @@ static void qk_qkv_post(qk_model *m, int l, const qk_pass *p, int i) {
         if (m->qk_norm) qk_rmsnorm(q + h * hd, q + h * hd, L->q_norm, hd, m->norm_eps);
         qk_rope(q + h * hd, m->n_rot, m->rope_neox, cs);
     }
+    if (m->k_type == QK_CACHE_Q8_0)
+        for (int h = 0; h < m->n_head; h++) {
+            const size_t at = ((size_t)i * m->n_head + h) * (size_t)(hd / 32);
+            qk_quantize_query(q + h * hd, m->rt->q8 + at, m->rt->q8_sum + at, hd);
+        }
     for (int h = 0; h < m->n_head_kv; h++) {
         if (m->qk_norm) qk_rmsnorm(k + h * hd, k + h * hd, L->k_norm, hd, m->norm_eps);
         qk_rope(k + h * hd, m->n_rot, m->rope_neox, cs);
@@ -1146,6 +1309,8 @@ static void qk_model_free(qk_model *m) {
     qk_free_aligned(rt->span_chunk0);
     qk_free_aligned(rt->part_at);
     qk_free_aligned(rt->parts);
+    qk_free_aligned(rt->q8);
+    qk_free_aligned(rt->q8_sum);
     qk_free_aligned(rt->rope_freq);
     qk_free_aligned(rt->rope_cs);
     free(rt->layer_base);
@@ -1352,6 +1517,12 @@ static int qk_model_init(qk_model *m) {
         !(rt->part_at = (int64_t *)qk_alloc_aligned(sizeof(int64_t) * (B + 1), &total)) ||
         !(rt->parts = (float *)qk_alloc_aligned(sizeof(float) * rt->parts_cap, &total)))
         return -1;
+    if (m->k_type == QK_CACHE_Q8_0) {
+        const size_t q_blocks = B * (size_t)m->n_head * (size_t)(m->head_dim / 32);
+        if (!(rt->q8 = (qk_cache_q8_0 *)qk_alloc_aligned(sizeof(qk_cache_q8_0) * q_blocks, &total)) ||
+            !(rt->q8_sum = (int32_t *)qk_alloc_aligned(sizeof(int32_t) * q_blocks, &total)))
+            return -1;
+    }
     /* rope tables for the distinct bases */
     const int half = m->n_rot / 2;
     if (!(rt->layer_base = (int *)calloc((size_t)m->n_layer, sizeof(int)))) return -1;

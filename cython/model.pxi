@@ -64,6 +64,12 @@ cdef extern from "forward.h":
     size_t qk_cache_row_bytes(int type, int n) noexcept nogil
     void qk_cache_put(int type, const float *x, uint8_t *dst, int n) noexcept nogil
     void qk_cache_get(int type, const uint8_t *src, float *dst, int n) noexcept nogil
+    ctypedef struct qk_cache_q8_0:
+        uint16_t d
+    void qk_quantize_query(const float *x, qk_cache_q8_0 *y, int32_t *sums, int n) noexcept nogil
+    void qk_load_keys_q8(uint32_t *kw, const uint8_t *ks, size_t row, int hd, int tn) noexcept nogil
+    void qk_att_scores_q8(float *s, const qk_cache_q8_0 *const *q, const int32_t *const *qsum, int nq,
+                          const uint32_t *kw, int hd, int tn) noexcept nogil
     void qk_copy_seq(qk_model *m, int src, int dst, int n_pos) noexcept nogil
     int qk_model_init(qk_model *m) noexcept nogil
     int qk_check_hparams(const qk_model *m) noexcept nogil
@@ -109,6 +115,34 @@ def cache_decode(int cache_type, data, int n):
     cdef float[::1] o = out
     qk_cache_get(cache_type, &src[0], &o[0], n)
     return out
+
+
+def q8_0_scores(queries, keys):
+    """Attention scores q . k of a q8_0 K cache, as the forward pass computes them: each query
+    row quantized to q8_0, the keys (at most one tile of 64) cached as q8_0 rows."""
+    cdef const float[:, ::1] q = np.ascontiguousarray(queries, dtype=np.float32)
+    cdef const float[:, ::1] k = np.ascontiguousarray(keys, dtype=np.float32)
+    cdef int nq = q.shape[0], tn = k.shape[0], hd = q.shape[1], r
+    if not (0 < nq <= 256 and 0 < tn <= 64 and k.shape[1] == hd and 0 < hd <= 1024 and hd % 32 == 0):
+        raise QpackError("q8_0_scores takes 1..256 queries, 1..64 keys, head sizes of whole blocks")
+    cdef size_t row = qk_cache_row_bytes(8, hd)
+    cdef uint8_t[::1] cache = np.zeros(tn * row, np.uint8)
+    cdef uint8_t[::1] q8 = np.zeros(nq * row, np.uint8)
+    cdef int32_t[::1] sums = np.zeros(nq * (hd // 32), np.int32)
+    cdef uint32_t[::1] tile = np.zeros(hd * 64, np.uint32)  # words and scales, as the scratch
+    out = np.zeros((nq, 64), np.float32)
+    cdef float[:, ::1] o = out
+    cdef const qk_cache_q8_0 *qrows[256]
+    cdef const int32_t *srows[256]
+    for r in range(tn):
+        qk_cache_put(8, &k[r, 0], &cache[r * row], hd)
+    for r in range(nq):
+        qk_quantize_query(&q[r, 0], <qk_cache_q8_0 *>&q8[r * row], &sums[r * (hd // 32)], hd)
+        qrows[r] = <const qk_cache_q8_0 *>&q8[r * row]
+        srows[r] = &sums[r * (hd // 32)]
+    qk_load_keys_q8(&tile[0], &cache[0], row, hd, tn)
+    qk_att_scores_q8(&o[0, 0], qrows, srows, nq, &tile[0], hd, tn)
+    return out[:, :tn]
 
 
 cdef int _c_int(object value, str what, int low=1) except? -1:

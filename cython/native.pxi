@@ -88,7 +88,7 @@ def cpu_supports(str feature) -> bool:
     return bool(qk_cpu_supports(feature.encode()))
 
 
-from libc.stdint cimport int32_t, int64_t, uint8_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t
 
 # quants.h's C API, declared once here for both quants.pxi and model.pxi.
 cdef extern from "quants.h":

@@ -4,7 +4,8 @@ Written from the architectures' papers/reference code, not from cython/forward.h
 dequantized with the `gguf` package (llama.cpp's reference dequantizers), everything runs in
 float64 with full causal attention over the whole sequence at once (no KV cache, no batching,
 no activation quantization; keys and values optionally rounded as an f16 or q8_0 KV cache holds
-them, with numpy's halves and gguf-py's quantizer). Supports llama, qwen2, qwen3, qwen3moe, phi3, gemma2 and gemma3,
+them, with numpy's halves and gguf-py's quantizer, and with q8_0 keys the queries quantized to
+q8_0 alike, as the engine and llama.cpp's CPU attention do). Supports llama, qwen2, qwen3, qwen3moe, phi3, gemma2 and gemma3,
 with the semantics of llama.cpp's src/models/*.cpp (the reference for GGUF files).
 """
 
@@ -18,8 +19,15 @@ from gguf.quants import dequantize, quantize
 
 
 class ReferenceModel:
-    def __init__(self, path: str, cache_types: tuple[str | None, str | None] = (None, None)):
+    def __init__(
+        self,
+        path: str,
+        cache_types: tuple[str | None, str | None] = (None, None),
+        q8_0_queries: bool | None = None,
+    ):
         self.cache_types = cache_types  # keys, values: None exact, else as that cache holds them
+        # queries as q8_0 blocks (None: when the keys are, as the engine does)
+        self.q8_0_queries = cache_types[0] == "q8_0" if q8_0_queries is None else q8_0_queries
         self.r = gguf.GGUFReader(str(path))
         self.t = {t.name: t for t in self.r.tensors}
         f = self.r.fields
@@ -119,6 +127,8 @@ class ReferenceModel:
             base = self.swa_base if swa else self.rope_base
             q, k = self.rope(q, pos, base), self.rope(k, pos, base)
             k, v = self.cached(k, self.cache_types[0]), self.cached(v, self.cache_types[1])
+            if self.q8_0_queries:
+                q = self.cached(q, "q8_0")
             k, v = np.repeat(k, H // KV, axis=1), np.repeat(v, H // KV, axis=1)
             att = np.einsum("ihd,jhd->hij", q, k) / math.sqrt(hd)
             if self.attn_cap:

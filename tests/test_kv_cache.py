@@ -2,8 +2,11 @@
 
 - A cache row is written and read back bit-exactly as gguf-py's Q8_0 quantize/dequantize (the
   reference of ggml's block_q8_0), on every CPU variant.
+- With q8_0 keys, a score is the integer dot of the query quantized to q8_0 (as llama.cpp's CPU
+  attention does) with the cached key: it matches the float64 dot of both rows dequantized.
 - A model run with a q8_0 cache matches the float64 reference whose keys and values went
-  through that same quantizer, far tighter than it matches the unquantized reference.
+  through that same quantizer (and its queries too, with q8_0 keys), far tighter than it
+  matches the unquantized reference, or the reference with exact queries.
 - The memory figure is exact for every combination; a head size q8_0 cannot hold is refused
   naming the flag; the command line refuses other types listing the choices.
 """
@@ -64,6 +67,28 @@ def test_q8_0_rows_are_gguf_blocks(variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("hd", [32, 64, 96, 256])
+def test_q8_0_scores_are_dots_of_q8_0_queries_and_keys(variant, hd):
+    kernels = cpu._import(variant)
+    rng = np.random.default_rng(hd)
+    for nq, tn in ((1, 1), (4, 64), (7, 23), (9, 40), (3, 17)):
+        # rows of mixed magnitudes, a zero block and a row at the int8 extremes
+        q = rng.standard_normal((nq, hd)).astype(np.float32) * rng.uniform(0.01, 30, (nq, 1))
+        k = rng.standard_normal((tn, hd)).astype(np.float32) * rng.uniform(0.01, 30, (tn, 1))
+        q[-1, :32] = 0.0 if nq > 1 else q[-1, :32]
+        k[-1] = np.where(np.arange(hd) % 2, 127.0, -127.0)
+        got = kernels.q8_0_scores(q, k)
+        qq = dequantize(quantize(q, Q8_0), Q8_0).astype(np.float64)
+        kk = dequantize(quantize(k, Q8_0), Q8_0).astype(np.float64)
+        want = qq @ kk.T
+        # f32 sums of exact per-block integer dots: a few ulp of the largest term
+        bound = 1e-6 * (np.abs(qq) @ np.abs(kk).T) + 1e-30
+        assert np.all(np.abs(got - want) <= bound), np.max(np.abs(got - want) / bound)
+        # and not the dot with the exact query
+        assert not np.allclose(got, q.astype(np.float64) @ kk.T, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_f16_rows_are_ieee_halves(variant):
     kernels = cpu._import(variant)
     f16 = CACHE_TYPES["f16"][0]
@@ -89,10 +114,16 @@ def test_q8_0_cache_matches_the_reference_quantized_the_same_way(tmp_path, varia
     diff_cached = np.abs(got - as_cached.logits(toks)) / scale
     diff_exact = np.abs(got - exact.logits(toks)) / scale
     # f32 activations: what remains is f32 vs f64 rounding, and here and there a value rounded
-    # the other way (to a half, or to an int8 step) where the f32 and f64 keys straddle a tie
-    assert diff_cached.max() < 5e-4, diff_cached.max()
-    # the cache's rounding is really there: typically 10x above what is left
+    # the other way (to a half, or to an int8 step) where the f32 and f64 keys or queries
+    # straddle a tie
+    assert diff_cached.max() < 1e-3, diff_cached.max()
+    assert np.median(diff_cached) < 5e-5, np.median(diff_cached)
+    # the cache's rounding is really there: typically 10-100x above what is left
     assert np.median(diff_exact) > 10 * np.median(diff_cached)
+    if types[0] == "q8_0":  # and so is the queries' (5x and more: an f16 V leaves more behind)
+        exact_queries = ReferenceModel(path, types, q8_0_queries=False)
+        diff_queries = np.abs(got - exact_queries.logits(toks)) / scale
+        assert np.median(diff_queries) > 5 * np.median(diff_cached)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -169,12 +200,15 @@ def test_command_line_cache_types(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["smollm2", "gemma3"])
-def test_q8_0_cache_moves_perplexity_no_more_than_llama_cpp_does(name, request):
-    """Both real models, windows of 512 over 4,096 tokens of the GPL (2,040 scored). The
-    issue's bar is 0.5 %; llama.cpp's own q8_0 cache moves Gemma 3 270M's perplexity by
-    0.59 % (tests/data/kv_cache_refs.json, tests/reference/make_kv_cache_refs.py), so the bar
-    here is the larger of 0.5 % and 1.25x llama.cpp's move on the same text."""
+def test_q8_0_cache_moves_perplexity_by_less_than_half_a_percent(name, request):
+    """The issue's bar on both real models: |change| < 0.5 % with K and V in q8_0. Measured over
+    every whole window of 512 of both texts in tests/data (6,885 scored tokens): over one
+    text's first 4,096 tokens (2,040 scored) the change is noise-dominated (paired standard
+    error 0.25-0.35 %; Gemma 3's +0.51 % there is -0.31 % on the other text). llama.cpp's change
+    on the same windows is printed beside ours (tests/data/kv_cache_refs.json, made by
+    tests/reference/make_kv_cache_refs.py)."""
     import json
+    import math
     from pathlib import Path
 
     from qpack.runtime.perplexity import perplexity, scoring_stream
@@ -184,14 +218,22 @@ def test_q8_0_cache_moves_perplexity_no_more_than_llama_cpp_does(name, request):
     peer = json.loads((data / "kv_cache_refs.json").read_text())[name]
     peer_change = peer["q8_0"]["ppl"] / peer["f16"]["ppl"] - 1
     gf = open_gguf(str(request.getfixturevalue(f"{name}_path")))
-    tokens, bos = scoring_stream(Tokenizer.from_gguf(gf), (data / "GPL-3.txt").read_text())
+    tok = Tokenizer.from_gguf(gf)
+    texts = [
+        scoring_stream(tok, (data / t).read_text())
+        for t in ("GPL-3.txt", "PyInstaller-COPYING.txt")
+    ]
     ppl = {}
     for cache in ("f16", "q8_0"):
         model = Model(gf, n_ctx=512, n_batch=512, cache_type_k=cache, cache_type_v=cache)
-        *_, last = perplexity(model, tokens[:4096], 512, bos)
-        assert last.tokens == peer[cache]["tokens"]
-        ppl[cache] = last.ppl
+        nll = count = 0
+        for tokens, bos in texts:
+            *_, last = perplexity(model, tokens, 512, bos)
+            nll += math.log(last.ppl) * last.tokens
+            count += last.tokens
+        assert count == peer[cache]["tokens"]  # the same windows as llama.cpp's
+        ppl[cache] = math.exp(nll / count)
     change = ppl["q8_0"] / ppl["f16"] - 1
     print(f"{name}: perplexity f16 {ppl['f16']:.4f}, q8_0 {ppl['q8_0']:.4f} ({change:+.3%}; "
           f"llama.cpp {peer_change:+.3%})")  # fmt: skip
-    assert abs(change) < max(0.005, 1.25 * abs(peer_change))
+    assert abs(change) < 0.005
