@@ -52,6 +52,8 @@ COMMON_GCC = [
     "-fno-trapping-math",
     "-fopenmp-simd",
     "-Wno-unused-function",
+    # a kernel that lost its definition must not build into a call of an undeclared function
+    "-Werror=implicit-function-declaration",
     "-pthread",  # the forward pass has its own thread pool (cython/workers.h), no OpenMP runtime
 ]
 COMMON_MSVC = [
@@ -146,7 +148,9 @@ def extensions() -> list[Extension]:
             )
         )
     # The builder's compiled quantizers: one module, generic flags (not per CPU level).
-    generic_flags = VARIANTS_BY_MACHINE.get(machine() + ("-msvc" if msvc() else ""), {}).get("generic", [])
+    generic_flags = VARIANTS_BY_MACHINE.get(machine() + ("-msvc" if msvc() else ""), {}).get(
+        "generic", []
+    )
     exts.append(
         Extension(
             "qpack.builder._quantize",
