@@ -146,6 +146,18 @@ static inline void qk_split_f16x2(__m256i v, __m256 *lo, __m256 *hi) {
     *hi = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
 }
 
+/* w . a as eight int32 lanes, for a wide type's panel bytes (quant_types.def group 0): unsigned
+ * on AVX-512; signed on AVX2 (QK_WIDE_SIGNED), |w| moved onto a's sign (|w| <= 128, |a| <= 127:
+ * a pair of products stays below 32767). */
+static inline __m256i qk_dot32_wide(__m256i w, __m256i a) {
+#if QK_TILES_X86 == 2
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, a);
+#else
+    const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));
+    return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+#endif
+}
+
 static inline void qk_store_q(uint8_t *dst, __m256i v) { _mm256_store_si256((__m256i *)dst, v); }
 #endif /* QK_TILES_X86 */
 

@@ -135,11 +135,8 @@ QK_TILE_INLINE __m256i qk_quads_dot(const uint8_t (*q)[QK_PANEL_ROWS][4], const 
     __m256i s = _mm256_setzero_si256();
     if (group == 0) {
         for (int j = 0; j < nq; j++) {
-            const __m256i w = _mm256_load_si256((const __m256i *)q[j]);
             const __m256i a = _mm256_set1_epi32((int)qk_load_u32((const uint8_t *)aq + 4 * j));
-            /* |w| <= 128, |a| <= 127: a pair of products stays below 32767 */
-            const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));
-            s = _mm256_add_epi32(s, _mm256_madd_epi16(p, ones));
+            s = _mm256_add_epi32(s, qk_dot32_wide(_mm256_load_si256((const __m256i *)q[j]), a));
         }
         return s;
     }

@@ -60,17 +60,6 @@ static inline __m256i qk_dot32_u8s8(__m256i u, __m256i a) {
 #endif
 }
 
-/* The same for a wide type's panel bytes (quant_types.def group 0): unsigned on AVX-512; signed
- * on AVX2 (QK_WIDE_SIGNED), through the tiles' sign trick (|w| <= 128, |a| <= 127). */
-static inline __m256i qk_dot32_wide(__m256i w, __m256i a) {
-#if QK_TILES_X86 == 2
-    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, a);
-#else
-    const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));
-    return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
-#endif
-}
-
 /* 16 bytes of nibbles -> the 32 values in element order: low nibbles, then high ones. */
 static inline __m256i qk_nibbles32(const uint8_t *qs) {
     const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)qs));
