@@ -197,6 +197,10 @@ class GGUFFile:
         self._mv = mv
         self._mmap = _mmap
         self._base = base_offset  # where the region starts in the file, for error offsets
+        # the mapping and the file offset it starts at (open_gguf maps from a granule boundary)
+        self.mapping = (
+            (_mmap, base_offset - base_offset % mmap.ALLOCATIONGRANULARITY) if _mmap else None
+        )
         self.file_size = len(mv)
         region = np.frombuffer(mv, dtype=np.uint8)
         if region.flags.writeable:  # a bytearray from a test: still hand out read-only views
@@ -240,6 +244,7 @@ class GGUFFile:
         self._region = None
         self._mv = None
         self._mmap = None
+        self.mapping = None
         self.tensors = {}
         self.fields = {}
         self.metadata = {}

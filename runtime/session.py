@@ -13,7 +13,7 @@ from typing import Any, TextIO
 
 import click
 
-from . import cpu
+from . import cpu, hugepages
 from .chat import ChatTemplate
 from .engine import Engine, Request
 from .model import Model
@@ -32,6 +32,14 @@ class Loaded:
     engine: Engine
 
 
+PAGES = {
+    "huge": "2 MiB",
+    "evicted": "re-read into 2 MiB once",
+    "small": "4 KiB (no large folios for this file)",
+    "unsupported": "default",
+}
+
+
 def load(
     gguf: Any,
     ctx_size: int | None = None,
@@ -44,6 +52,7 @@ def load(
     cache_types: tuple[str, str] = ("f16", "f16"),
 ) -> Loaded:
     kernels = cpu.load(cpu_choice)
+    pages = hugepages.prefer_huge_pages_for(gguf)
     model = Model(
         gguf,
         n_ctx=ctx_size,
@@ -65,7 +74,7 @@ def load(
             if cpu_choice not in ("auto", None)
             else ("the best this CPU supports: " + ", ".join(cpu.supported_variants()))
         )
-        line += f" ({kernels.VARIANT}: {why})"
+        line += f" ({kernels.VARIANT}: {why}; weights' pages: {PAGES[pages]})"
     click.echo(line, err=True, file=log)
     return Loaded(model, tokenizer, template, Engine(model, tokenizer, n_parallel))
 
