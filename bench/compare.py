@@ -74,7 +74,7 @@ def peak_rss_mib() -> float:
 
 def qpack_worker(a: argparse.Namespace) -> dict:
     import numpy as np
-    from qpack.runtime import cpu
+    from qpack.runtime import cpu, hugepages
     from qpack.runtime.engine import Engine
     from qpack.runtime.gguf import open_gguf
     from qpack.runtime.model import Model
@@ -83,6 +83,7 @@ def qpack_worker(a: argparse.Namespace) -> dict:
 
     kernels = cpu.load(a.cpu)
     gf = open_gguf(a.model)
+    hugepages.prefer_huge_pages_for(gf)  # as the executable does (session.load)
     model = Model(gf, n_ctx=a.ctx, n_batch=512, threads=a.threads, kernels=kernels,
                   cache_type_k=a.cache_type, cache_type_v=a.cache_type)  # fmt: skip
     toks = random_tokens(model.n_vocab, max(512, a.long + 128))

@@ -514,27 +514,42 @@ static void qk_load_keys(float *restrict kt, const uint8_t *ks, size_t row, int 
         for (int u = tn; u < (tn + 15) / 16 * 16; u++) kt[j * QK_ATT_KT + u] = 0.0f;
 }
 
-/* s[r][t] = q_r . key t for nq rows and the keys t < tn (rounded up to 16): 4 rows x 16 keys
- * of accumulators, each summing over the dimensions in order (the same arithmetic for any rows
- * and blocks). */
+/* Accumulator width of the score and PV blocks: with AVX-512, 16 floats are one register, and
+ * 4 rows x 16 would leave the FMA pipes waiting on their latency: 4 rows x 32 (8 registers). */
+#if defined(__AVX512F__)
+#define QK_ATT_W 32
+#else
+#define QK_ATT_W 16
+#endif
+
+/* Scores of 4 query rows against keys tb..tb+w-1 (w a constant where inlined). */
+QK_TILE_INLINE void qk_att_scores_block(float *restrict s, const float *const qr[4], int nq_here,
+                                                                      const float *restrict kt, int hd, int tb, int w) {
+    float acc[4][QK_ATT_W] = {{0}};
+    for (int j = 0; j < hd; j++) {
+        const float *kj = kt + j * QK_ATT_KT + tb;
+        for (int k = 0; k < 4; k++) {
+            const float qv = qr[k][j];
+#pragma omp simd
+            for (int u = 0; u < w; u++) acc[k][u] += qv * kj[u];
+        }
+    }
+    for (int k = 0; k < nq_here; k++) memcpy(s + (size_t)k * QK_ATT_KT + tb, acc[k], sizeof(float) * (size_t)w);
+}
+
+/* s[r][t] = q_r . key t for nq rows and the keys t < tn (rounded up to 16): 4 rows x QK_ATT_W
+ * (or 16) keys of accumulators, each summing over the dimensions in order (the same arithmetic
+ * for any rows, blocks and widths). */
 static void qk_att_scores(float *restrict s, const float *const *q, int nq, const float *restrict kt,
                           int hd, int tn) {
     static const float zero_row[1024];
     for (int r0 = 0; r0 < nq; r0 += 4) {
         const float *qr[4];
         for (int k = 0; k < 4; k++) qr[k] = r0 + k < nq ? q[r0 + k] : zero_row;
-        for (int tb = 0; tb < tn; tb += 16) {
-            float acc[4][16] = {{0}};
-            for (int j = 0; j < hd; j++) {
-                const float *kj = kt + j * QK_ATT_KT + tb;
-                for (int k = 0; k < 4; k++) {
-                    const float qv = qr[k][j];
-#pragma omp simd
-                    for (int u = 0; u < 16; u++) acc[k][u] += qv * kj[u];
-                }
-            }
-            for (int k = 0; k < 4 && r0 + k < nq; k++) memcpy(s + (size_t)(r0 + k) * QK_ATT_KT + tb, acc[k], sizeof acc[k]);
-        }
+        const int here = nq - r0 < 4 ? nq - r0 : 4;
+        int tb = 0;
+        for (; tb + QK_ATT_W <= tn; tb += QK_ATT_W) qk_att_scores_block(s + (size_t)r0 * QK_ATT_KT, qr, here, kt, hd, tb, QK_ATT_W);
+        for (; tb < tn; tb += 16) qk_att_scores_block(s + (size_t)r0 * QK_ATT_KT, qr, here, kt, hd, tb, 16);
     }
 }
 
@@ -691,31 +706,39 @@ static void qk_att_scores_q8(float *restrict s, const qk_cache_q8_0 *const *q, c
     }
 }
 
-/* o[r][:] += sum over t < tn of p[r][t] v[t][:], t in order; 4 rows x 16 dims at a time. */
+/* o[:, d0..d0+w-1] of 4 rows += their weights times the values, t in order. */
+QK_TILE_INLINE void qk_att_pv_block(float *restrict o, const float *const pr[4], int nq_here,
+                                                                  const float *restrict v, int hdv, int tn, int d0, int w) {
+    float acc[4][QK_ATT_W];
+    for (int k = 0; k < 4; k++)
+        for (int u = 0; u < w; u++) acc[k][u] = k < nq_here ? o[(size_t)k * hdv + d0 + u] : 0.0f;
+    for (int t = 0; t < tn; t++) {
+        const float *vt = v + (size_t)t * hdv + d0;
+        for (int k = 0; k < 4; k++) {
+            const float wt = pr[k][t];
+#pragma omp simd
+            for (int u = 0; u < w; u++) acc[k][u] += wt * vt[u];
+        }
+    }
+    for (int k = 0; k < nq_here; k++) memcpy(o + (size_t)k * hdv + d0, acc[k], sizeof(float) * (size_t)w);
+}
+
+/* o[r][:] += sum over t < tn of p[r][t] v[t][:], t in order; 4 rows x QK_ATT_W (or 16) dims at
+ * a time. */
 static void qk_att_pv(float *restrict o, const float *restrict p, int nq, const float *restrict v,
                       int hdv, int tn) {
     static const float zero_row[QK_ATT_KT];
     for (int r0 = 0; r0 < nq; r0 += 4) {
         const float *pr[4];
         for (int k = 0; k < 4; k++) pr[k] = r0 + k < nq ? p + (size_t)(r0 + k) * QK_ATT_KT : zero_row;
+        const int here = nq - r0 < 4 ? nq - r0 : 4;
+        float *orow = o + (size_t)r0 * hdv;
         int d0 = 0;
-        for (; d0 + 16 <= hdv; d0 += 16) {
-            float acc[4][16];
-            for (int k = 0; k < 4; k++)
-                for (int u = 0; u < 16; u++) acc[k][u] = r0 + k < nq ? o[(size_t)(r0 + k) * hdv + d0 + u] : 0.0f;
-            for (int t = 0; t < tn; t++) {
-                const float *vt = v + (size_t)t * hdv + d0;
-                for (int k = 0; k < 4; k++) {
-                    const float w = pr[k][t];
-#pragma omp simd
-                    for (int u = 0; u < 16; u++) acc[k][u] += w * vt[u];
-                }
-            }
-            for (int k = 0; k < 4 && r0 + k < nq; k++) memcpy(o + (size_t)(r0 + k) * hdv + d0, acc[k], sizeof acc[k]);
-        }
-        for (int k = 0; k < 4 && r0 + k < nq; k++)
+        for (; d0 + QK_ATT_W <= hdv; d0 += QK_ATT_W) qk_att_pv_block(orow, pr, here, v, hdv, tn, d0, QK_ATT_W);
+        for (; d0 + 16 <= hdv; d0 += 16) qk_att_pv_block(orow, pr, here, v, hdv, tn, d0, 16);
+        for (int k = 0; k < here; k++)
             for (int d = d0; d < hdv; d++)
-                for (int t = 0; t < tn; t++) o[(size_t)(r0 + k) * hdv + d] += pr[k][t] * v[(size_t)t * hdv + d];
+                for (int t = 0; t < tn; t++) orow[(size_t)k * hdv + d] += pr[k][t] * v[(size_t)t * hdv + d];
     }
 }
 
