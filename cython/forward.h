@@ -524,7 +524,7 @@ static void qk_load_keys(float *restrict kt, const uint8_t *ks, size_t row, int 
 
 /* Scores of 4 query rows against keys tb..tb+w-1 (w a constant where inlined). */
 QK_TILE_INLINE void qk_att_scores_block(float *restrict s, const float *const qr[4], int nq_here,
-                                                                      const float *restrict kt, int hd, int tb, int w) {
+                                        const float *restrict kt, int hd, int tb, int w) {
     float acc[4][QK_ATT_W] = {{0}};
     for (int j = 0; j < hd; j++) {
         const float *kj = kt + j * QK_ATT_KT + tb;
@@ -708,7 +708,7 @@ static void qk_att_scores_q8(float *restrict s, const qk_cache_q8_0 *const *q, c
 
 /* o[:, d0..d0+w-1] of 4 rows += their weights times the values, t in order. */
 QK_TILE_INLINE void qk_att_pv_block(float *restrict o, const float *const pr[4], int nq_here,
-                                                                  const float *restrict v, int hdv, int tn, int d0, int w) {
+                                    const float *restrict v, int hdv, int tn, int d0, int w) {
     float acc[4][QK_ATT_W];
     for (int k = 0; k < 4; k++)
         for (int u = 0; u < w; u++) acc[k][u] = k < nq_here ? o[(size_t)k * hdv + d0 + u] : 0.0f;
