@@ -7,7 +7,8 @@ pages; bench/README.md). Linux 6.x maps a file with 2 MiB pages when its page ca
 cached in small folios (written by a copy, or read without the advice) stays so until
 evicted: we then drop the model's clean cached pages once, so that they come back as 2 MiB
 folios on first use (a one-time re-read from disk), but only after trying it on 2 MiB of the
-file, so that a filesystem without large folios is never evicted for nothing. The bytes are
+file, so that a filesystem without large folios is never evicted for nothing. Five pages
+spread over the file are probed: part of a file can be cached small while the rest is not. The bytes are
 unchanged: only how the kernel caches and maps them.
 """
 
@@ -53,33 +54,44 @@ def prefer_huge_pages(mm: mmap.mmap, path: str, map_offset: int) -> str:
     if not sys.platform.startswith("linux") or not hasattr(mmap, "MADV_HUGEPAGE"):
         return "unsupported"
     size = len(mm)
-    # the first whole 2 MiB page of the file inside the mapping
-    probe = (map_offset + PMD - 1) // PMD * PMD - map_offset
-    if probe + PMD > size:
+    # up to five whole 2 MiB pages of the file, spread over the mapping (part of a file can be
+    # cached small while the rest is not)
+    first = (map_offset + PMD - 1) // PMD * PMD - map_offset
+    if first + PMD > size:
         return "unsupported"  # smaller than a huge page: nothing to gain
+    last = (map_offset + size) // PMD * PMD - PMD - map_offset
+    probes = sorted({first + (last - first) * k // 4 // PMD * PMD for k in range(5)})
     try:
         mm.madvise(mmap.MADV_HUGEPAGE)
     except OSError:
         return "unsupported"  # THP disabled ("never") or not built in
     view = np.frombuffer(mm, dtype=np.uint8)
     address = view.ctypes.data
-    for _ in range(2):  # a fault that reads the page in may map it small: fault it again
-        _touch(view, probe)
-        if mapped_huge_bytes(address) >= PMD:
-            return "huge"
-        mm.madvise(mmap.MADV_DONTNEED, probe, PMD)
+    small = None
+    for n, probe in enumerate(probes, 1):
+        for _ in range(2):  # a fault that reads the page in may map it small: fault it again
+            _touch(view, probe)
+            if mapped_huge_bytes(address) >= n * PMD:
+                break
+            mm.madvise(mmap.MADV_DONTNEED, probe, PMD)
+        else:
+            small = probe
+            break
+    if small is None:
+        return "huge"
     fd = os.open(path, os.O_RDONLY)
     try:
-        # try on the probe page alone: drop it from the cache, fault it again
-        os.posix_fadvise(fd, map_offset + probe, PMD, os.POSIX_FADV_DONTNEED)
-        _touch(view, probe)
+        # try on that page alone: drop it from the cache, fault it again
+        mm.madvise(mmap.MADV_DONTNEED)
+        os.posix_fadvise(fd, map_offset + small, PMD, os.POSIX_FADV_DONTNEED)
+        _touch(view, small)
         if mapped_huge_bytes(address) < PMD:
             return "small"  # no large folios here (filesystem, or pages mapped elsewhere)
         mm.madvise(mmap.MADV_DONTNEED)
         # from the huge page the mapping starts in: small folios cached before the mapping
         # would make the first read-ahead there, which spans two huge pages, small too
-        first = map_offset // PMD * PMD
-        os.posix_fadvise(fd, first, map_offset + size - first, os.POSIX_FADV_DONTNEED)
+        start = map_offset // PMD * PMD
+        os.posix_fadvise(fd, start, map_offset + size - start, os.POSIX_FADV_DONTNEED)
         return "evicted"
     finally:
         os.close(fd)
