@@ -268,11 +268,15 @@ class ModelFacts:
         per_token = 3 * hp.n_embd + hp.q_dim + hp.kv_dim + hp.kv_dim_v + hp.att_dim + 2 * dense_ff
         return n_batch * per_token * F32_BYTES
 
-    def runtime_bytes_estimate(self, n_batch: int, n_threads: int, n_ctx: int) -> int:
+    def runtime_bytes_estimate(
+        self, n_batch: int, n_threads: int, n_ctx: int, cache_type_k: str = "f16"
+    ) -> int:
         """An upper estimate of forward.h's own scratch (qk_model_init): quantized activation
-        rows (at most f32-sized), per thread a tile panel and attention scratch, and the
-        states of attention split across threads."""
+        rows (at most f32-sized), per thread a tile panel and attention scratch, the states of
+        attention split across threads, and with a q8_0 K cache the queries in q8_0 (34-byte
+        blocks and a 4-byte sum per 32 values)."""
         hp = self.hp
+        query_q8 = n_batch * hp.n_head * (hp.head_dim // 32) * 38 if cache_type_k == "q8_0" else 0
         widest = max(hp.n_embd, hp.n_ff, hp.att_dim)
         group = hp.n_head // hp.n_head_kv
         rows = max(64 // group, 1) * group
@@ -297,7 +301,8 @@ class ModelFacts:
             + 3 * hp.n_expert
             + 1
         )
-        return F32_BYTES * (n_batch * widest + n_threads * (att + 8 * widest) + rope + moe + parts)
+        floats = n_batch * widest + n_threads * (att + 8 * widest) + rope + moe + parts
+        return F32_BYTES * floats + query_q8
 
     def c_hparams(self) -> dict[str, Any]:
         """The hyperparameters as the C model struct takes them."""

@@ -296,6 +296,27 @@ def test_one_source_of_memory_facts(tmp_path, arch):
         )
 
 
+def test_runtime_estimate_counts_q8_0_queries(tmp_path):
+    """A q8_0 K cache quantizes the queries too: the estimate holds with it."""
+    from qpack.runtime import cpu
+    from qpack.runtime.model import Model
+
+    path = tiny_model(tmp_path / "m.gguf", "llama", "Q8_0", n_heads=8, n_kv_heads=2, head_dim=64)
+    with open_gguf(str(path)) as gf:
+        mf = read_model_facts(gf)
+        kw = dict(n_ctx=96, n_batch=64, threads=2, kernels=cpu._import("generic"))
+        f16 = Model(gf, **kw)
+        q8 = Model(gf, cache_type_k="q8_0", **kw)
+        extra = q8.native.scratch_bytes - f16.native.scratch_bytes
+        assert extra >= 64 * 8 * 2 * 38  # the query blocks and sums, allocated
+        runtime = q8.native.scratch_bytes - q8.native.buffer_bytes
+        assert runtime <= mf.runtime_bytes_estimate(64, 2, 96, cache_type_k="q8_0")
+        assert (
+            mf.runtime_bytes_estimate(64, 2, 96, "q8_0") - mf.runtime_bytes_estimate(64, 2, 96)
+            == 64 * 8 * 2 * 38
+        )
+
+
 # --- hostile strings ---------------------------------------------------------------------------
 
 
