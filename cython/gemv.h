@@ -30,21 +30,7 @@
 
 #include "panel.h"
 
-#if QK_TILES_X86 == 2 && defined(__AVX512BW__)
-
-/* Eight vectors of 16 int32 -> one of 8: lane i = the sum of v[i]'s lanes. */
-static inline __m256i qk_lane_sums8(const __m512i v[8]) {
-    const __m512i p0 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[0], v[1]), _mm512_unpackhi_epi32(v[0], v[1]));
-    const __m512i p1 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2], v[3]), _mm512_unpackhi_epi32(v[2], v[3]));
-    const __m512i p2 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[4], v[5]), _mm512_unpackhi_epi32(v[4], v[5]));
-    const __m512i p3 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[6], v[7]), _mm512_unpackhi_epi32(v[6], v[7]));
-    /* per 128-bit lane: partial sums of v0..v3 (q0) and v4..v7 (q1) */
-    const __m512i q0 = _mm512_add_epi32(_mm512_unpacklo_epi64(p0, p1), _mm512_unpackhi_epi64(p0, p1));
-    const __m512i q1 = _mm512_add_epi32(_mm512_unpacklo_epi64(p2, p3), _mm512_unpackhi_epi64(p2, p3));
-    const __m512i u = _mm512_add_epi32(_mm512_shuffle_i32x4(q0, q1, 0x88), _mm512_shuffle_i32x4(q0, q1, 0xDD));
-    const __m512i w = _mm512_add_epi32(_mm512_shuffle_i32x4(u, u, 0x08), _mm512_shuffle_i32x4(u, u, 0x0D));
-    return _mm512_castsi512_si256(w);
-}
+#if QK_TILES_X86
 
 /* 8x8 int32 transpose: v[i] lane k -> v[k] lane i. */
 static inline void qk_transpose8_epi32(__m256i v[8]) {
@@ -65,19 +51,79 @@ static inline void qk_transpose8_epi32(__m256i v[8]) {
     }
 }
 
+/* Eight rows' d, nd and min sums of one block, from their side entries (16 bytes per row) and
+ * dh, and the token's block x. */
+typedef void (*qk_gemv_mins_fn)(const uint8_t *side, const uint16_t *dh, const qk_act_q8_256 *x, __m256 *d,
+                                __m256 *nd, __m256i *mins);
+
+/* The tiles' float steps for eight rows (lanes = rows), in block order, from their tot
+ * ([row][nb8 blocks]) and side entries; out[i] for i < rows. */
+QK_TILE_INLINE void qk_gemv_float_steps(int64_t nb, const int32_t *tot, const uint8_t *side, const uint16_t *dh,
+                                        const qk_act_q8_256 *x, qk_gemv_mins_fn mins_of, float *out, int rows) {
+    const int64_t nb8 = (nb + 7) / 8 * 8;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b0 = 0; b0 < nb; b0 += 8) {
+        __m256i v[8];
+        for (int i = 0; i < 8; i++) v[i] = _mm256_loadu_si256((const __m256i *)(tot + i * nb8 + b0));
+        qk_transpose8_epi32(v);
+        for (int k = 0; k < 8 && b0 + k < nb; k++) {
+            const int64_t b = b0 + k;
+            __m256 d, nd;
+            __m256i mins;
+            mins_of(side + (size_t)b * 8 * 16, dh + 8 * b, x + b, &d, &nd, &mins);
+            const __m256 da = _mm256_set1_ps(x[b].d);
+            acc = _mm256_fmadd_ps(_mm256_mul_ps(d, da), _mm256_cvtepi32_ps(v[k]), acc);
+            acc = _mm256_fmadd_ps(_mm256_mul_ps(nd, da), _mm256_cvtepi32_ps(mins), acc);
+        }
+    }
+    float v[8];
+    _mm256_storeu_ps(v, acc);
+    for (int i = 0; i < rows; i++) out[i] = v[i];
+}
+
+/* Scratch layout of both builds: per (row of 8, block) tot, then per (block, row of 8) a 16-byte
+ * side entry and a u16 (AVX-512 puts the prepared token first). */
+typedef struct {
+    int32_t *tot;   /* [row of 8][nb8] */
+    uint8_t *side;  /* [block][row of 8][16] */
+    uint16_t *dh;   /* [block][row of 8] */
+} qk_gemv_parked;
+
+static inline qk_gemv_parked qk_gemv_park(void *at, int64_t nb) {
+    qk_gemv_parked p;
+    p.tot = (int32_t *)at;
+    p.side = (uint8_t *)(p.tot + 8 * ((nb + 7) / 8 * 8));
+    p.dh = (uint16_t *)(p.side + 8 * 16 * nb);
+    return p;
+}
+
+#endif /* QK_TILES_X86 */
+
+#if QK_TILES_X86 == 2 && defined(__AVX512BW__)
+
+/* Eight vectors of 16 int32 -> one of 8: lane i = the sum of v[i]'s lanes. */
+static inline __m256i qk_lane_sums8(const __m512i v[8]) {
+    const __m512i p0 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[0], v[1]), _mm512_unpackhi_epi32(v[0], v[1]));
+    const __m512i p1 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2], v[3]), _mm512_unpackhi_epi32(v[2], v[3]));
+    const __m512i p2 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[4], v[5]), _mm512_unpackhi_epi32(v[4], v[5]));
+    const __m512i p3 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[6], v[7]), _mm512_unpackhi_epi32(v[6], v[7]));
+    /* per 128-bit lane: partial sums of v0..v3 (q0) and v4..v7 (q1) */
+    const __m512i q0 = _mm512_add_epi32(_mm512_unpacklo_epi64(p0, p1), _mm512_unpackhi_epi64(p0, p1));
+    const __m512i q1 = _mm512_add_epi32(_mm512_unpacklo_epi64(p2, p3), _mm512_unpackhi_epi64(p2, p3));
+    const __m512i u = _mm512_add_epi32(_mm512_shuffle_i32x4(q0, q1, 0x88), _mm512_shuffle_i32x4(q0, q1, 0xDD));
+    const __m512i w = _mm512_add_epi32(_mm512_shuffle_i32x4(u, u, 0x08), _mm512_shuffle_i32x4(u, u, 0x0D));
+    return _mm512_castsi512_si256(w);
+}
+
 /* What a row's block needs of the token, prepared once per call: the activation quants in the
- * order the row's registers hold the weights, and its bsums as int16 for the min terms. */
+ * order the row's registers hold the weights. */
 typedef struct {
     __m512i a[4];
-    __m512i bs;
 } qk_gemv_act;
 
 /* One row's block: returns the 16-lane vector whose lane sum is tot, and leaves in `side` (16
  * bytes) and `dh` what the min step needs of it. */
 typedef __m512i (*qk_gemv_block_fn)(const uint8_t *x, const qk_gemv_act *a, uint8_t *side, uint16_t *dh);
-/* Eight rows' d, nd and min sums of one block, from their side entries and dh. */
-typedef void (*qk_gemv_mins_fn)(const uint8_t *side, const uint16_t *dh, __m512i bs, __m256 *d, __m256 *nd,
-                                __m256i *mins);
 
 /* The four vpdpbusd results (|lane| <= 4 * 63 * 127 < 2^15) packed to int16 meet the scales as
  * int16 in one vpmaddwd + vpdpwssd: pack(R0, R1) holds per 128-bit lane j four int16 of R0's
@@ -94,13 +140,12 @@ static inline __m512i qk_gemv_scaled(__m512i r0, __m512i r1, __m512i r2, __m512i
 
 /* Registers: R0 = low nibbles of qs[0..63] = sub-blocks 0 and 2 (lanes 0-7, 8-15), R1 = high
  * nibbles = 1 and 3, R2 = low of qs[64..127] = 4 and 6, R3 = 5 and 7; the token's quants in the
- * same order; bsums32 (the 8 sub-blocks' sums) in every 128-bit lane. */
+ * same order. */
 static inline void qk_gemv_act_q4_k(const qk_act_q8_256 *x, qk_gemv_act *g) {
     static const int sub[4][2] = {{0, 2}, {1, 3}, {4, 6}, {5, 7}};
     for (int k = 0; k < 4; k++)
         g->a[k] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(x->qs + 32 * sub[k][0]))),
                                      _mm256_loadu_si256((const __m256i *)(x->qs + 32 * sub[k][1])), 1);
-    g->bs = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)x->bsums32));
 }
 
 static inline __m512i qk_gemv_block_q4_k(const uint8_t *x, const qk_gemv_act *a, uint8_t *side, uint16_t *dh) {
@@ -129,9 +174,10 @@ static inline __m512i qk_gemv_block_q4_k(const uint8_t *x, const qk_gemv_act *a,
                           _mm512_shuffle_epi8(s, _mm512_add_epi8(sc01, _mm512_set1_epi16(4))));
 }
 
-static inline void qk_gemv_mins_q4_k(const uint8_t *side, const uint16_t *dh, __m512i bs, __m256 *d, __m256 *nd,
-                                     __m256i *mins) {
+static inline void qk_gemv_mins_q4_k(const uint8_t *side, const uint16_t *dh, const qk_act_q8_256 *x, __m256 *d,
+                                     __m256 *nd, __m256i *mins) {
     (void)dh;
+    const __m512i bs = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)x->bsums32));
     const __m512i h0 = _mm512_loadu_si512((const void *)side), h1 = _mm512_loadu_si512((const void *)(side + 64));
     const __m256i dm = _mm512_castsi512_si256(_mm512_permutex2var_epi32(
         h0, _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 0, 0, 0, 0, 0, 0, 0), h1));
@@ -150,11 +196,9 @@ static inline void qk_gemv_mins_q4_k(const uint8_t *side, const uint16_t *dh, __
 /* ---------------------------------------------------------------- Q6_K */
 
 /* Registers in natural order: R_k = elements 64k..64k+63, 128-bit lane j = sub-block 4k + j:
- * pack(R0, R1) holds per lane j sub-blocks j and 4 + j, pack(R2, R3) 8 + j and 12 + j; the
- * 16 bsums in each 256-bit half. */
+ * pack(R0, R1) holds per lane j sub-blocks j and 4 + j, pack(R2, R3) 8 + j and 12 + j. */
 static inline void qk_gemv_act_q6_k(const qk_act_q8_256 *x, qk_gemv_act *g) {
     for (int k = 0; k < 4; k++) g->a[k] = _mm512_loadu_si512((const void *)(x->qs + 64 * k));
-    g->bs = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)x->bsums));
 }
 
 static inline __m512i qk_gemv_block_q6_k(const uint8_t *x, const qk_gemv_act *a, uint8_t *side, uint16_t *dh) {
@@ -188,8 +232,9 @@ static inline __m512i qk_gemv_block_q6_k(const uint8_t *x, const qk_gemv_act *a,
 }
 
 /* mins = sum_s (32 sc_s) bsums_s (the -32 offset of the quants), nd = -d */
-static inline void qk_gemv_mins_q6_k(const uint8_t *side, const uint16_t *dh, __m512i bs, __m256 *d, __m256 *nd,
-                                     __m256i *mins) {
+static inline void qk_gemv_mins_q6_k(const uint8_t *side, const uint16_t *dh, const qk_act_q8_256 *x, __m256 *d,
+                                     __m256 *nd, __m256i *mins) {
+    const __m512i bs = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)x->bsums));
     *d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)dh));
     *nd = _mm256_sub_ps(_mm256_setzero_ps(), *d);
     /* 256-bit half h of p[k]: row 2k + h's scales times the bsums, in 8 int32 */
@@ -209,21 +254,20 @@ static inline void qk_gemv_mins_q6_k(const uint8_t *side, const uint16_t *dh, __
 
 /* ---------------------------------------------------------------- the product */
 
-/* Scratch: per block the prepared token (5 registers, 320 bytes), per (row of 8, block) tot,
- * per (block, row of 8) a 16-byte side entry and a u16: 608 bytes per block, well within
- * qk_gemm_scratch_bytes (two qk_panel256 per block). */
-/* out[r] = W[r] . act for r < nr. Rows are read one after the other (one stream per thread);
- * per row, eight blocks' tot vectors go through one lane-sum tree; then, eight rows at a time,
- * the tiles' float steps in block order with lanes = rows. */
+/* Scratch: per block the prepared token (4 registers, 256 bytes), then qk_gemv_parked (per
+ * block 8 x (4 + 16 + 2) bytes): well within qk_gemm_scratch_bytes (two qk_panel256 per
+ * block). */
+
+/* out[r] = W[r] . act for r < nr. Rows are read one after the other (one stream per thread:
+ * this machine's DRAM streams two interleaved rows at half speed); per row, eight blocks' tot
+ * vectors go through one lane-sum tree; then the float steps, eight rows at a time. */
 QK_TILE_INLINE void qk_gemv256(int64_t n, const uint8_t *w, size_t row_bytes, int64_t nr, const uint8_t *act,
                                float *out, void *scratch, int bytes, void (*prep)(const qk_act_q8_256 *, qk_gemv_act *),
                                qk_gemv_block_fn block, qk_gemv_mins_fn mins_of) {
     const int64_t nb = n / 256, nb8 = (nb + 7) / 8 * 8;
     const qk_act_q8_256 *x = (const qk_act_q8_256 *)act;
     qk_gemv_act *ga = (qk_gemv_act *)scratch;
-    int32_t *tot = (int32_t *)(ga + nb);       /* [row of 8][block] */
-    uint8_t *side = (uint8_t *)(tot + 8 * nb8); /* [block][row of 8][16] */
-    uint16_t *dh = (uint16_t *)(side + 8 * 16 * nb); /* [block][row of 8] */
+    const qk_gemv_parked pk = qk_gemv_park(ga + nb, nb);
     for (int64_t b = 0; b < nb; b++) prep(x + b, ga + b);
     for (int64_t r = 0; r < nr; r += 8) {
         const int rows = nr - r < 8 ? (int)(nr - r) : 8;
@@ -233,34 +277,13 @@ QK_TILE_INLINE void qk_gemv256(int64_t n, const uint8_t *w, size_t row_bytes, in
                 __m512i t[8];
                 for (int k = 0; k < 8; k++) {
                     const int64_t b = b0 + k;
-                    if (b < nb) {
-                        const uint8_t *blk = row + (size_t)b * bytes;
-                        t[k] = block(blk, ga + b, side + (size_t)(8 * b + i) * 16, dh + 8 * b + i);
-                    } else {
-                        t[k] = _mm512_setzero_si512();
-                    }
+                    t[k] = b < nb ? block(row + (size_t)b * bytes, ga + b, pk.side + (size_t)(8 * b + i) * 16, pk.dh + 8 * b + i)
+                                  : _mm512_setzero_si512();
                 }
-                _mm256_storeu_si256((__m256i *)(tot + i * nb8 + b0), qk_lane_sums8(t));
+                _mm256_storeu_si256((__m256i *)(pk.tot + i * nb8 + b0), qk_lane_sums8(t));
             }
         }
-        __m256 acc = _mm256_setzero_ps();
-        for (int64_t b0 = 0; b0 < nb; b0 += 8) {
-            __m256i v[8];
-            for (int i = 0; i < 8; i++) v[i] = _mm256_loadu_si256((const __m256i *)(tot + i * nb8 + b0));
-            qk_transpose8_epi32(v);
-            for (int k = 0; k < 8 && b0 + k < nb; k++) {
-                const int64_t b = b0 + k;
-                __m256 d, nd;
-                __m256i mins;
-                mins_of(side + (size_t)b * 8 * 16, dh + 8 * b, ga[b].bs, &d, &nd, &mins);
-                const __m256 da = _mm256_set1_ps(x[b].d);
-                acc = _mm256_fmadd_ps(_mm256_mul_ps(d, da), _mm256_cvtepi32_ps(v[k]), acc);
-                acc = _mm256_fmadd_ps(_mm256_mul_ps(nd, da), _mm256_cvtepi32_ps(mins), acc);
-            }
-        }
-        float v[8];
-        _mm256_storeu_ps(v, acc);
-        for (int i = 0; i < rows; i++) out[r + i] = v[i];
+        qk_gemv_float_steps(nb, pk.tot, pk.side, pk.dh, x, mins_of, out + r, rows);
     }
 }
 
@@ -274,6 +297,145 @@ static void qk_decode_q4_k(int64_t n, const uint8_t *w, size_t row_bytes, int64_
 static void qk_decode_q6_k(int64_t n, const uint8_t *w, size_t row_bytes, int64_t nr, const uint8_t *act,
                            float *out, void *scratch) {
     qk_gemv256(n, w, row_bytes, nr, act, out, scratch, 210, qk_gemv_act_q6_k, qk_gemv_block_q6_k, qk_gemv_mins_q6_k);
+}
+#elif QK_TILES_X86 == 1
+
+/* ---------------------------------------------------------------- AVX2: the same numbers
+ * The token's quants are read in natural order straight from its block (32 per register); per
+ * register of 32 weights, maddubs gives int16 pair sums (|pair| <= 2 * 63 * 127 < 2^15) and
+ * vpmaddwd meets them with the sub-block scale(s) broadcast to int16 lanes. */
+
+/* int16 lane w of each 128-bit half takes int16 v of the source (vpshufb control). */
+#define QK_I16_BCAST(v) _mm256_set1_epi16((short)((2 * (v) + 1) << 8 | (2 * (v))))
+
+static inline __m256i qk_gemv2_block_q4_k(const uint8_t *x, const qk_act_q8_256 *a, uint8_t *side, uint16_t *dh) {
+    (void)dh;
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    /* 6-bit scales and mins as in the AVX-512 block: [d|dmin, a, b, c] -> [sc0-3, sc4-7, mn0-3, mn4-7] */
+    const __m128i head = _mm_loadu_si128((const __m128i *)x);
+    const __m128i low = _mm_and_si128(_mm_srlv_epi32(_mm_shuffle_epi32(head, _MM_SHUFFLE(3, 2, 3, 1)), _mm_setr_epi32(0, 0, 0, 4)),
+                                      _mm_setr_epi32(0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f));
+    const __m128i high = _mm_and_si128(_mm_srli_epi32(_mm_shuffle_epi32(head, _MM_SHUFFLE(2, 2, 1, 1)), 2),
+                                       _mm_setr_epi32(0, 0x30303030, 0, 0x30303030));
+    const __m128i scmn = _mm_or_si128(low, high);
+    _mm_storeu_si128((__m128i *)side, _mm_blend_epi32(scmn, head, 0x1)); /* [d|dmin, sc4-7, mn0-7] */
+    const __m256i sc = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(scmn)); /* sc0-7 as int16 */
+    __m256i tot = _mm256_setzero_si256();
+    for (int j = 0; j < 4; j++) { /* qs[32j..32j+31]: low nibbles sub-block 2j, high 2j + 1 */
+        const __m256i q = _mm256_loadu_si256((const __m256i *)(x + 16 + 32 * j));
+        const __m256i lo = _mm256_maddubs_epi16(_mm256_and_si256(q, m4), _mm256_loadu_si256((const __m256i *)(a->qs + 64 * j)));
+        const __m256i hi = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(q, 4), m4),
+                                                _mm256_loadu_si256((const __m256i *)(a->qs + 64 * j + 32)));
+        tot = _mm256_add_epi32(tot, _mm256_madd_epi16(lo, _mm256_shuffle_epi8(sc, QK_I16_BCAST(2 * j))));
+        tot = _mm256_add_epi32(tot, _mm256_madd_epi16(hi, _mm256_shuffle_epi8(sc, QK_I16_BCAST(2 * j + 1))));
+    }
+    return tot;
+}
+
+static inline void qk_gemv2_mins_q4_k(const uint8_t *side, const uint16_t *dh, const qk_act_q8_256 *x, __m256 *d,
+                                      __m256 *nd, __m256i *mins) {
+    (void)dh;
+    const __m128i bs = _mm_loadu_si128((const __m128i *)x->bsums32);
+    const __m128i zext = _mm_setr_epi8(8, -1, 9, -1, 10, -1, 11, -1, 12, -1, 13, -1, 14, -1, 15, -1);
+    __m128i e[8], p[8];
+    for (int i = 0; i < 8; i++) {
+        e[i] = _mm_loadu_si128((const __m128i *)(side + 16 * i));
+        p[i] = _mm_madd_epi16(_mm_shuffle_epi8(e[i], zext), bs); /* row i: 4 partial sums */
+    }
+    const __m128i m03 = _mm_hadd_epi32(_mm_hadd_epi32(p[0], p[1]), _mm_hadd_epi32(p[2], p[3]));
+    const __m128i m47 = _mm_hadd_epi32(_mm_hadd_epi32(p[4], p[5]), _mm_hadd_epi32(p[6], p[7]));
+    *mins = _mm256_inserti128_si256(_mm256_castsi128_si256(m03), m47, 1);
+    /* the rows' first dwords, d | dmin << 16 */
+    const __m128i d03 = _mm_unpacklo_epi64(_mm_unpacklo_epi32(e[0], e[1]), _mm_unpacklo_epi32(e[2], e[3]));
+    const __m128i d47 = _mm_unpacklo_epi64(_mm_unpacklo_epi32(e[4], e[5]), _mm_unpacklo_epi32(e[6], e[7]));
+    __m256 dmin;
+    qk_split_f16x2(_mm256_inserti128_si256(_mm256_castsi128_si256(d03), d47, 1), d, &dmin);
+    *nd = _mm256_sub_ps(_mm256_setzero_ps(), dmin);
+}
+
+static inline __m256i qk_gemv2_block_q6_k(const uint8_t *x, const qk_act_q8_256 *a, uint8_t *side, uint16_t *dh) {
+    const __m256i m4 = _mm256_set1_epi8(0x0f), m3 = _mm256_set1_epi8(0x03);
+    const __m128i sc8 = _mm_loadu_si128((const __m128i *)(x + 192));
+    _mm_storeu_si128((__m128i *)side, sc8); /* side: the 16 int8 scales */
+    *dh = qk_load_u16(x + 208);
+    const __m256i sc16 = _mm256_cvtepi8_epi16(sc8);
+    __m256i tot = _mm256_setzero_si256();
+    for (int h = 0; h < 2; h++) { /* elements 128h + 32k + l (k < 4): ql, qh as ggml lays them */
+        const __m256i ql0 = _mm256_loadu_si256((const __m256i *)(x + 64 * h));
+        const __m256i ql1 = _mm256_loadu_si256((const __m256i *)(x + 64 * h + 32));
+        const __m256i qh = _mm256_loadu_si256((const __m256i *)(x + 128 + 32 * h));
+        const __m256i q[4] = {
+            _mm256_or_si256(_mm256_and_si256(ql0, m4), _mm256_slli_epi16(_mm256_and_si256(qh, m3), 4)),
+            _mm256_or_si256(_mm256_and_si256(ql1, m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m3), 4)),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
+                            _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m3), 4)),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+                            _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m3), 4)),
+        };
+        /* scales 8h..8h + 7 in both halves: register k's lanes 0-7 are sub-block 8h + 2k, 8-15 the next */
+        const __m256i s = h == 0 ? _mm256_permute2x128_si256(sc16, sc16, 0x00) : _mm256_permute2x128_si256(sc16, sc16, 0x11);
+        for (int k = 0; k < 4; k++) {
+            const __m256i p = _mm256_maddubs_epi16(q[k], _mm256_loadu_si256((const __m256i *)(a->qs + 128 * h + 32 * k)));
+            const __m256i sk = _mm256_shuffle_epi8(s, _mm256_setr_epi8(4 * k, 4 * k + 1, 4 * k, 4 * k + 1, 4 * k, 4 * k + 1,
+                                                                      4 * k, 4 * k + 1, 4 * k, 4 * k + 1, 4 * k, 4 * k + 1,
+                                                                      4 * k, 4 * k + 1, 4 * k, 4 * k + 1, 4 * k + 2, 4 * k + 3,
+                                                                      4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3, 4 * k + 2,
+                                                                      4 * k + 3, 4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3,
+                                                                      4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3));
+            tot = _mm256_add_epi32(tot, _mm256_madd_epi16(p, sk));
+        }
+    }
+    return tot;
+}
+
+static inline void qk_gemv2_mins_q6_k(const uint8_t *side, const uint16_t *dh, const qk_act_q8_256 *x, __m256 *d,
+                                      __m256 *nd, __m256i *mins) {
+    const __m256i bs = _mm256_loadu_si256((const __m256i *)x->bsums);
+    __m256i p[8];
+    for (int i = 0; i < 8; i++)
+        p[i] = _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(side + 16 * i))), bs);
+    *mins = _mm256_slli_epi32(qk_rows_sum8(p), 5); /* 32 sc bsums, as the AVX-512 build */
+    *d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)dh));
+    *nd = _mm256_sub_ps(_mm256_setzero_ps(), *d);
+}
+
+typedef __m256i (*qk_gemv2_block_fn)(const uint8_t *x, const qk_act_q8_256 *a, uint8_t *side, uint16_t *dh);
+
+/* out[r] = W[r] . act for r < nr, as qk_gemv256 (rows one after the other, a lane-sum tree per
+ * eight blocks of a row, the float steps eight rows at a time). */
+QK_TILE_INLINE void qk_gemv256_avx2(int64_t n, const uint8_t *w, size_t row_bytes, int64_t nr, const uint8_t *act,
+                                    float *out, void *scratch, int bytes, qk_gemv2_block_fn block,
+                                    qk_gemv_mins_fn mins_of) {
+    const int64_t nb = n / 256, nb8 = (nb + 7) / 8 * 8;
+    const qk_act_q8_256 *x = (const qk_act_q8_256 *)act;
+    const qk_gemv_parked pk = qk_gemv_park(scratch, nb);
+    for (int64_t r = 0; r < nr; r += 8) {
+        const int rows = nr - r < 8 ? (int)(nr - r) : 8;
+        for (int i = 0; i < 8; i++) {
+            const uint8_t *row = w + (size_t)(r + (i < rows ? i : rows - 1)) * row_bytes;
+            for (int64_t b0 = 0; b0 < nb; b0 += 8) {
+                __m256i t[8];
+                for (int k = 0; k < 8; k++) {
+                    const int64_t b = b0 + k;
+                    t[k] = b < nb ? block(row + (size_t)b * bytes, x + b, pk.side + (size_t)(8 * b + i) * 16, pk.dh + 8 * b + i)
+                                  : _mm256_setzero_si256();
+                }
+                _mm256_storeu_si256((__m256i *)(pk.tot + i * nb8 + b0), qk_rows_sum8(t));
+            }
+        }
+        qk_gemv_float_steps(nb, pk.tot, pk.side, pk.dh, x, mins_of, out + r, rows);
+    }
+}
+
+#define QK_HAS_DECODE_q4_k 1
+static void qk_decode_q4_k(int64_t n, const uint8_t *w, size_t row_bytes, int64_t nr, const uint8_t *act,
+                           float *out, void *scratch) {
+    qk_gemv256_avx2(n, w, row_bytes, nr, act, out, scratch, 144, qk_gemv2_block_q4_k, qk_gemv2_mins_q4_k);
+}
+#define QK_HAS_DECODE_q6_k 1
+static void qk_decode_q6_k(int64_t n, const uint8_t *w, size_t row_bytes, int64_t nr, const uint8_t *act,
+                           float *out, void *scratch) {
+    qk_gemv256_avx2(n, w, row_bytes, nr, act, out, scratch, 210, qk_gemv2_block_q6_k, qk_gemv2_mins_q6_k);
 }
 #endif
 

@@ -24,18 +24,6 @@
 #include "../panel.h"
 
 #if QK_TILES_X86
-/* Eight vectors of 8 int32 -> one: lane i = the sum of v[i]'s lanes. */
-static inline __m256i qk_rows_sum8(const __m256i v[8]) {
-    const __m256i p0 = _mm256_add_epi32(_mm256_unpacklo_epi32(v[0], v[1]), _mm256_unpackhi_epi32(v[0], v[1]));
-    const __m256i p1 = _mm256_add_epi32(_mm256_unpacklo_epi32(v[2], v[3]), _mm256_unpackhi_epi32(v[2], v[3]));
-    const __m256i p2 = _mm256_add_epi32(_mm256_unpacklo_epi32(v[4], v[5]), _mm256_unpackhi_epi32(v[4], v[5]));
-    const __m256i p3 = _mm256_add_epi32(_mm256_unpacklo_epi32(v[6], v[7]), _mm256_unpackhi_epi32(v[6], v[7]));
-    /* per 128-bit half: partial sums of v0..v3 (q0) and v4..v7 (q1) */
-    const __m256i q0 = _mm256_add_epi32(_mm256_unpacklo_epi64(p0, p1), _mm256_unpackhi_epi64(p0, p1));
-    const __m256i q1 = _mm256_add_epi32(_mm256_unpacklo_epi64(p2, p3), _mm256_unpackhi_epi64(p2, p3));
-    return _mm256_add_epi32(_mm256_permute2x128_si256(q0, q1, 0x20), _mm256_permute2x128_si256(q0, q1, 0x31));
-}
-
 /* The f16 at offset off of the eight rows, as floats. Word by word into one register: fewer
  * instructions than dword loads and a transposition, and Zen 4's vpgatherdd is slower still
  * (measured: 52, 49 and 42 GB/s on Q8_0). */
