@@ -97,6 +97,29 @@ static inline qk_gemv_parked qk_gemv_park(void *at, int64_t nb) {
     return p;
 }
 
+/* One row's tot for blocks b0..b0+7 (zero past nb) as 8 lanes, leaving its side entries:
+ * the build's block loop and lane-sum tree. `tok` is what the build's blocks read of the token. */
+typedef __m256i (*qk_gemv_tots8_fn)(const uint8_t *row, int64_t b0, int64_t nb, int bytes, const void *tok,
+                                    qk_gemv_parked pk, int i);
+
+/* out[r] = W[r] . x for r < nr. Rows are read one after the other (one stream per thread: this
+ * machine's DRAM streams two interleaved rows at half speed); per row, eight blocks' tot come
+ * out of one lane-sum tree; then the float steps, eight rows at a time. */
+QK_TILE_INLINE void qk_gemv_rows(int64_t nb, const uint8_t *w, size_t row_bytes, int64_t nr, const qk_act_q8_256 *x,
+                                 const void *tok, float *out, qk_gemv_parked pk, int bytes, qk_gemv_tots8_fn tots8,
+                                 qk_gemv_mins_fn mins_of) {
+    const int64_t nb8 = (nb + 7) / 8 * 8;
+    for (int64_t r = 0; r < nr; r += 8) {
+        const int rows = nr - r < 8 ? (int)(nr - r) : 8;
+        for (int i = 0; i < 8; i++) {
+            const uint8_t *row = w + (size_t)(r + (i < rows ? i : rows - 1)) * row_bytes;
+            for (int64_t b0 = 0; b0 < nb; b0 += 8)
+                _mm256_storeu_si256((__m256i *)(pk.tot + i * nb8 + b0), tots8(row, b0, nb, bytes, tok, pk, i));
+        }
+        qk_gemv_float_steps(nb, pk.tot, pk.side, pk.dh, x, mins_of, out + r, rows);
+    }
+}
+
 #endif /* QK_TILES_X86 */
 
 #if QK_TILES_X86 == 2 && defined(__AVX512BW__)
@@ -121,9 +144,8 @@ typedef struct {
     __m512i a[4];
 } qk_gemv_act;
 
-/* One row's block: returns the 16-lane vector whose lane sum is tot, and leaves in `side` (16
- * bytes) and `dh` what the min step needs of it. */
-typedef __m512i (*qk_gemv_block_fn)(const uint8_t *x, const qk_gemv_act *a, uint8_t *side, uint16_t *dh);
+/* A row's block (qk_gemv_block_<type>) returns the 16-lane vector whose lane sum is tot, and
+ * leaves in `side` (16 bytes) and `dh` what the min step needs of it. */
 
 /* The four vpdpbusd results (|lane| <= 4 * 63 * 127 < 2^15) packed to int16 meet the scales as
  * int16 in one vpmaddwd + vpdpwssd: pack(R0, R1) holds per 128-bit lane j four int16 of R0's
@@ -258,45 +280,44 @@ static inline void qk_gemv_mins_q6_k(const uint8_t *side, const uint16_t *dh, co
  * block 8 x (4 + 16 + 2) bytes): well within qk_gemm_scratch_bytes (two qk_panel256 per
  * block). */
 
-/* out[r] = W[r] . act for r < nr. Rows are read one after the other (one stream per thread:
- * this machine's DRAM streams two interleaved rows at half speed); per row, eight blocks' tot
- * vectors go through one lane-sum tree; then the float steps, eight rows at a time. */
+/* The AVX-512 blocks of one row (tok: the prepared token, qk_gemv_act per block). */
+#define QK_GEMV512_TOTS8(name)                                                                                      \
+    static inline __m256i qk_gemv_tots8_##name(const uint8_t *row, int64_t b0, int64_t nb, int bytes, const void *tok, \
+                                               qk_gemv_parked pk, int i) {                                         \
+        const qk_gemv_act *ga = (const qk_gemv_act *)tok;                                                          \
+        __m512i t[8];                                                                                               \
+        for (int k = 0; k < 8; k++) {                                                                               \
+            const int64_t b = b0 + k;                                                                               \
+            t[k] = b < nb ? qk_gemv_block_##name(row + (size_t)b * bytes, ga + b, pk.side + (size_t)(8 * b + i) * 16, \
+                                                 pk.dh + 8 * b + i)                                                 \
+                          : _mm512_setzero_si512();                                                                 \
+        }                                                                                                           \
+        return qk_lane_sums8(t);                                                                                    \
+    }
+QK_GEMV512_TOTS8(q4_k)
+QK_GEMV512_TOTS8(q6_k)
+
+/* out[r] = W[r] . act for r < nr: the token prepared once, then qk_gemv_rows. */
 QK_TILE_INLINE void qk_gemv256(int64_t n, const uint8_t *w, size_t row_bytes, int64_t nr, const uint8_t *act,
                                float *out, void *scratch, int bytes, void (*prep)(const qk_act_q8_256 *, qk_gemv_act *),
-                               qk_gemv_block_fn block, qk_gemv_mins_fn mins_of) {
-    const int64_t nb = n / 256, nb8 = (nb + 7) / 8 * 8;
+                               qk_gemv_tots8_fn tots8, qk_gemv_mins_fn mins_of) {
+    const int64_t nb = n / 256;
     const qk_act_q8_256 *x = (const qk_act_q8_256 *)act;
     qk_gemv_act *ga = (qk_gemv_act *)scratch;
-    const qk_gemv_parked pk = qk_gemv_park(ga + nb, nb);
     for (int64_t b = 0; b < nb; b++) prep(x + b, ga + b);
-    for (int64_t r = 0; r < nr; r += 8) {
-        const int rows = nr - r < 8 ? (int)(nr - r) : 8;
-        for (int i = 0; i < 8; i++) {
-            const uint8_t *row = w + (size_t)(r + (i < rows ? i : rows - 1)) * row_bytes;
-            for (int64_t b0 = 0; b0 < nb; b0 += 8) {
-                __m512i t[8];
-                for (int k = 0; k < 8; k++) {
-                    const int64_t b = b0 + k;
-                    t[k] = b < nb ? block(row + (size_t)b * bytes, ga + b, pk.side + (size_t)(8 * b + i) * 16, pk.dh + 8 * b + i)
-                                  : _mm512_setzero_si512();
-                }
-                _mm256_storeu_si256((__m256i *)(pk.tot + i * nb8 + b0), qk_lane_sums8(t));
-            }
-        }
-        qk_gemv_float_steps(nb, pk.tot, pk.side, pk.dh, x, mins_of, out + r, rows);
-    }
+    qk_gemv_rows(nb, w, row_bytes, nr, x, ga, out, qk_gemv_park(ga + nb, nb), bytes, tots8, mins_of);
 }
 
 /* The decode entries tiles.h's gemm calls for one token (the same hook as panel_unpack.h's). */
 #define QK_HAS_DECODE_q4_k 1
 static void qk_decode_q4_k(int64_t n, const uint8_t *w, size_t row_bytes, int64_t nr, const uint8_t *act,
                            float *out, void *scratch) {
-    qk_gemv256(n, w, row_bytes, nr, act, out, scratch, 144, qk_gemv_act_q4_k, qk_gemv_block_q4_k, qk_gemv_mins_q4_k);
+    qk_gemv256(n, w, row_bytes, nr, act, out, scratch, 144, qk_gemv_act_q4_k, qk_gemv_tots8_q4_k, qk_gemv_mins_q4_k);
 }
 #define QK_HAS_DECODE_q6_k 1
 static void qk_decode_q6_k(int64_t n, const uint8_t *w, size_t row_bytes, int64_t nr, const uint8_t *act,
                            float *out, void *scratch) {
-    qk_gemv256(n, w, row_bytes, nr, act, out, scratch, 210, qk_gemv_act_q6_k, qk_gemv_block_q6_k, qk_gemv_mins_q6_k);
+    qk_gemv256(n, w, row_bytes, nr, act, out, scratch, 210, qk_gemv_act_q6_k, qk_gemv_tots8_q6_k, qk_gemv_mins_q6_k);
 }
 #elif QK_TILES_X86 == 1
 
@@ -399,43 +420,34 @@ static inline void qk_gemv2_mins_q6_k(const uint8_t *side, const uint16_t *dh, c
     *nd = _mm256_sub_ps(_mm256_setzero_ps(), *d);
 }
 
-typedef __m256i (*qk_gemv2_block_fn)(const uint8_t *x, const qk_act_q8_256 *a, uint8_t *side, uint16_t *dh);
-
-/* out[r] = W[r] . act for r < nr, as qk_gemv256 (rows one after the other, a lane-sum tree per
- * eight blocks of a row, the float steps eight rows at a time). */
-QK_TILE_INLINE void qk_gemv256_avx2(int64_t n, const uint8_t *w, size_t row_bytes, int64_t nr, const uint8_t *act,
-                                    float *out, void *scratch, int bytes, qk_gemv2_block_fn block,
-                                    qk_gemv_mins_fn mins_of) {
-    const int64_t nb = n / 256, nb8 = (nb + 7) / 8 * 8;
-    const qk_act_q8_256 *x = (const qk_act_q8_256 *)act;
-    const qk_gemv_parked pk = qk_gemv_park(scratch, nb);
-    for (int64_t r = 0; r < nr; r += 8) {
-        const int rows = nr - r < 8 ? (int)(nr - r) : 8;
-        for (int i = 0; i < 8; i++) {
-            const uint8_t *row = w + (size_t)(r + (i < rows ? i : rows - 1)) * row_bytes;
-            for (int64_t b0 = 0; b0 < nb; b0 += 8) {
-                __m256i t[8];
-                for (int k = 0; k < 8; k++) {
-                    const int64_t b = b0 + k;
-                    t[k] = b < nb ? block(row + (size_t)b * bytes, x + b, pk.side + (size_t)(8 * b + i) * 16, pk.dh + 8 * b + i)
-                                  : _mm256_setzero_si256();
-                }
-                _mm256_storeu_si256((__m256i *)(pk.tot + i * nb8 + b0), qk_rows_sum8(t));
-            }
-        }
-        qk_gemv_float_steps(nb, pk.tot, pk.side, pk.dh, x, mins_of, out + r, rows);
+/* The AVX2 blocks of one row (tok: the token's blocks themselves). */
+#define QK_GEMV2_TOTS8(name)                                                                                        \
+    static inline __m256i qk_gemv2_tots8_##name(const uint8_t *row, int64_t b0, int64_t nb, int bytes, const void *tok, \
+                                                qk_gemv_parked pk, int i) {                                        \
+        const qk_act_q8_256 *x = (const qk_act_q8_256 *)tok;                                                       \
+        __m256i t[8];                                                                                               \
+        for (int k = 0; k < 8; k++) {                                                                               \
+            const int64_t b = b0 + k;                                                                               \
+            t[k] = b < nb ? qk_gemv2_block_##name(row + (size_t)b * bytes, x + b, pk.side + (size_t)(8 * b + i) * 16, \
+                                                  pk.dh + 8 * b + i)                                                \
+                          : _mm256_setzero_si256();                                                                 \
+        }                                                                                                           \
+        return qk_rows_sum8(t);                                                                                     \
     }
-}
+QK_GEMV2_TOTS8(q4_k)
+QK_GEMV2_TOTS8(q6_k)
 
 #define QK_HAS_DECODE_q4_k 1
 static void qk_decode_q4_k(int64_t n, const uint8_t *w, size_t row_bytes, int64_t nr, const uint8_t *act,
                            float *out, void *scratch) {
-    qk_gemv256_avx2(n, w, row_bytes, nr, act, out, scratch, 144, qk_gemv2_block_q4_k, qk_gemv2_mins_q4_k);
+    qk_gemv_rows(n / 256, w, row_bytes, nr, (const qk_act_q8_256 *)act, act, out, qk_gemv_park(scratch, n / 256), 144,
+                 qk_gemv2_tots8_q4_k, qk_gemv2_mins_q4_k);
 }
 #define QK_HAS_DECODE_q6_k 1
 static void qk_decode_q6_k(int64_t n, const uint8_t *w, size_t row_bytes, int64_t nr, const uint8_t *act,
                            float *out, void *scratch) {
-    qk_gemv256_avx2(n, w, row_bytes, nr, act, out, scratch, 210, qk_gemv2_block_q6_k, qk_gemv2_mins_q6_k);
+    qk_gemv_rows(n / 256, w, row_bytes, nr, (const qk_act_q8_256 *)act, act, out, qk_gemv_park(scratch, n / 256), 210,
+                 qk_gemv2_tots8_q6_k, qk_gemv2_mins_q6_k);
 }
 #endif
 
