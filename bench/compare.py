@@ -1,9 +1,10 @@
 """qpack against llama.cpp on the same GGUF, same threads, same context, in one run.
 
-    python bench/compare.py MODEL.gguf|SHAPE [...] [-t 2] [-c 4096] [--rounds 3]
+    python bench/compare.py MODEL.gguf|SHAPE|smollm2|gemma3 [...] [-t 2] [-c 4096] [--rounds 3]
 
 A SHAPE is a name of bench/shapes.py (`1b-q4_k_m`, `3b-q4_k_m`, ...: a synthetic GGUF of a real
-model's shape, written once into its cache).
+model's shape, written once into its cache); `smollm2` and `gemma3` name the two real models
+(from their Python packages).
 
 For each model, alternating rounds of fresh processes (so peak RSS is each engine's own):
   - llama.cpp through llama-cpp-python, run by the Python of a separate environment
@@ -281,10 +282,16 @@ def table(model: str, rows: dict[str, dict], cache_type: str = "f16") -> str:
 
 
 def model_file(arg: str) -> str:
-    """A GGUF path as given, or the cached file of a bench/shapes.py name."""
-    if os.path.exists(arg) or arg not in shapes.MODELS:
+    """A GGUF path as given, the real models by name (`smollm2`, `gemma3`: from their Python
+    packages, as the tests find them), or the cached file of a bench/shapes.py name."""
+    from qpack.builder import models
+
+    real = {"smollm2": models.default_model_path, "gemma3": models.gemma3_path}
+    if os.path.exists(arg):
         return arg
-    return str(shapes.model_path(arg))
+    if arg in real:
+        return str(real[arg]())
+    return str(shapes.model_path(arg)) if arg in shapes.MODELS else arg
 
 
 def limit_line(model: str, rows: dict[str, dict], bandwidth: float, threads: int) -> str:
