@@ -32,23 +32,31 @@
 
 #if QK_TILES_X86
 
-/* 8x8 int32 transpose: v[i] lane k -> v[k] lane i. */
-static inline void qk_transpose8_epi32(__m256i v[8]) {
-    __m256i t[8], u[8];
-    for (int i = 0; i < 8; i += 2) {
-        t[i] = _mm256_unpacklo_epi32(v[i], v[i + 1]);
-        t[i + 1] = _mm256_unpackhi_epi32(v[i], v[i + 1]);
-    }
-    for (int i = 0; i < 8; i += 4) {
-        u[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
-        u[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
-        u[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
-        u[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
-    }
-    for (int i = 0; i < 4; i++) {
-        v[i] = _mm256_permute2x128_si256(u[i], u[i + 4], 0x20);
-        v[i + 4] = _mm256_permute2x128_si256(u[i], u[i + 4], 0x31);
-    }
+/* Q4_K's 16 header bytes [d|dmin, a, b, c] with the 6-bit scales and mins decoded as
+ * qk_k4_scales does: returns [sc0-3, sc4-7, mn0-3, mn4-7] =
+ * [a & 3f, c & 0f | (a >> 2) & 30, b & 3f, (c >> 4) & 0f | (b >> 2) & 30], and leaves the side
+ * entry [d|dmin, sc4-7, mn0-3, mn4-7] the min step reads. */
+static inline __m128i qk_gemv_side_q4_k(const uint8_t *x, uint8_t *side) {
+    const __m128i head = _mm_loadu_si128((const __m128i *)x);
+    const __m128i low = _mm_and_si128(_mm_srlv_epi32(_mm_shuffle_epi32(head, _MM_SHUFFLE(3, 2, 3, 1)), _mm_setr_epi32(0, 0, 0, 4)),
+                                      _mm_setr_epi32(0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f));
+    const __m128i high = _mm_srli_epi32(_mm_shuffle_epi32(head, _MM_SHUFFLE(2, 2, 1, 1)), 2);
+    const __m128i m30 = _mm_setr_epi32(0, 0x30303030, 0, 0x30303030);
+#if QK_TILES_X86 == 2
+    const __m128i scmn = _mm_ternarylogic_epi32(high, m30, low, 0xEA); /* a & b | c */
+#else
+    const __m128i scmn = _mm_or_si128(_mm_and_si128(high, m30), low);
+#endif
+    _mm_storeu_si128((__m128i *)side, _mm_blend_epi32(scmn, head, 0x1));
+    return scmn;
+}
+
+/* Q6_K's 16 int8 scales (returned) as its side entry, and its f16 d. */
+static inline __m128i qk_gemv_side_q6_k(const uint8_t *x, uint8_t *side, uint16_t *dh) {
+    const __m128i sc8 = _mm_loadu_si128((const __m128i *)(x + 192));
+    _mm_storeu_si128((__m128i *)side, sc8);
+    *dh = qk_load_u16(x + 208);
+    return sc8;
 }
 
 /* Eight rows' d, nd and min sums of one block, from their side entries (16 bytes per row) and
@@ -63,22 +71,22 @@ QK_TILE_INLINE void qk_gemv_float_steps(int64_t nb, const int32_t *tot, const ui
     const int64_t nb8 = (nb + 7) / 8 * 8;
     __m256 acc = _mm256_setzero_ps();
     for (int64_t b0 = 0; b0 < nb; b0 += 8) {
-        __m256i v[8];
-        for (int i = 0; i < 8; i++) v[i] = _mm256_loadu_si256((const __m256i *)(tot + i * nb8 + b0));
-        qk_transpose8_epi32(v);
+        __m256 r[8], v[8]; /* int32 bits moved as floats: r[i] = row i's blocks -> v[k] = block k's rows */
+        for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps((const float *)(tot + i * nb8 + b0));
+        qk_transpose8x8(r, v);
         for (int k = 0; k < 8 && b0 + k < nb; k++) {
             const int64_t b = b0 + k;
             __m256 d, nd;
             __m256i mins;
             mins_of(side + (size_t)b * 8 * 16, dh + 8 * b, x + b, &d, &nd, &mins);
             const __m256 da = _mm256_set1_ps(x[b].d);
-            acc = _mm256_fmadd_ps(_mm256_mul_ps(d, da), _mm256_cvtepi32_ps(v[k]), acc);
+            acc = _mm256_fmadd_ps(_mm256_mul_ps(d, da), _mm256_cvtepi32_ps(_mm256_castps_si256(v[k])), acc);
             acc = _mm256_fmadd_ps(_mm256_mul_ps(nd, da), _mm256_cvtepi32_ps(mins), acc);
         }
     }
-    float v[8];
-    _mm256_storeu_ps(v, acc);
-    for (int i = 0; i < rows; i++) out[i] = v[i];
+    float res[8];
+    _mm256_storeu_ps(res, acc);
+    for (int i = 0; i < rows; i++) out[i] = res[i];
 }
 
 /* Scratch layout of both builds: per (row of 8, block) tot, then per (block, row of 8) a 16-byte
@@ -178,16 +186,7 @@ static inline __m512i qk_gemv_block_q4_k(const uint8_t *x, const qk_gemv_act *a,
     const __m512i r1 = _mm512_dpbusd_epi32(zero, _mm512_and_si512(_mm512_srli_epi16(w0, 4), m4), a->a[1]);
     const __m512i r2 = _mm512_dpbusd_epi32(zero, _mm512_and_si512(w1, m4), a->a[2]);
     const __m512i r3 = _mm512_dpbusd_epi32(zero, _mm512_and_si512(_mm512_srli_epi16(w1, 4), m4), a->a[3]);
-    /* the 6-bit scales and mins as qk_k4_scales decodes them, in one register: u32 lanes of
-     * the 16 header bytes [d|dmin, a, b, c] -> [sc0-3, sc4-7, mn0-3, mn4-7] =
-     * [a & 3f, c & 0f | (a >> 2) & 30, b & 3f, (c >> 4) & 0f | (b >> 2) & 30] */
-    const __m128i head = _mm_loadu_si128((const __m128i *)x);
-    const __m128i low = _mm_and_si128(_mm_srlv_epi32(_mm_shuffle_epi32(head, _MM_SHUFFLE(3, 2, 3, 1)), _mm_setr_epi32(0, 0, 0, 4)),
-                                      _mm_setr_epi32(0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f));
-    const __m128i scmn = _mm_ternarylogic_epi32(_mm_srli_epi32(_mm_shuffle_epi32(head, _MM_SHUFFLE(2, 2, 1, 1)), 2),
-                                                _mm_setr_epi32(0, 0x30303030, 0, 0x30303030), low, 0xEA); /* a & b | c */
-    /* side: [d|dmin, sc4-7, mn0-3, mn4-7] */
-    _mm_storeu_si128((__m128i *)side, _mm_blend_epi32(scmn, head, 0x1));
+    const __m128i scmn = qk_gemv_side_q4_k(x, side);
     /* R0 = sub-blocks 0 (lanes 0-1) and 2 (2-3), R1 = 1 and 3, R2 = 4 and 6, R3 = 5 and 7 */
     const __m512i sc01 = _mm512_set_epi8(QK_W16X4(3), QK_W16X4(2), QK_W16X4(3), QK_W16X4(2),
                                          QK_W16X4(1), QK_W16X4(0), QK_W16X4(1), QK_W16X4(0));
@@ -203,8 +202,9 @@ static inline void qk_gemv_mins_q4_k(const uint8_t *side, const uint16_t *dh, co
     const __m512i h0 = _mm512_loadu_si512((const void *)side), h1 = _mm512_loadu_si512((const void *)(side + 64));
     const __m256i dm = _mm512_castsi512_si256(_mm512_permutex2var_epi32(
         h0, _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 0, 0, 0, 0, 0, 0, 0), h1));
-    *d = _mm256_cvtph_ps(_mm256_cvtepi32_epi16(dm));
-    *nd = _mm256_sub_ps(_mm256_setzero_ps(), _mm256_cvtph_ps(_mm256_cvtepi32_epi16(_mm256_srli_epi32(dm, 16))));
+    __m256 dmin;
+    qk_split_f16x2(dm, d, &dmin);
+    *nd = _mm256_sub_ps(_mm256_setzero_ps(), dmin);
     /* per 128-bit lane (a row): mn0-7 zero-extended to int16 times bsums32, in 4 int32 */
     const __m512i z = _mm512_broadcast_i32x4(_mm_setr_epi8(8, -1, 9, -1, 10, -1, 11, -1, 12, -1, 13, -1, 14, -1, 15, -1));
     const __m512i p0 = _mm512_madd_epi16(_mm512_shuffle_epi8(h0, z), bs); /* rows 0-3 */
@@ -245,10 +245,7 @@ static inline __m512i qk_gemv_block_q6_k(const uint8_t *x, const qk_gemv_act *a,
                                         13, 12, 13, 12, 13, 12, 13, 12, 5, 4, 5, 4, 5, 4, 5, 4,
                                         11, 10, 11, 10, 11, 10, 11, 10, 3, 2, 3, 2, 3, 2, 3, 2,
                                         9, 8, 9, 8, 9, 8, 9, 8, 1, 0, 1, 0, 1, 0, 1, 0);
-    const __m128i sc8 = _mm_loadu_si128((const __m128i *)(x + 192));
-    _mm_storeu_si128((__m128i *)side, sc8); /* side: the 16 int8 scales */
-    *dh = qk_load_u16(x + 208);
-    const __m256i sc = _mm256_cvtepi8_epi16(sc8);
+    const __m256i sc = _mm256_cvtepi8_epi16(qk_gemv_side_q6_k(x, side, dh));
     return qk_gemv_scaled(r[0], r[1], r[2], r[3], _mm512_shuffle_epi8(_mm512_broadcast_i32x4(_mm256_castsi256_si128(sc)), sel),
                           _mm512_shuffle_epi8(_mm512_broadcast_i32x4(_mm256_extracti128_si256(sc, 1)), sel));
 }
@@ -326,21 +323,16 @@ static void qk_decode_q6_k(int64_t n, const uint8_t *w, size_t row_bytes, int64_
  * register of 32 weights, maddubs gives int16 pair sums (|pair| <= 2 * 63 * 127 < 2^15) and
  * vpmaddwd meets them with the sub-block scale(s) broadcast to int16 lanes. */
 
-/* int16 lane w of each 128-bit half takes int16 v of the source (vpshufb control). */
-#define QK_I16_BCAST(v) _mm256_set1_epi16((short)((2 * (v) + 1) << 8 | (2 * (v))))
+/* vpshufb controls: every int16 lane takes int16 v of its 128-bit half (QK_I16_BCAST), or v in
+ * the low half and u in the high one (QK_I16_BCAST2). */
+#define QK_I16_PAIR(v) ((short)((2 * (v) + 1) << 8 | (2 * (v))))
+#define QK_I16_BCAST(v) _mm256_set1_epi16(QK_I16_PAIR(v))
+#define QK_I16_BCAST2(v, u) _mm256_set_m128i(_mm_set1_epi16(QK_I16_PAIR(u)), _mm_set1_epi16(QK_I16_PAIR(v)))
 
 static inline __m256i qk_gemv2_block_q4_k(const uint8_t *x, const qk_act_q8_256 *a, uint8_t *side, uint16_t *dh) {
     (void)dh;
     const __m256i m4 = _mm256_set1_epi8(0x0f);
-    /* 6-bit scales and mins as in the AVX-512 block: [d|dmin, a, b, c] -> [sc0-3, sc4-7, mn0-3, mn4-7] */
-    const __m128i head = _mm_loadu_si128((const __m128i *)x);
-    const __m128i low = _mm_and_si128(_mm_srlv_epi32(_mm_shuffle_epi32(head, _MM_SHUFFLE(3, 2, 3, 1)), _mm_setr_epi32(0, 0, 0, 4)),
-                                      _mm_setr_epi32(0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f));
-    const __m128i high = _mm_and_si128(_mm_srli_epi32(_mm_shuffle_epi32(head, _MM_SHUFFLE(2, 2, 1, 1)), 2),
-                                       _mm_setr_epi32(0, 0x30303030, 0, 0x30303030));
-    const __m128i scmn = _mm_or_si128(low, high);
-    _mm_storeu_si128((__m128i *)side, _mm_blend_epi32(scmn, head, 0x1)); /* [d|dmin, sc4-7, mn0-7] */
-    const __m256i sc = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(scmn)); /* sc0-7 as int16 */
+    const __m256i sc = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(qk_gemv_side_q4_k(x, side))); /* sc0-7 as int16 */
     __m256i tot = _mm256_setzero_si256();
     for (int j = 0; j < 4; j++) { /* qs[32j..32j+31]: low nibbles sub-block 2j, high 2j + 1 */
         const __m256i q = _mm256_loadu_si256((const __m256i *)(x + 16 + 32 * j));
@@ -376,10 +368,7 @@ static inline void qk_gemv2_mins_q4_k(const uint8_t *side, const uint16_t *dh, c
 
 static inline __m256i qk_gemv2_block_q6_k(const uint8_t *x, const qk_act_q8_256 *a, uint8_t *side, uint16_t *dh) {
     const __m256i m4 = _mm256_set1_epi8(0x0f), m3 = _mm256_set1_epi8(0x03);
-    const __m128i sc8 = _mm_loadu_si128((const __m128i *)(x + 192));
-    _mm_storeu_si128((__m128i *)side, sc8); /* side: the 16 int8 scales */
-    *dh = qk_load_u16(x + 208);
-    const __m256i sc16 = _mm256_cvtepi8_epi16(sc8);
+    const __m256i sc16 = _mm256_cvtepi8_epi16(qk_gemv_side_q6_k(x, side, dh));
     __m256i tot = _mm256_setzero_si256();
     for (int h = 0; h < 2; h++) { /* elements 128h + 32k + l (k < 4): ql, qh as ggml lays them */
         const __m256i ql0 = _mm256_loadu_si256((const __m256i *)(x + 64 * h));
@@ -397,12 +386,7 @@ static inline __m256i qk_gemv2_block_q6_k(const uint8_t *x, const qk_act_q8_256 
         const __m256i s = h == 0 ? _mm256_permute2x128_si256(sc16, sc16, 0x00) : _mm256_permute2x128_si256(sc16, sc16, 0x11);
         for (int k = 0; k < 4; k++) {
             const __m256i p = _mm256_maddubs_epi16(q[k], _mm256_loadu_si256((const __m256i *)(a->qs + 128 * h + 32 * k)));
-            const __m256i sk = _mm256_shuffle_epi8(s, _mm256_setr_epi8(4 * k, 4 * k + 1, 4 * k, 4 * k + 1, 4 * k, 4 * k + 1,
-                                                                      4 * k, 4 * k + 1, 4 * k, 4 * k + 1, 4 * k, 4 * k + 1,
-                                                                      4 * k, 4 * k + 1, 4 * k, 4 * k + 1, 4 * k + 2, 4 * k + 3,
-                                                                      4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3, 4 * k + 2,
-                                                                      4 * k + 3, 4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3,
-                                                                      4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3));
+            const __m256i sk = _mm256_shuffle_epi8(s, QK_I16_BCAST2(2 * k, 2 * k + 1));
             tot = _mm256_add_epi32(tot, _mm256_madd_epi16(p, sk));
         }
     }
