@@ -276,7 +276,11 @@ class ModelFacts:
         attention split across threads, and with a q8_0 K cache the queries in q8_0 (34-byte
         blocks and a 4-byte sum per 32 values)."""
         hp = self.hp
-        query_q8 = n_batch * hp.n_head * (hp.head_dim // 32) * 38 if cache_type_k == "q8_0" else 0
+        query_q8 = 0
+        if cache_type_k == "q8_0":  # the blocks, and an int32 sum per block
+            query_q8 = (
+                n_batch * hp.n_head * (cache_row_bytes("q8_0", hp.head_dim) + hp.head_dim // 8)
+            )
         widest = max(hp.n_embd, hp.n_ff, hp.att_dim)
         group = hp.n_head // hp.n_head_kv
         rows = max(64 // group, 1) * group

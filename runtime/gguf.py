@@ -197,10 +197,6 @@ class GGUFFile:
         self._mv = mv
         self._mmap = _mmap
         self._base = base_offset  # where the region starts in the file, for error offsets
-        # the mapping and the file offset it starts at (open_gguf maps from a granule boundary)
-        self.mapping = (
-            (_mmap, base_offset - base_offset % mmap.ALLOCATIONGRANULARITY) if _mmap else None
-        )
         self.file_size = len(mv)
         region = np.frombuffer(mv, dtype=np.uint8)
         if region.flags.writeable:  # a bytearray from a test: still hand out read-only views
@@ -224,6 +220,14 @@ class GGUFFile:
     tensors: dict[str, TensorInfo]
 
     @property
+    def mapping(self) -> tuple[mmap.mmap, int] | None:
+        """The mapping and the file offset it starts at (open_gguf maps from a granule
+        boundary), or None for bytes already in memory or once closed."""
+        if self._mmap is None:
+            return None
+        return self._mmap, self._base - self._base % mmap.ALLOCATIONGRANULARITY
+
+    @property
     def architecture(self) -> str:
         arch = self.metadata.get("general.architecture")
         if not isinstance(arch, str) or not arch:
@@ -244,7 +248,6 @@ class GGUFFile:
         self._region = None
         self._mv = None
         self._mmap = None
-        self.mapping = None
         self.tensors = {}
         self.fields = {}
         self.metadata = {}

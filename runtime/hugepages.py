@@ -8,8 +8,8 @@ cached in small folios (written by a copy, or read without the advice) stays so 
 evicted: we then drop the model's clean cached pages once, so that they come back as 2 MiB
 folios on first use (a one-time re-read from disk), but only after trying it on 2 MiB of the
 file, so that a filesystem without large folios is never evicted for nothing. Five pages
-spread over the file are probed: part of a file can be cached small while the rest is not. The bytes are
-unchanged: only how the kernel caches and maps them.
+spread over the file are probed: part of a file can be cached small while the rest is not.
+The bytes are unchanged: only how the kernel caches and maps them.
 """
 
 from __future__ import annotations
@@ -81,7 +81,8 @@ def prefer_huge_pages(mm: mmap.mmap, path: str, map_offset: int) -> str:
         return "huge"
     fd = os.open(path, os.O_RDONLY)
     try:
-        # try on that page alone: drop it from the cache, fault it again
+        # try on that page alone: drop it from the cache, fault it again (the whole mapping
+        # unmapped first, so that the huge probes before it do not count)
         mm.madvise(mmap.MADV_DONTNEED)
         os.posix_fadvise(fd, map_offset + small, PMD, os.POSIX_FADV_DONTNEED)
         _touch(view, small)

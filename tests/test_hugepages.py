@@ -7,6 +7,7 @@ import hashlib
 import mmap
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,10 +15,9 @@ from gguf_fixtures import tiny_llama
 from qpack.runtime import hugepages
 from qpack.runtime.gguf import GGUFFile, open_gguf
 
+THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 linux_thp = pytest.mark.skipif(
-    not sys.platform.startswith("linux")
-    or not os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled")
-    or "[never]" in open("/sys/kernel/mm/transparent_hugepage/enabled").read(),
+    not sys.platform.startswith("linux") or not THP.exists() or "[never]" in THP.read_text(),
     reason="transparent huge pages are a Linux feature, here disabled or absent",
 )
 
