@@ -538,14 +538,18 @@ static void qk_att_scores(float *restrict s, const float *const *q, int nq, cons
  * one float multiply-add per block. The tile holds each key's int8 values transposed in
  * 4-byte words, kw[w][t] = key t's values 4w..4w+3, and its scales dk[b][t]. */
 
-/* Query row x (n values) to q8_0 blocks, and each block's sum of int8 values. */
+/* Query row x (n values) to q8_0 blocks, and (VNNI builds) each block's sum of int8 values. */
 static void qk_quantize_query(const float *x, qk_cache_q8_0 *y, int32_t *sums, int n) {
     qk_f32_to_q8_0_row(x, y, n);
+#if defined(__AVX512F__) && defined(__AVX512VNNI__) /* only vpdpbusd's scores take them back out */
     for (int b = 0; b < n / 32; b++) {
         int32_t s = 0;
         for (int j = 0; j < 32; j++) s += y[b].qs[j];
         sums[b] = s;
     }
+#else
+    (void)sums;
+#endif
 }
 
 /* Keys 0..tn-1 of one head (q8_0 rows of `row` bytes from ks) into the tile: words kw[hd/4][KT]
