@@ -44,6 +44,16 @@
 #define QK_TILE_INLINE static __forceinline
 #endif
 
+/* A loop of eight whose iterations must overlap (gemv.h's blocks of a row: kept rolled, each
+ * block's result went through the stack and its long chain of latencies ran alone). */
+#if defined(__clang__)
+#define QK_UNROLL8 _Pragma("clang loop unroll_count(8)")
+#elif defined(__GNUC__)
+#define QK_UNROLL8 _Pragma("GCC unroll 8")
+#else
+#define QK_UNROLL8
+#endif
+
 /* One 32-element block of eight rows. */
 typedef struct {
     uint8_t q[8][QK_PANEL_ROWS][4];
