@@ -4,11 +4,12 @@ Every quantized matrix product of the forward pass goes through the type's tile 
 (cython/tiles.h, called by forward.h's qk_matmul): decode with 1 token, prefill with a batch.
 This measures exactly that kernel (`gemm`, activation quantization included) on one thread, as
 GB/s of weight bytes streamed:
-  - tg: 1 token against a 1536x2048 matrix (in L2/L3: the unpacking speed) and a 24576x2048
-    one (past L3, like an output head: memory bound);
+  - tg: 1 token against a 1536x2048 matrix (in L2/L3: the unpacking speed) and one of at
+    least 96 MB, rows rounded up to 1024 (past any L3 up to 64 MB, like an output head: from
+    memory; until 2026-12-05 it was 24576x2048, whose 28 MB of Q4_K stayed in a 32 MB L3);
   - pp64: 64 tokens against the 1536x2048 matrix (each panel unpacked once, met by 64 tokens).
 On x86 the IQ1-3 and ternary types (types/panel_unpack.h's qk_decode256), Q4_0, Q4_1, Q5_0,
-Q5_1, Q8_0 and IQ4_NL (types/decode32.h) and, on AVX-512, Q4_K and Q6_K (gemv.h) run tg without
+Q5_1, Q8_0 and IQ4_NL (types/decode32.h) and Q4_K and Q6_K (gemv.h) run tg without
 a panel: the same numbers, unpacked in registers; the other types and arm64 use the panel.
 
     python bench/kernels.py [--types Q4_0,Q4_K] [--repeat 10] [--variants avx2,avx512]
@@ -23,8 +24,9 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from qpack.runtime import cpu
 
-# (label, rows, cols, tokens)
-CASES = (("tg", 1536, 2048, 1), ("tg", 24576, 2048, 1), ("pp64", 1536, 2048, 64))
+# (label, rows, cols, tokens); rows None: enough for PAST_L3 bytes
+CASES = (("tg", 1536, 2048, 1), ("tg", None, 2048, 1), ("pp64", 1536, 2048, 64))
+PAST_L3 = 96 << 20
 # f16 scale fields (byte offsets in the block) that random bytes must not turn into inf/NaN.
 SCALE_FIELDS = {
     "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
@@ -75,6 +77,10 @@ def main() -> None:
     for name in args.types.split(","):
         qt = int(GGMLQuantizationType[name])
         for label, rows, cols, tokens in CASES:
+            if rows is None:
+                block_elems, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType[name]]
+                row_bytes = cols // block_elems * block_bytes
+                rows = -(-PAST_L3 // row_bytes // 1024) * 1024
             w = random_weights(name, rows, cols, rng)
             x = rng.standard_normal((tokens, cols)).astype(np.float32)
             line = f"{name:<7}{label:<6}{f'{rows}x{cols}':>11}"

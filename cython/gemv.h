@@ -25,9 +25,9 @@
  * A row's tot come out of a lane-sum tree over eight blocks at a time, parked in the scratch
  * ([row][block]) and transposed eight blocks at a time for the float steps (lanes = rows),
  * which run in slices between the next eight rows' blocks so that the weight stream never
- * pauses for them (one core from DRAM: Q4_K 22.6 -> 26.0 GB/s, Q6_K 25.1 -> 27.5), and a
- * row's eight blocks are unrolled so that their chains of latencies overlap (kept rolled, each
- * block's result went through the stack: Q4_K 26 -> 29.6, Q6_K 27.5 -> 31).
+ * pauses for them, and a row's eight blocks are unrolled so that their chains of latencies
+ * overlap (kept rolled, each block's result went through the stack). One core from memory,
+ * both: Q4_K 20.8 -> 26.3 GB/s, Q6_K 21.8 -> 27.5 (bench/README.md, third pass).
  */
 #ifndef QPACK_GEMV_H
 #define QPACK_GEMV_H
