@@ -47,6 +47,12 @@ def random_weights(name: str, rows: int, cols: int, rng: np.random.Generator) ->
     return raw.reshape(rows, -1)
 
 
+def rows_past_l3(name: str, cols: int) -> int:
+    """Rows of `cols` weights of type `name` holding at least PAST_L3 bytes, a multiple of 1024."""
+    block_elems, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType[name]]
+    return -(-PAST_L3 // (cols // block_elems * block_bytes) // 1024) * 1024
+
+
 def best_time(repeat: int, fn, *args) -> float:
     best = float("inf")
     for _ in range(repeat):
@@ -77,10 +83,7 @@ def main() -> None:
     for name in args.types.split(","):
         qt = int(GGMLQuantizationType[name])
         for label, rows, cols, tokens in CASES:
-            if rows is None:
-                block_elems, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType[name]]
-                row_bytes = cols // block_elems * block_bytes
-                rows = -(-PAST_L3 // row_bytes // 1024) * 1024
+            rows = rows or rows_past_l3(name, cols)
             w = random_weights(name, rows, cols, rng)
             x = rng.standard_normal((tokens, cols)).astype(np.float32)
             line = f"{name:<7}{label:<6}{f'{rows}x{cols}':>11}"

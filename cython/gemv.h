@@ -110,6 +110,24 @@ QK_TILE_INLINE __m256 qk_gemv_float_steps(__m256 acc, int64_t lo, int64_t hi, qk
 typedef __m256i (*qk_gemv_tots8_fn)(const uint8_t *row, int64_t b0, int64_t nb, int bytes, const void *tok,
                                     qk_gemv_parked pk, int i);
 
+/* A build's qk_gemv_tots8_fn `fn`: its `block` product over eight blocks of the row (vectors of
+ * type `vec`, `zero` past nb), unrolled so that the blocks' latency chains overlap (rolled, each
+ * block's result went through the stack), then its lane-sum `tree`. `tok_t` is what the blocks
+ * read of the token, one per block. */
+#define QK_GEMV_TOTS8(fn, block, vec, zero, tree, tok_t)                                                            \
+    static inline __m256i fn(const uint8_t *row, int64_t b0, int64_t nb, int bytes, const void *tok,                \
+                             qk_gemv_parked pk, int i) {                                                            \
+        const tok_t *tk = (const tok_t *)tok;                                                                       \
+        vec t[8];                                                                                                   \
+        QK_UNROLL8                                                                                                  \
+        for (int k = 0; k < 8; k++) {                                                                               \
+            const int64_t b = b0 + k;                                                                               \
+            t[k] = b < nb ? block(row + (size_t)b * bytes, tk + b, pk.side + (size_t)(8 * b + i) * 16, pk.dh + 8 * b + i) \
+                          : zero;                                                                                   \
+        }                                                                                                           \
+        return tree(t);                                                                                             \
+    }
+
 /* out[r] = W[r] . x for r < nr. Rows are read one after the other (one stream per thread: this
  * machine's DRAM streams two interleaved rows at half speed); per row, eight blocks' tot come
  * out of one lane-sum tree. The float steps of a group of eight rows run in eight slices while
@@ -306,22 +324,8 @@ static inline void qk_gemv_mins_q6_k(const uint8_t *side, const uint16_t *dh, co
  * per block). */
 
 /* The AVX-512 blocks of one row (tok: the prepared token, qk_gemv_act per block). */
-#define QK_GEMV512_TOTS8(name)                                                                                      \
-    static inline __m256i qk_gemv_tots8_##name(const uint8_t *row, int64_t b0, int64_t nb, int bytes, const void *tok, \
-                                               qk_gemv_parked pk, int i) {                                         \
-        const qk_gemv_act *ga = (const qk_gemv_act *)tok;                                                          \
-        __m512i t[8];                                                                                               \
-        QK_UNROLL8                                                                                                  \
-        for (int k = 0; k < 8; k++) {                                                                               \
-            const int64_t b = b0 + k;                                                                               \
-            t[k] = b < nb ? qk_gemv_block_##name(row + (size_t)b * bytes, ga + b, pk.side + (size_t)(8 * b + i) * 16, \
-                                                 pk.dh + 8 * b + i)                                                 \
-                          : _mm512_setzero_si512();                                                                 \
-        }                                                                                                           \
-        return qk_lane_sums8(t);                                                                                    \
-    }
-QK_GEMV512_TOTS8(q4_k)
-QK_GEMV512_TOTS8(q6_k)
+QK_GEMV_TOTS8(qk_gemv_tots8_q4_k, qk_gemv_block_q4_k, __m512i, _mm512_setzero_si512(), qk_lane_sums8, qk_gemv_act)
+QK_GEMV_TOTS8(qk_gemv_tots8_q6_k, qk_gemv_block_q6_k, __m512i, _mm512_setzero_si512(), qk_lane_sums8, qk_gemv_act)
 
 /* out[r] = W[r] . act for r < nr: the token prepared once, then qk_gemv_rows. */
 QK_TILE_INLINE void qk_gemv256(int64_t n, const uint8_t *w, size_t row_bytes, int64_t nr, const uint8_t *act,
@@ -396,21 +400,14 @@ static inline void qk_gemv2_mins_q4_k(const uint8_t *side, const uint16_t *dh, c
 }
 
 static inline __m256i qk_gemv2_block_q6_k(const uint8_t *x, const qk_act_q8_256 *a, uint8_t *side, uint16_t *dh) {
-    const __m256i m4 = _mm256_set1_epi8(0x0f), m3 = _mm256_set1_epi8(0x03);
     const __m256i sc16 = _mm256_cvtepi8_epi16(qk_gemv_side_q6_k(x, side, dh));
     __m256i tot = _mm256_setzero_si256();
     for (int h = 0; h < 2; h++) { /* elements 128h + 32k + l (k < 4): ql, qh as ggml lays them */
         const __m256i ql0 = _mm256_loadu_si256((const __m256i *)(x + 64 * h));
         const __m256i ql1 = _mm256_loadu_si256((const __m256i *)(x + 64 * h + 32));
         const __m256i qh = _mm256_loadu_si256((const __m256i *)(x + 128 + 32 * h));
-        const __m256i q[4] = {
-            _mm256_or_si256(_mm256_and_si256(ql0, m4), _mm256_slli_epi16(_mm256_and_si256(qh, m3), 4)),
-            _mm256_or_si256(_mm256_and_si256(ql1, m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m3), 4)),
-            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
-                            _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m3), 4)),
-            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
-                            _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m3), 4)),
-        };
+        __m256i q[4];
+        qk_nibbles_2bits(ql0, ql1, qh, q);
         /* scales 8h..8h + 7 in both halves: register k's lanes 0-7 are sub-block 8h + 2k, 8-15 the next */
         const __m256i s = h == 0 ? _mm256_permute2x128_si256(sc16, sc16, 0x00) : _mm256_permute2x128_si256(sc16, sc16, 0x11);
         for (int k = 0; k < 4; k++) {
@@ -434,22 +431,8 @@ static inline void qk_gemv2_mins_q6_k(const uint8_t *side, const uint16_t *dh, c
 }
 
 /* The AVX2 blocks of one row (tok: the token's blocks themselves). */
-#define QK_GEMV2_TOTS8(name)                                                                                        \
-    static inline __m256i qk_gemv2_tots8_##name(const uint8_t *row, int64_t b0, int64_t nb, int bytes, const void *tok, \
-                                                qk_gemv_parked pk, int i) {                                        \
-        const qk_act_q8_256 *x = (const qk_act_q8_256 *)tok;                                                       \
-        __m256i t[8];                                                                                               \
-        QK_UNROLL8                                                                                                  \
-        for (int k = 0; k < 8; k++) {                                                                               \
-            const int64_t b = b0 + k;                                                                               \
-            t[k] = b < nb ? qk_gemv2_block_##name(row + (size_t)b * bytes, x + b, pk.side + (size_t)(8 * b + i) * 16, \
-                                                  pk.dh + 8 * b + i)                                                \
-                          : _mm256_setzero_si256();                                                                 \
-        }                                                                                                           \
-        return qk_rows_sum8(t);                                                                                     \
-    }
-QK_GEMV2_TOTS8(q4_k)
-QK_GEMV2_TOTS8(q6_k)
+QK_GEMV_TOTS8(qk_gemv2_tots8_q4_k, qk_gemv2_block_q4_k, __m256i, _mm256_setzero_si256(), qk_rows_sum8, qk_act_q8_256)
+QK_GEMV_TOTS8(qk_gemv2_tots8_q6_k, qk_gemv2_block_q6_k, __m256i, _mm256_setzero_si256(), qk_rows_sum8, qk_act_q8_256)
 
 #define QK_HAS_DECODE_q4_k 1
 static void qk_decode_q4_k(int64_t n, const uint8_t *w, size_t row_bytes, int64_t nr, const uint8_t *act,

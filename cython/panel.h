@@ -193,6 +193,19 @@ static inline __m256i qk_dot32_wide(__m256i w, __m256i a) {
 
 static inline void qk_store_q(uint8_t *dst, __m256i v) { _mm256_store_si256((__m256i *)dst, v); }
 
+/* ggml's 4 + 2-bit layout (Q6_K's ql/qh, Q3_K's scales) to four registers of 6-bit values:
+ * q[0], q[1] = the low nibbles of lo0, lo1 and q[2], q[3] their high nibbles, each byte j with
+ * bits 0-1, 2-3, 4-5, 6-7 (in that order) of hi's byte j as its bits 4-5. */
+static inline void qk_nibbles_2bits(__m256i lo0, __m256i lo1, __m256i hi, __m256i q[4]) {
+    const __m256i m4 = _mm256_set1_epi8(0x0f), m3 = _mm256_set1_epi8(0x03);
+    q[0] = _mm256_or_si256(_mm256_and_si256(lo0, m4), _mm256_slli_epi16(_mm256_and_si256(hi, m3), 4));
+    q[1] = _mm256_or_si256(_mm256_and_si256(lo1, m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hi, 2), m3), 4));
+    q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lo0, 4), m4),
+                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hi, 4), m3), 4));
+    q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lo1, 4), m4),
+                           _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hi, 6), m3), 4));
+}
+
 /* Eight vectors of 8 int32 -> one: lane i = the sum of v[i]'s lanes. */
 static inline __m256i qk_rows_sum8(const __m256i v[8]) {
     const __m256i p0 = _mm256_add_epi32(_mm256_unpacklo_epi32(v[0], v[1]), _mm256_unpackhi_epi32(v[0], v[1]));

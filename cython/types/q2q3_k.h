@@ -178,14 +178,8 @@ static inline void qk_q2_k_scales_x86(const uint8_t *const rp[8], size_t o, qk_p
 /* Q3_K: 12 bytes of 6-bit scales at 96 (as qk_k3_scales), f16 d at 108. */
 static inline void qk_q3_k_scales_x86(const uint8_t *const rp[8], size_t o, qk_panel256 *p) {
     const __m256i a0 = qk_gather_u32(rp, o + 96), a1 = qk_gather_u32(rp, o + 100), a2 = qk_gather_u32(rp, o + 104);
-    const __m256i m4 = _mm256_set1_epi8(0x0f), m2 = _mm256_set1_epi8(0x03);
-    const __m256i w[4] = {
-        _mm256_or_si256(_mm256_and_si256(a0, m4), _mm256_slli_epi32(_mm256_and_si256(a2, m2), 4)),
-        _mm256_or_si256(_mm256_and_si256(a1, m4), _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(a2, 2), m2), 4)),
-        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(a0, 4), m4),
-                        _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(a2, 4), m2), 4)),
-        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(a1, 4), m4),
-                        _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(a2, 6), m2), 4))};
+    __m256i w[4];
+    qk_nibbles_2bits(a0, a1, a2, w);
     const __m256i byte = _mm256_set1_epi32(0xff), off = _mm256_set1_epi32(32), lo16 = _mm256_set1_epi32(0xffff);
     for (int k = 0; k < 4; k++) {
         __m256i sc[4];
